@@ -1,0 +1,323 @@
+"""The edge client: a ZeroMQ DEALER and the split training step.
+
+The client model is the transformers model itself with the server's blocks
+replaced: the first server block by a ``RemoteBlock`` whose autograd function
+sends the hidden state to the server on the way forward and the gradient on the
+way back, the others by passthroughs. One ``loss.backward()`` on the client
+therefore drives the whole split backward pass, the server's included.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import zmq
+from torch import nn
+
+from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
+from split.partition import CLIENT, Cut, build_segment
+from split.wire import Limits, Message, WireError, decode, encode, frame_len
+
+log = logging.getLogger(__name__)
+
+
+class ServerUnavailable(ConnectionError):
+    """The server did not answer in time."""
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error."""
+
+
+class ServerRefused(ServerError):
+    """The server refused to register this client."""
+
+
+class Connection:
+    """Request/reply over a DEALER socket, with timeouts and byte counts."""
+
+    def __init__(self, address: str, client_id: str, timeout: float = 120.0, limits: Limits = Limits()):
+        self.address = address
+        self.client_id = client_id
+        self.timeout = timeout
+        self.limits = limits
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.messages = 0
+        self._rid = itertools.count(1)
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.IDENTITY, f"{client_id}-{uuid.uuid4().hex[:8]}".encode())
+        self.socket.connect(address)
+
+    def request(self, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg`` and wait for its reply; raise on timeout or error."""
+        rid = next(self._rid)
+        msg.client = self.client_id
+        msg.meta = {**msg.meta, "rid": rid}
+        frames = encode(msg)
+        self.bytes_sent += sum(frame_len(f) for f in frames)
+        self.socket.send_multipart(frames, copy=False)
+        wait = self.timeout if timeout is None else timeout
+        while True:
+            if not self.socket.poll(int(wait * 1000)):
+                raise ServerUnavailable(
+                    f"no answer from the server at {self.address} within {wait:.0f}s (op {msg.op}). "
+                    "Is `fedsplit server` running there, and is the address reachable from this machine?")
+            reply_frames = self.socket.recv_multipart(copy=False)
+            self.bytes_received += sum(frame_len(f) for f in reply_frames)
+            self.messages += 1
+            try:
+                reply = decode(reply_frames, self.limits)
+            except WireError as exc:
+                raise ServerError(f"the server sent a malformed reply: {exc}") from None
+            if reply.meta.get("rid") not in (rid, None):
+                log.debug("dropping a late reply to request %s", reply.meta.get("rid"))
+                continue
+            if reply.op == "error":
+                raise ServerError(reply.meta.get("error", "unknown error"))
+            return reply
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class _RemoteBackbone(torch.autograd.Function):
+    """The server's blocks as one differentiable function."""
+
+    @staticmethod
+    def forward(ctx, hidden, link, step):
+        ctx.link, ctx.step = link, step
+        return link.remote_forward(hidden, step, train=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.link.remote_backward(ctx.step, grad), None, None
+
+
+class _RemoteHead(torch.autograd.Function):
+    """Two-part split: the server's blocks, norm, head and loss as one function."""
+
+    @staticmethod
+    def forward(ctx, hidden, link, step):
+        ctx.link, ctx.step = link, step
+        return link.remote_forward(hidden, step, train=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.link.remote_backward(ctx.step, grad.reshape(1)), None, None
+
+
+class BackboneLink:
+    """What the client's placeholders need to reach the server for the current batch."""
+
+    def __init__(self, conn: Connection, rotary: bool):
+        self.conn = conn
+        self.rotary = rotary
+        self.attention_mask: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.position_ids: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self._step = itertools.count()
+
+    def next_step(self) -> int:
+        return next(self._step)
+
+    def remote_forward(self, hidden: torch.Tensor, step: int, train: bool) -> torch.Tensor:
+        tensors = {"hidden": hidden.detach(), "attention_mask": self.attention_mask.to(torch.uint8)}
+        if self.rotary and self.position_ids is not None:
+            tensors["position_ids"] = self.position_ids
+        if self.labels is not None:
+            tensors["labels"] = self.labels
+        reply = self.conn.request(Message("forward", step=step, meta={"train": train}, tensors=tensors))
+        if "hidden" in reply.tensors:
+            return reply.tensors["hidden"].clone()
+        self.logits = reply.tensors["logits"].clone()
+        return reply.tensors["loss"].reshape(()).clone()
+
+    def remote_backward(self, step: int, grad: torch.Tensor) -> torch.Tensor:
+        reply = self.conn.request(Message("backward", step=step, tensors={"grad": grad.contiguous()}))
+        return reply.tensors["grad"].clone()
+
+
+class RemoteBlock(nn.Module):
+    """Stands for the first server block in the client model (U-shaped split)."""
+
+    def __init__(self, link: BackboneLink):
+        super().__init__()
+        self.link = link
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.link.position_ids = kwargs.get("position_ids")
+        step = self.link.next_step()
+        if torch.is_grad_enabled() and self.training:
+            if not hidden_states.requires_grad:
+                # Nothing trainable below the cut: the server still needs its backward.
+                hidden_states = hidden_states.detach().requires_grad_()
+            return _RemoteBackbone.apply(hidden_states, self.link, step)
+        return self.link.remote_forward(hidden_states, step, train=False)
+
+
+@dataclass
+class ClientConfig:
+    """How a client joins a server and trains."""
+
+    server: str = "tcp://127.0.0.1:5555"
+    model: str | None = None
+    cut: Cut | None = None  # None: the server's cut
+    task: str = "classification"
+    num_labels: int = 2
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    lr: float = 1e-3
+    head_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    seed: int = 0
+    dropout: bool = True
+    client_id: str = ""
+    timeout: float = 120.0
+    connect_timeout: float = 30.0
+    attn_implementation: str | None = None
+
+
+class SplitClient:
+    """One client of a backbone server: its segment, its LoRA, its optimizer."""
+
+    def __init__(self, config: ClientConfig):
+        self.config = config
+        client_id = config.client_id or f"client-{uuid.uuid4().hex[:8]}"
+        self.conn = Connection(config.server, client_id, timeout=config.timeout)
+        try:
+            self._join()
+        except Exception:
+            self.conn.close()
+            raise
+
+    def _join(self) -> None:
+        cfg = self.config
+        from split.partition import load_config, resolve_model_path
+        from split.families import family_for
+
+        path = resolve_model_path(cfg.model)
+        model_cfg = load_config(path, cfg.task, cfg.num_labels, cfg.dropout)
+        fam = family_for(model_cfg)
+        hello = Message("hello", meta={
+            "model": {"model_type": model_cfg.model_type, "num_layers": model_cfg.num_hidden_layers,
+                      "hidden_size": model_cfg.get_text_config().hidden_size},
+            "cut": None if cfg.cut is None else [cfg.cut.front, cfg.cut.back],
+            "lora": cfg.lora.to_dict(), "seed": cfg.seed, "task": cfg.task,
+            "optim": {"lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        })
+        if cfg.cut is None:
+            del hello.meta["cut"]
+        try:
+            reply = self.conn.request(hello, timeout=cfg.connect_timeout)
+        except ServerError as exc:
+            raise ServerRefused(f"the server at {cfg.server} refused this client: {exc}") from None
+        self.cut = cfg.cut or Cut(*reply.meta["server_cut"])
+        self.segment = build_segment(path, CLIENT, self.cut, task=cfg.task, num_labels=cfg.num_labels,
+                                     seed=cfg.seed, dropout=cfg.dropout,
+                                     attn_implementation=cfg.attn_implementation)
+        self.family = fam
+        self.link = BackboneLink(self.conn, fam.rotary)
+        self.heads = [] if self.cut.two_part else list(fam.head_modules(cfg.task))
+        if not self.cut.two_part:
+            self.segment.blocks()[self.cut.front] = RemoteBlock(self.link)
+        self.model = attach_lora(self.segment.model, cfg.lora, fam, cfg.task, cfg.seed,
+                                 modules_to_save=self.heads or None)
+        lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
+        head = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" not in n]
+        groups = [{"params": lora}]
+        if head:
+            groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps = 0
+
+    # ------------------------------------------------------------ training
+
+    def _outputs(self, batch: dict, with_labels: bool):
+        """Run the split forward; returns (loss or None, logits)."""
+        self.link.attention_mask = batch["attention_mask"]
+        labels = batch.get("labels") if with_labels else None
+        if not self.cut.two_part:
+            kwargs = {k: v for k, v in batch.items() if k != "labels"}
+            out = self.model(**kwargs, labels=labels)
+            return out.loss, out.logits
+        base = self.segment.base()
+        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        self.link.labels = batch["labels"]
+        step = self.link.next_step()
+        try:
+            if torch.is_grad_enabled() and self.model.training:
+                if not hidden.requires_grad:
+                    hidden = hidden.detach().requires_grad_()
+                loss = _RemoteHead.apply(hidden, self.link, step)
+            else:
+                loss = self.link.remote_forward(hidden, step, train=False)
+        finally:
+            self.link.labels = None
+        return loss, self.link.logits
+
+    def train_step(self, batch: dict) -> float:
+        """One optimizer step through the server; returns the loss."""
+        self.model.train()
+        loss, _ = self._outputs(batch, with_labels=True)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> torch.Tensor:
+        """Logits for a batch, in evaluation mode (the server keeps no graph)."""
+        self.model.eval()
+        _, logits = self._outputs(batch, with_labels=self.cut.two_part)
+        return logits
+
+    def evaluate(self, batches) -> float:
+        """Accuracy over labelled batches."""
+        correct = total = 0
+        for batch in batches:
+            pred = self.predict(batch).argmax(-1)
+            correct += int((pred == batch["labels"]).sum())
+            total += len(batch["labels"])
+        return correct / max(total, 1)
+
+    # ------------------------------------------------------------ adapters
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Client and server LoRA together, under whole-model PEFT names."""
+        state = adapter_state(self.model)
+        server = self.conn.request(Message("adapter")).tensors
+        overlap = set(state) & set(server)
+        if overlap:
+            raise RuntimeError(f"client and server both hold {sorted(overlap)[:3]}: the cut is inconsistent")
+        state.update({k: v.clone() for k, v in server.items()})
+        return state
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """Save one standard PEFT adapter for the whole model."""
+        fam = self.family
+        heads = list(fam.head_modules(self.config.task))
+        return save_adapter(folder, self.adapter_state(), self.config.lora, fam, self.config.task,
+                            str(self.segment.path), heads)
+
+    def close(self, say_bye: bool = True) -> None:
+        """Leave the server (freeing this client's state there) and close the socket."""
+        if say_bye:
+            try:
+                self.conn.request(Message("bye"), timeout=5.0)
+            except (ServerUnavailable, ServerError) as exc:
+                log.warning("could not say bye to the server: %s", exc)
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

