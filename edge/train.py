@@ -1,0 +1,91 @@
+"""A client's training session: data, evaluation, training loop, adapter, summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from split.partition import resolve_model_path
+
+from .client import ClientConfig, SplitClient
+from .data import Batches, load_dataset, load_tokenizer
+from .meter import current_rss, peak_rss, reset_peak
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    """What to train on and for how long."""
+
+    data: str | None = None  # None: the built-in stdlib-docstring task
+    test_data: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    max_length: int = 64
+    eval_before: bool = True
+    adapter_out: str | None = None
+    progress: bool = True
+
+
+def run_client(config: ClientConfig, options: TrainOptions) -> dict:
+    """Join the server, train, evaluate and save; returns a summary dict."""
+    dataset = load_dataset(options.data, options.test_data, seed=config.seed)
+    config.num_labels = len(dataset.labels)
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    train = Batches(dataset.train, dataset, tokenizer, options.max_length, options.batch_size, True, config.seed)
+    test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False)
+    reset_peak()
+    rss_before = current_rss()
+    client = SplitClient(config)
+    summary = {"labels": dataset.labels, "train_samples": len(dataset.train), "test_samples": len(dataset.test),
+               "cut": str(client.cut), "client_owned_bytes": client.segment.owned_bytes,
+               "checkpoint_bytes": client.segment.checkpoint_bytes}
+    try:
+        if options.eval_before:
+            summary["accuracy_before"] = client.evaluate(test)
+        total = options.max_steps or max(1, round(options.epochs * len(train)))
+        losses = []
+        started = time.perf_counter()
+        with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                      TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      disable=not options.progress) as bar:
+            job = bar.add_task("train", total=total, loss=float("nan"))
+            while client.steps < total:
+                for batch in train:
+                    losses.append(client.train_step(batch))
+                    bar.update(job, advance=1, loss=sum(losses[-20:]) / len(losses[-20:]))
+                    if client.steps >= total:
+                        break
+        summary["train_seconds"] = time.perf_counter() - started
+        summary["steps"] = client.steps
+        summary["first_loss"], summary["last_loss"] = losses[0], sum(losses[-20:]) / len(losses[-20:])
+        summary["accuracy_after"] = client.evaluate(test)
+        if options.adapter_out:
+            client.save_adapter(options.adapter_out)
+            summary["adapter"] = str(Path(options.adapter_out).resolve())
+        summary["bytes_sent"] = client.conn.bytes_sent
+        summary["bytes_received"] = client.conn.bytes_received
+        summary["client_peak_rss"] = peak_rss()
+        summary["client_peak_rss_above_start"] = peak_rss() - rss_before
+    finally:
+        client.close()
+    return summary
+
+
+def write_summary(summary: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(summary, indent=2))
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` intra-op threads (None: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
