@@ -136,13 +136,13 @@ class BackboneLink:
             tensors["labels"] = self.labels
         reply = self.conn.request(Message("forward", step=step, meta={"train": train}, tensors=tensors))
         if "hidden" in reply.tensors:
-            return reply.tensors["hidden"].clone()
-        self.logits = reply.tensors["logits"].clone()
-        return reply.tensors["loss"].reshape(()).clone()
+            return reply.tensors["hidden"]
+        self.logits = reply.tensors["logits"]
+        return reply.tensors["loss"].reshape(())
 
     def remote_backward(self, step: int, grad: torch.Tensor) -> torch.Tensor:
         reply = self.conn.request(Message("backward", step=step, tensors={"grad": grad.contiguous()}))
-        return reply.tensors["grad"].clone()
+        return reply.tensors["grad"]
 
 
 class RemoteBlock(nn.Module):
@@ -297,7 +297,7 @@ class SplitClient:
         overlap = set(state) & set(server)
         if overlap:
             raise RuntimeError(f"client and server both hold {sorted(overlap)[:3]}: the cut is inconsistent")
-        state.update({k: v.clone() for k, v in server.items()})
+        state.update(server)
         return state
 
     def save_adapter(self, folder: str | Path) -> Path:

@@ -44,13 +44,14 @@ class RawCodec:
         return memoryview(flat.view(torch.uint8).numpy())
 
     def decode(self, buffer, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A tensor over the received buffer (no copy; it keeps the frame alive)."""
+        """A tensor holding the received bytes, copied into torch's own memory:
+        a frame's buffer is read-only and may be unaligned, and matrix kernels
+        round differently on unaligned input, which would break bit-exactness."""
         if len(buffer) == 0:
             return torch.empty(shape, dtype=dtype)
         with warnings.catch_warnings():
-            # Received frames are read-only; the tensors built on them are never written in place.
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: copied at once
+            return torch.frombuffer(buffer, dtype=dtype).reshape(shape).clone()
 
 
 CODECS = {"raw": RawCodec()}

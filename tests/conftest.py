@@ -1,0 +1,148 @@
+"""Shared fixtures: tiny random models on disk, real server processes, batches."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta")
+VOCAB = 96
+
+
+def tiny_config(family: str, **overrides):
+    """A 4-block, 32-wide random config of ``family``."""
+    from transformers import (BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config,
+                              RobertaConfig)
+
+    common = dict(vocab_size=VOCAB, num_labels=3)
+    decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2, **common)
+    encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   max_position_embeddings=72, **common)
+    configs = {
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2, **common),
+        "llama": lambda: LlamaConfig(**decoder),
+        "qwen2": lambda: Qwen2Config(**decoder),
+        "mistral": lambda: MistralConfig(**decoder, sliding_window=None),
+        "bert": lambda: BertConfig(**encoder),
+        "roberta": lambda: RobertaConfig(**encoder, pad_token_id=1),
+    }
+    config = configs[family]()
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return config
+
+
+def save_tiny(family: str, folder: Path, task: str = "classification", seed: int = 0, **overrides) -> Path:
+    """Save a random-initialised tiny ``family`` model as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    cls.from_config(tiny_config(family, **overrides)).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> folder of a tiny classification model (built on first use)."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, task: str = "classification") -> Path:
+        key = (family, task)
+        if key not in cache:
+            cache[key] = save_tiny(family, tmp_path_factory.mktemp(f"{family}-{task}"), task)
+        return cache[key]
+
+    return get
+
+
+def minilm_path() -> Path:
+    from split.partition import resolve_model_path
+
+    return resolve_model_path(None)
+
+
+def random_batch(seed: int, vocab: int, batch: int = 4, max_len: int = 12, num_labels: int = 3,
+                 task: str = "classification", low: int = 3, pad: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded random token ids with varying lengths and labels."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max_len // 2, max_len + 1, (batch,), generator=gen)
+    lengths[0] = max_len
+    ids = torch.randint(low, vocab, (batch, max_len), generator=gen)
+    mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, pad)
+    if task == "classification":
+        labels = torch.randint(0, num_labels, (batch,), generator=gen)
+    else:
+        labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def free_port() -> int:
+    from edge.demo import free_port as fp
+
+    return fp()
+
+
+def wait_ready(endpoint: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    """Block until the server at ``endpoint`` answers a status request."""
+    from edge.client import Connection, ServerUnavailable
+    from split.wire import Message
+
+    deadline = time.monotonic() + timeout
+    conn = Connection(endpoint, "probe", timeout=1.0)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                conn.request(Message("status"))
+                return
+            except ServerUnavailable:
+                continue
+        raise TimeoutError(f"server at {endpoint} not ready after {timeout}s")
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def server_process(model: Path | str | None, cut: str = "1,1", *extra: str):
+    """A real ``fedsplit server`` process on a free loopback port; yields its endpoint."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "split.cli", "server", "--cut", cut, "--bind", endpoint, *extra]
+    if model is not None:
+        args += ["--model", str(model)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_ready(endpoint, proc)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def status(endpoint: str) -> dict:
+    from edge.client import Connection
+    from split.wire import Message
+
+    conn = Connection(endpoint, "probe", timeout=10.0)
+    try:
+        return conn.request(Message("status")).meta
+    finally:
+        conn.close()
