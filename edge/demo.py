@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,42 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fedsplit_command(*args: str) -> list[str]:
-    """The command line that runs ``fedsplit ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "split.cli", *args]
-
-
-def start_server(model: str | None, cut: str, port: int, *extra: str, log_file=None) -> subprocess.Popen:
-    """Start ``fedsplit server`` on 127.0.0.1:port."""
-    args = ["server", "--cut", cut, "--bind", f"tcp://127.0.0.1:{port}", *extra]
-    if model:
-        args += ["--model", model]
-    return subprocess.Popen(fedsplit_command(*args), stdout=log_file or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, env=_env())
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+from server.launch import child_env, fedsplit_command, free_port, start_server, stop
 
 
 def run_demo(args) -> int:
@@ -59,7 +21,7 @@ def run_demo(args) -> int:
                   "built-in stdlib-docstring task")
     with tempfile.TemporaryDirectory() as tmp:
         server_log = open(Path(tmp) / "server.log", "w+")
-        server = start_server(args.model, args.cut, port, log_file=server_log)
+        server = start_server(args.model, args.cut, f"tcp://127.0.0.1:{port}", output=server_log)
         summary_path = Path(tmp) / "summary.json"
         client_args = ["client", "--server", f"tcp://127.0.0.1:{port}", "--data", "builtin",
                        "--epochs", str(args.epochs), "--rank", str(args.rank), "--lr", str(args.lr),
@@ -71,7 +33,7 @@ def run_demo(args) -> int:
             client_args += ["--model", args.model]
         started = time.perf_counter()
         try:
-            code = subprocess.call(fedsplit_command(*client_args), env=_env())
+            code = subprocess.call(fedsplit_command(*client_args), env=child_env())
         finally:
             stop(server)
         if code != 0 or not summary_path.exists():

@@ -196,7 +196,8 @@ class BackboneServer:
         adapter = f"client{self._adapters}"
         heads = list(seg.family.head_modules(seg.task)) if ours_cut.two_part else None
         self.model = attach_lora(self.model, spec, seg.family, seg.task, int(meta.get("seed", 0)),
-                                 modules_to_save=heads, adapter=adapter)
+                                 modules_to_save=heads, adapter=adapter,
+                                 layers=list(cut.server_blocks(seg.num_layers)))
         params = [p for n, p in self.model.named_parameters() if f".{adapter}." in n]
         optimizer = _optimizer(params, meta.get("optim", {}))
         self.sessions[msg.client] = Session(msg.client, routing_id, adapter, cut, spec, optimizer, params,

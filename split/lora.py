@@ -11,7 +11,6 @@ built: on a client, on the server, or in a monolithic model.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +44,13 @@ class LoraSpec:
     def target_modules(self, family: Family) -> list[str]:
         return list(self.targets or family.lora_targets)
 
-    def peft_config(self, family: Family, modules_to_save: list[str] | None, task: str) -> LoraConfig:
-        """The peft LoraConfig for this spec on ``family``."""
+    def peft_config(self, family: Family, modules_to_save: list[str] | None, task: str,
+                    layers: list[int] | None = None) -> LoraConfig:
+        """The peft LoraConfig for this spec on ``family``; ``layers`` limits
+        LoRA to those block indices."""
         return LoraConfig(
+            layers_to_transform=layers,
+            layers_pattern=family.blocks.rsplit(".", 1)[-1] if layers is not None else None,
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
@@ -83,9 +86,11 @@ def init_lora(model: PeftModel, adapter: str, seed: int) -> None:
 
 
 def attach_lora(model, spec: LoraSpec, family: Family, task: str, seed: int,
-                modules_to_save: list[str] | None = None, adapter: str = "default") -> PeftModel:
-    """Wrap ``model`` (or add an adapter to a PeftModel) and initialise it."""
-    config = spec.peft_config(family, modules_to_save, task)
+                modules_to_save: list[str] | None = None, adapter: str = "default",
+                layers: list[int] | None = None) -> PeftModel:
+    """Wrap ``model`` (or add an adapter to a PeftModel) and initialise it;
+    ``layers`` limits LoRA to those blocks."""
+    config = spec.peft_config(family, modules_to_save, task, layers)
     if isinstance(model, PeftModel):
         model.add_adapter(adapter, config)
     else:
@@ -112,8 +117,3 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraS
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     return folder
-
-
-def read_adapter_config(folder: str | Path) -> dict:
-    """The JSON of a saved adapter's config."""
-    return json.loads((Path(folder) / "adapter_config.json").read_text())

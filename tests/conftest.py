@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from server.launch import running_server
+
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta")
 VOCAB = 96
 
@@ -89,52 +86,11 @@ def random_batch(seed: int, vocab: int, batch: int = 4, max_len: int = 12, num_l
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def free_port() -> int:
-    from edge.demo import free_port as fp
-
-    return fp()
-
-
-def wait_ready(endpoint: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    """Block until the server at ``endpoint`` answers a status request."""
-    from edge.client import Connection, ServerUnavailable
-    from split.wire import Message
-
-    deadline = time.monotonic() + timeout
-    conn = Connection(endpoint, "probe", timeout=1.0)
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                conn.request(Message("status"))
-                return
-            except ServerUnavailable:
-                continue
-        raise TimeoutError(f"server at {endpoint} not ready after {timeout}s")
-    finally:
-        conn.close()
-
-
 @contextlib.contextmanager
-def server_process(model: Path | str | None, cut: str = "1,1", *extra: str):
+def server_process(model, cut: str = "1,1", *extra: str):
     """A real ``fedsplit server`` process on a free loopback port; yields its endpoint."""
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "split.cli", "server", "--cut", cut, "--bind", endpoint, *extra]
-    if model is not None:
-        args += ["--model", str(model)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        wait_ready(endpoint, proc)
+    with running_server(model, cut, *extra) as endpoint:
         yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def status(endpoint: str) -> dict:
