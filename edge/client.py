@@ -128,8 +128,16 @@ class BackboneLink:
     def next_step(self) -> int:
         return next(self._step)
 
+    def capture_mask(self, module, args, kwargs):
+        """Forward pre-hook on the client model: keep the batch's 2-D attention mask."""
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.attention_mask = mask
+
     def remote_forward(self, hidden: torch.Tensor, step: int, train: bool) -> torch.Tensor:
-        tensors = {"hidden": hidden.detach(), "attention_mask": self.attention_mask.to(torch.uint8)}
+        mask = self.attention_mask
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.uint8)
+        tensors = {"hidden": hidden.detach(), "attention_mask": mask.to(torch.uint8)}
         if self.rotary and self.position_ids is not None:
             tensors["position_ids"] = self.position_ids
         if self.labels is not None:
@@ -205,6 +213,8 @@ class SplitClient:
         path = resolve_model_path(cfg.model)
         model_cfg = load_config(path, cfg.task, cfg.num_labels, cfg.dropout)
         fam = family_for(model_cfg)
+        if cfg.cut is not None:
+            cfg.cut.check(model_cfg.num_hidden_layers)
         hello = Message("hello", meta={
             "model": {"model_type": model_cfg.model_type, "num_layers": model_cfg.num_hidden_layers,
                       "hidden_size": model_cfg.get_text_config().hidden_size},
@@ -227,6 +237,7 @@ class SplitClient:
         self.heads = [] if self.cut.two_part else list(fam.head_modules(cfg.task))
         if not self.cut.two_part:
             self.segment.blocks()[self.cut.front] = RemoteBlock(self.link)
+            self.segment.model.register_forward_pre_hook(self.link.capture_mask, with_kwargs=True)
         self.model = attach_lora(self.segment.model, cfg.lora, fam, cfg.task, cfg.seed,
                                  modules_to_save=self.heads or None)
         lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
@@ -241,13 +252,13 @@ class SplitClient:
 
     def _outputs(self, batch: dict, with_labels: bool):
         """Run the split forward; returns (loss or None, logits)."""
-        self.link.attention_mask = batch["attention_mask"]
         labels = batch.get("labels") if with_labels else None
         if not self.cut.two_part:
             kwargs = {k: v for k, v in batch.items() if k != "labels"}
             out = self.model(**kwargs, labels=labels)
             return out.loss, out.logits
         base = self.segment.base()
+        self.link.attention_mask = batch.get("attention_mask")
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         self.link.labels = batch["labels"]
         step = self.link.next_step()

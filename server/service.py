@@ -81,7 +81,11 @@ class BackboneServer:
             config.model, SERVER, config.cut, task=config.task, num_labels=config.num_labels,
             seed=config.seed, dropout=config.dropout, attn_implementation=config.attn_implementation,
         )
-        self.model = self.segment.model  # becomes a PeftModel at the first client
+        # peft cannot add an adapter to a model whose adapters were all deleted,
+        # so a rank-1 adapter that is never activated keeps the wrapper alive.
+        self.model = attach_lora(self.segment.model, LoraSpec(rank=1), self.segment.family, config.task,
+                                 config.seed, adapter="idle",
+                                 layers=list(config.cut.server_blocks(self.segment.num_layers)))
         self.sessions: dict[str, Session] = {}
         self._adapters = 0
         self._active: str | None = None

@@ -113,16 +113,19 @@ def test_killed_client_state_is_freed_and_others_keep_training(bert_server):
     tests = str(__import__("pathlib").Path(__file__).parent)
     survivor = client_for(path, endpoint, client_id="survivor")
     try:
-        survivor.train_step(random_batch(0, VOCAB))
-        proc = subprocess.run([sys.executable, "-c", VANISH.format(tests=tests, endpoint=endpoint, model=str(path))],
-                              capture_output=True, text=True, timeout=120, env=child_env())
-        assert "forwarded" in proc.stdout, proc.stderr
+        proc = subprocess.Popen([sys.executable, "-c", VANISH.format(tests=tests, endpoint=endpoint, model=str(path))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+        steps = 0
+        while proc.poll() is None:  # the survivor trains while the doomed client starts and dies
+            survivor.train_step(random_batch(steps, VOCAB))
+            steps += 1
+        out, err = proc.communicate()
+        assert "forwarded" in out, err
         assert proc.returncode == -9
         before = status(endpoint)
         assert "doomed" in before["clients"] and before["pending"] >= 1
         # The survivor keeps training while the dead client's session times out.
         deadline = time.monotonic() + TIMEOUT + 2.0
-        steps = 0
         while time.monotonic() < deadline:
             survivor.train_step(random_batch(steps, VOCAB))
             steps += 1
