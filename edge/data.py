@@ -96,9 +96,9 @@ def _docstrings(file: Path) -> list[str]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc and len(doc) >= MIN_DOCSTRING:
-                out.append(" ".join(doc.split()))
+            doc = " ".join((ast.get_docstring(node) or "").split())
+            if len(doc) >= MIN_DOCSTRING:
+                out.append(doc)
     return out
 
 

@@ -1,0 +1,120 @@
+"""The partitioner: who owns what, placeholders, tied weights, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAMILIES
+from split.families import family_for
+from split.partition import CLIENT, SERVER, Absent, Cut, Injected, Passthrough, build_segment
+from split.tensorfile import CheckpointIndex
+
+
+def _names(segment):
+    return {n for n, _ in segment.model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_u_shaped_sides_own_disjoint_parts_that_cover_the_checkpoint(family, tiny_models):
+    path = tiny_models(family)
+    client = build_segment(path, CLIENT, Cut(1, 1), num_labels=3)
+    server = build_segment(path, SERVER, Cut(1, 1), num_labels=3)
+    fam = family_for(client.config)
+    blocks = f"{fam.prefix}.{fam.blocks}"
+    c, s = _names(client), _names(server)
+    assert not c & s
+    assert {n.split(".")[len(blocks.split("."))] for n in s} == {"1", "2"}
+    assert all(n.startswith(blocks + ".") for n in s)
+    assert not any(n.startswith(f"{blocks}.1.") or n.startswith(f"{blocks}.2.") for n in c)
+    ckpt = set(load_file(str(path / "model.safetensors")))
+    ckpt = {k for k in ckpt if not k.endswith("position_ids")}  # a buffer some checkpoints carry
+    assert c | s == ckpt
+    assert client.owned_bytes + server.owned_bytes <= client.checkpoint_bytes
+    assert isinstance(server.blocks()[0], Passthrough) and isinstance(client.blocks()[1], Passthrough)
+    assert isinstance(server.injected, Injected)
+
+
+def test_loaded_values_equal_the_checkpoint(tiny_models):
+    path = tiny_models("llama")
+    client = build_segment(path, CLIENT, Cut(1, 1), num_labels=3)
+    ckpt = load_file(str(path / "model.safetensors"))
+    for name, param in client.model.named_parameters():
+        assert torch.equal(param, ckpt[name]), name
+    assert client.initialised == []
+
+
+def test_two_part_server_holds_norm_and_head(tiny_models):
+    path = tiny_models("llama")
+    server = build_segment(path, SERVER, Cut(1, 0), num_labels=3)
+    client = build_segment(path, CLIENT, Cut(1, 0), num_labels=3)
+    assert "score.weight" in _names(server) and "model.norm.weight" in _names(server)
+    assert not any(n.startswith("score") or n.startswith("model.norm") for n in _names(client))
+    assert isinstance(client.model.score, Absent)
+    with pytest.raises(RuntimeError, match="held by the other side"):
+        client.model.score(torch.zeros(1, 32))
+
+
+def test_tied_lm_head_shares_the_embedding_on_the_client(tmp_path):
+    from conftest import save_tiny
+
+    path = save_tiny("gpt2", tmp_path / "lm", task="causal-lm")
+    client = build_segment(path, CLIENT, Cut(1, 1), task="causal-lm")
+    assert client.model.lm_head.weight is client.model.transformer.wte.weight
+    # Two-part: the server holds the head but not the embedding it is tied to.
+    server = build_segment(path, SERVER, Cut(1, 0), task="causal-lm")
+    ckpt = load_file(str(path / "model.safetensors"))
+    assert torch.equal(server.model.lm_head.weight, ckpt["transformer.wte.weight"])
+
+
+def test_missing_head_is_initialised_deterministically():
+    from conftest import minilm_path
+
+    a = build_segment(minilm_path(), CLIENT, Cut(1, 1), num_labels=5, seed=3)
+    b = build_segment(minilm_path(), CLIENT, Cut(1, 1), num_labels=5, seed=3)
+    c = build_segment(minilm_path(), CLIENT, Cut(1, 1), num_labels=5, seed=4)
+    assert a.initialised == ["classifier.weight", "classifier.bias"]
+    assert torch.equal(a.model.classifier.weight, b.model.classifier.weight)
+    assert not torch.equal(a.model.classifier.weight, c.model.classifier.weight)
+
+
+@pytest.mark.parametrize("cut, message", [
+    (Cut(0, 1), "front >= 1"),
+    (Cut(2, 2), "leaves no block for the server"),
+    (Cut(1, -1), "back >= 0"),
+])
+def test_bad_cuts_are_refused(cut, message, tiny_models):
+    with pytest.raises(ValueError, match=message):
+        build_segment(tiny_models("bert"), CLIENT, cut, num_labels=3)
+
+
+def test_cut_parsing():
+    assert Cut.parse("2,1") == Cut(2, 1)
+    with pytest.raises(ValueError, match="two integers"):
+        Cut.parse("2")
+
+
+def test_unsupported_family_and_task(tmp_path, tiny_models):
+    from transformers import T5Config
+
+    with pytest.raises(ValueError, match="not supported; fedsplit partitions"):
+        family_for(T5Config())
+    with pytest.raises(ValueError, match="not supported for the bert family"):
+        build_segment(tiny_models("bert"), CLIENT, Cut(1, 1), task="causal-lm")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        CheckpointIndex(tmp_path)
+
+
+def test_tensorfile_reads_every_dtype_exactly(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).to(torch.bfloat16), "f16": torch.randn(2, 2).half(),
+               "i64": torch.arange(6), "u8": torch.arange(4, dtype=torch.uint8), "scalar": torch.tensor(1.5),
+               "b": torch.tensor([True, False])}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    index = CheckpointIndex(tmp_path)
+    for name, value in tensors.items():
+        got = index.read(name)
+        assert got.dtype == value.dtype and torch.equal(got, value), name
+    assert index.read("bf16", torch.float32).dtype == torch.float32
