@@ -55,6 +55,7 @@ def run_demo(args) -> int:
     table.add_row("client weights (of checkpoint)",
                   f"{summary['client_owned_bytes'] / 1e6:.1f} MB of {summary['checkpoint_bytes'] / 1e6:.1f} MB")
     table.add_row("client peak memory (process)", f"{summary['client_peak_rss'] / 1e6:.0f} MB")
+    table.add_row("client peak above its start", f"{summary['client_peak_rss_above_start'] / 1e6:.0f} MB")
     table.add_row("training time", f"{summary['train_seconds']:.0f} s (whole demo {time.perf_counter() - started:.0f} s)")
     table.add_row("adapter", summary.get("adapter", "-"))
     console.print(table)

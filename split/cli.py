@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import warnings
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # peft still calls a transformers property deprecated in v5; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
