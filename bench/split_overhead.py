@@ -68,7 +68,7 @@ def monolithic_step(path: Path):
     config = load_config(path, "classification", LABELS, dropout=True)
     fam = family_for(config)
     model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
-    model = attach_lora(model, SPEC, fam, "classification", 0, modules_to_save=list(fam.head_modules("classification")))
+    model = attach_lora(model, SPEC, fam, "classification", 0, modules_to_save=fam.trained_heads("classification"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     model.train()
 

@@ -234,7 +234,7 @@ class SplitClient:
                                      attn_implementation=cfg.attn_implementation)
         self.family = fam
         self.link = BackboneLink(self.conn, fam.rotary)
-        self.heads = [] if self.cut.two_part else list(fam.head_modules(cfg.task))
+        self.heads = [] if self.cut.two_part else fam.trained_heads(cfg.task)
         if not self.cut.two_part:
             self.segment.blocks()[self.cut.front] = RemoteBlock(self.link)
             self.segment.model.register_forward_pre_hook(self.link.capture_mask, with_kwargs=True)
@@ -314,7 +314,7 @@ class SplitClient:
     def save_adapter(self, folder: str | Path) -> Path:
         """Save one standard PEFT adapter for the whole model."""
         fam = self.family
-        heads = list(fam.head_modules(self.config.task))
+        heads = fam.trained_heads(self.config.task)
         return save_adapter(folder, self.adapter_state(), self.config.lora, fam, self.config.task,
                             str(self.segment.path), heads)
 

@@ -198,7 +198,7 @@ class BackboneServer:
             self._drop(msg.client)
         self._adapters += 1
         adapter = f"client{self._adapters}"
-        heads = list(seg.family.head_modules(seg.task)) if ours_cut.two_part else None
+        heads = seg.family.trained_heads(seg.task) if ours_cut.two_part else None
         self.model = attach_lora(self.model, spec, seg.family, seg.task, int(meta.get("seed", 0)),
                                  modules_to_save=heads, adapter=adapter,
                                  layers=list(cut.server_blocks(seg.num_layers)))

@@ -54,6 +54,12 @@ class Family:
             )
         return self.heads[task]
 
+    def trained_heads(self, task: str) -> list[str]:
+        """Head modules trained beside LoRA: a classification head is new and
+        must learn; a language-model head is pretrained (and often tied to the
+        embedding) and stays frozen."""
+        return list(self.head_modules(task)) if task == "classification" else []
+
 
 FAMILIES: tuple[Family, ...] = (
     Family(

@@ -25,7 +25,7 @@ def monolithic(path, task, num_labels, seed=0):
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     model = cls.from_pretrained(path, config=config)
     fam = family_for(config)
-    heads = list(fam.head_modules(task))
+    heads = fam.trained_heads(task)
     from split.tensorfile import CheckpointIndex
 
     index = CheckpointIndex(path)
