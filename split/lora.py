@@ -117,3 +117,63 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraS
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     return folder
+
+
+def lora_layers(model: PeftModel, adapter: str = "default") -> dict:
+    """Whole-model module name -> peft LoRA layer holding ``adapter``."""
+    out = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and adapter in lora_a:
+            out[name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name] = module
+    return out
+
+
+def get_factors(model: PeftModel, adapter: str = "default",
+                modules=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of (A, B) per module: A = lora_A (r x d_in), B = lora_B (d_out x r)."""
+    return {name: (layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone())
+            for name, layer in lora_layers(model, adapter).items() if modules is None or name in modules}
+
+
+def set_factors(model: PeftModel, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
+                adapter: str = "default") -> None:
+    """Load factors into the adapter; modules or factors left out keep their values."""
+    layers = lora_layers(model, adapter)
+    unknown = (set(A) | set(B)) - set(layers)
+    if unknown:
+        raise KeyError(f"no LoRA module {sorted(unknown)[:3]} in this model")
+    with torch.no_grad():
+        for name, value in A.items():
+            target = layers[name].lora_A[adapter].weight
+            if target.shape != value.shape:
+                raise ValueError(f"{name}: lora_A has shape {tuple(target.shape)}, got {tuple(value.shape)}")
+            target.copy_(value)
+        for name, value in B.items():
+            target = layers[name].lora_B[adapter].weight
+            if target.shape != value.shape:
+                raise ValueError(f"{name}: lora_B has shape {tuple(target.shape)}, got {tuple(value.shape)}")
+            target.copy_(value)
+
+
+def set_trainable(model: PeftModel, which: str, adapter: str = "default", modules=None) -> list:
+    """Let only ``which`` factors ("both", "A" or "B") of ``modules`` (None: all)
+    train; returns the parameters that train."""
+    params = []
+    for name, layer in lora_layers(model, adapter).items():
+        on = modules is None or name in modules
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        a.requires_grad_(on and which in ("both", "A"))
+        b.requires_grad_(on and which in ("both", "B"))
+        params += [p for p in (a, b) if p.requires_grad]
+    return params
+
+
+def fold_delta(model: PeftModel, module: str, delta: torch.Tensor, adapter: str = "default") -> None:
+    """Add ``delta`` (d_out x d_in) to a LoRA layer's frozen weight, in the
+    layer's own orientation (GPT-2's Conv1D stores in x out)."""
+    layer = lora_layers(model, adapter)[module]
+    weight = layer.get_base_layer().weight
+    native = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+    with torch.no_grad():
+        weight.add_(native.to(weight.dtype))
