@@ -19,9 +19,11 @@ import torch
 import zmq
 
 from split.families import get_module, join, set_module
-from split.lora import LoraSpec, adapter_state, attach_lora
+from split.lora import (LoraSpec, adapter_state, attach_lora, fold_delta, get_factors, init_lora, lora_layers,
+                        set_factors, set_trainable)
 from split.partition import SERVER, Cut, Passthrough, build_segment
 from split.wire import Limits, Message, WireError, decode, encode, error
+from server.strategies.base import ClientInfo, StrategyError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class ServerConfig:
     max_pending: int = 8
     limits: Limits = field(default_factory=Limits)
     attn_implementation: str | None = None
+    federation: "FederationConfig | None" = None
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     params: list
     last_seen: float
+    optim: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)  # step -> (input hidden state, output)
     steps: int = 0
 
@@ -87,6 +91,11 @@ class BackboneServer:
                                  config.seed, adapter="idle",
                                  layers=list(config.cut.server_blocks(self.segment.num_layers)))
         self.sessions: dict[str, Session] = {}
+        self.coordinator = None
+        if config.federation is not None:
+            from server.rounds import Coordinator
+
+            self.coordinator = Coordinator(config.federation, self)
         self._adapters = 0
         self._active: str | None = None
         self.socket = None
@@ -119,6 +128,8 @@ class BackboneServer:
                 reply = self.handle(routing_id, body)
                 self.socket.send_multipart([routing_id] + encode(reply), copy=False)
             self.expire()
+            if self.coordinator is not None:
+                self.coordinator.tick()
 
     # ------------------------------------------------------------ dispatch
 
@@ -135,12 +146,12 @@ class BackboneServer:
                 reply = self._hello(routing_id, msg)
             elif msg.op == "status":
                 reply = self._status()
-            elif msg.op in ("forward", "backward", "adapter", "bye"):
+            elif msg.op in ("forward", "backward", "adapter", "bye", "join", "round", "upload"):
                 session = self._session(routing_id, msg)
                 reply = getattr(self, "_" + msg.op)(session, msg)
             else:
                 raise RequestError(f"op {msg.op!r} is a reply, not a request")
-        except RequestError as exc:
+        except (RequestError, StrategyError) as exc:
             reply = error(msg.client, msg.step, str(exc))
         except Exception as exc:  # a bad tensor can fail deep inside the model
             log.exception("request %s from %s failed", msg.op, msg.client)
@@ -205,13 +216,16 @@ class BackboneServer:
         params = [p for n, p in self.model.named_parameters() if f".{adapter}." in n]
         optimizer = _optimizer(params, meta.get("optim", {}))
         self.sessions[msg.client] = Session(msg.client, routing_id, adapter, cut, spec, optimizer, params,
-                                            time.monotonic())
+                                            time.monotonic(), optim=dict(meta.get("optim", {})))
         self._active = None
         log.info("client %s joined: cut %s, LoRA r=%d, %d server-side tensors", msg.client, cut, spec.rank,
                  len(params))
+        fed = self.config.federation
         return Message("ok", msg.client, msg.step, meta={
             "num_layers": seg.num_layers, "server_cut": [ours_cut.front, ours_cut.back],
-            "session_timeout": self.config.session_timeout})
+            "session_timeout": self.config.session_timeout,
+            "federation": None if fed is None else {"strategy": fed.strategy, "rounds": fed.rounds,
+                                                    "local_steps": fed.local_steps}})
 
     def _status(self) -> Message:
         return Message("ok", meta={
@@ -223,8 +237,12 @@ class BackboneServer:
         if self._active == session.adapter:
             return
         self.model.set_adapter(session.adapter)
-        # set_adapter freezes the other adapters; a graph another client still
-        # holds needs its parameters to keep requiring grad.
+        # set_adapter makes every factor of the active adapter trainable and
+        # freezes the others; what trains is each session's own list (a graph
+        # another client still holds needs its parameters to keep requiring grad).
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(False)
         for other in self.sessions.values():
             for p in other.params:
                 p.requires_grad_(True)
@@ -342,6 +360,77 @@ class BackboneServer:
     def _bye(self, session: Session, msg: Message) -> Message:
         self._drop(session.client)
         return Message("ok", msg.client, msg.step)
+
+    # ------------------------------------------------------------ federation
+
+    def _federation(self):
+        if self.coordinator is None:
+            raise RequestError("this server runs no federation: start it with --strategy and --rounds")
+        return self.coordinator
+
+    def _join(self, session: Session, msg: Message) -> Message:
+        meta = msg.meta
+        layers = meta.get("layers")
+        info = ClientInfo(session.client, int(meta.get("rank", session.spec.rank)),
+                          float(meta.get("alpha", session.spec.alpha)),
+                          None if layers is None else frozenset(int(x) for x in layers),
+                          int(meta.get("num_samples", 1)))
+        if info.rank != session.spec.rank:
+            raise RequestError(f"join says rank {info.rank}, hello said {session.spec.rank}")
+        modules = {str(k): (int(v[0]), int(v[1])) for k, v in dict(meta.get("modules", {})).items()}
+        settings = self._federation().join(session.client, info, modules, str(meta.get("profile", "")))
+        return Message("ok", msg.client, msg.step, meta=settings)
+
+    def _round(self, session: Session, msg: Message) -> Message:
+        status, download, deltas, round_index = self._federation().poll(session.client)
+        meta = {"status": status, "round": round_index}
+        tensors = {f"D:{m}": d for m, d in deltas.items()}
+        if download is not None:
+            meta.update(trainable=download.trainable, fresh=download.fresh, rank=download.rank,
+                        alpha=download.alpha, options=download.options,
+                        local_steps=self.config.federation.local_steps,
+                        seed=self.config.federation.seed)
+            tensors.update({f"A:{m}": v for m, v in download.A.items()})
+            tensors.update({f"B:{m}": v for m, v in download.B.items()})
+            tensors.update({f"X:{m}": v for m, v in download.extra.items()})
+        return Message("ok", msg.client, msg.step, meta=meta, tensors=tensors)
+
+    def _upload(self, session: Session, msg: Message) -> Message:
+        t = msg.tensors
+        pick = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
+        self._federation().upload(session.client, int(msg.meta.get("round", -1)), pick("A:"), pick("B:"),
+                                  pick("X:"), int(msg.meta.get("num_samples", 1)),
+                                  int(msg.meta.get("rank", session.spec.rank)))
+        return Message("ok", msg.client, msg.step)
+
+    # ServerSide, for the coordinator
+
+    def modules_for(self, client: str) -> dict[str, tuple[int, int]]:
+        session = self.sessions.get(client)
+        if session is None:
+            return {}
+        return {name: (layer.lora_B[session.adapter].weight.shape[0], layer.lora_A[session.adapter].weight.shape[1])
+                for name, layer in lora_layers(self.model, session.adapter).items()}
+
+    def load(self, client: str, A: dict, B: dict, trainable: str, fresh_seed: int | None, modules: set) -> None:
+        session = self.sessions.get(client)
+        if session is None:
+            return
+        if fresh_seed is not None:
+            init_lora(self.model, session.adapter, fresh_seed)
+        set_factors(self.model, A, B, session.adapter)
+        session.params = set_trainable(self.model, trainable, session.adapter, modules)
+        session.optimizer = _optimizer(session.params, session.optim)
+        session.pending.clear()
+        self._active = None
+
+    def collect(self, client: str) -> dict:
+        session = self.sessions.get(client)
+        return {} if session is None else get_factors(self.model, session.adapter)
+
+    def fold(self, deltas: dict) -> None:
+        for module, delta in deltas.items():
+            fold_delta(self.model, module, delta)
 
     # ------------------------------------------------------------ lifetime
 

@@ -9,6 +9,7 @@ paths relative to the task model (``BertForSequenceClassification``,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 TASKS = ("classification", "causal-lm")
@@ -142,3 +143,12 @@ def set_module(root, path: str, module) -> None:
 def join(*parts: str) -> str:
     """Join dotted path parts, skipping empty ones."""
     return ".".join(p for p in parts if p)
+
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h)\.(\d+)\.")
+
+
+def block_of(module: str) -> int | None:
+    """Block index in a whole-model module name (None outside the blocks)."""
+    m = _BLOCK.search(module)
+    return int(m.group(1)) if m else None

@@ -169,10 +169,10 @@ def set_trainable(model: PeftModel, which: str, adapter: str = "default", module
     return params
 
 
-def fold_delta(model: PeftModel, module: str, delta: torch.Tensor, adapter: str = "default") -> None:
+def fold_delta(model: PeftModel, module: str, delta: torch.Tensor) -> None:
     """Add ``delta`` (d_out x d_in) to a LoRA layer's frozen weight, in the
     layer's own orientation (GPT-2's Conv1D stores in x out)."""
-    layer = lora_layers(model, adapter)[module]
+    layer = model.get_submodule(PEFT_PREFIX + module)
     weight = layer.get_base_layer().weight
     native = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
     with torch.no_grad():

@@ -18,11 +18,12 @@ Conventions (../shared/reference/fedlora-algorithms.md):
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+
+from split.families import block_of  # noqa: F401  (strategies import it from here)
 
 TRAIN_BOTH, TRAIN_A, TRAIN_B = "both", "A", "B"
 
@@ -113,13 +114,6 @@ def weights(uploads: list[Upload]) -> list[float]:
     return [u.num_samples / total for u in uploads]
 
 
-_BLOCK = re.compile(r"\.(?:layers|layer|h)\.(\d+)\.")
-
-
-def block_of(module: str) -> int | None:
-    """Block index of a whole-model module name (None outside the blocks)."""
-    m = _BLOCK.search(module)
-    return int(m.group(1)) if m else None
 
 
 def average_extra(uploads: list[Upload]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,155 @@
+"""A client's side of a federation: join, then follow the server's rounds.
+
+Each round the client receives its download (client-side LoRA factors at its
+rank, the shared head, updates to fold into its frozen weights), trains the
+round's local steps through the server, and uploads its client-side LoRA, head
+and sample count. The server adds the client's server-side LoRA itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from split.families import block_of
+from split.lora import PEFT_PREFIX, fold_delta, get_factors, init_lora, lora_layers, set_factors, set_trainable
+from split.wire import Message
+
+from .client import SplitClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundRecord:
+    """One round seen from a client."""
+
+    round: int
+    accuracy: float | None  # of the downloaded global model, before local training
+    loss: float | None
+    bytes_sent: int
+    bytes_received: int
+
+
+@dataclass
+class FederatedOptions:
+    layers: list[int] | None = None  # blocks whose LoRA this client trains (None: all)
+    profile: str = ""
+    poll: float = 0.2
+    evaluate: bool = False  # evaluate the global model at each round start and at the end
+    max_wait: float = 3600.0
+
+
+def _head_name(param_name: str) -> str:
+    """``base_model.model.classifier.modules_to_save.default.weight`` -> ``classifier.weight``."""
+    name = param_name[len(PEFT_PREFIX):] if param_name.startswith(PEFT_PREFIX) else param_name
+    return name.replace(".modules_to_save.default", "")
+
+
+def head_params(client: SplitClient) -> dict[str, torch.nn.Parameter]:
+    """The client's trained head (modules_to_save copies), by plain name."""
+    return {_head_name(n): p for n, p in client.model.named_parameters()
+            if ".modules_to_save.default." in n}
+
+
+@dataclass
+class FederatedClient:
+    """Follows the rounds of a federation for one ``SplitClient``."""
+
+    client: SplitClient
+    train: object  # iterable of batches, re-iterated as needed
+    num_samples: int
+    test: object | None = None
+    options: FederatedOptions = field(default_factory=FederatedOptions)
+
+    def __post_init__(self):
+        self.modules = {name: [layer.lora_B["default"].weight.shape[0], layer.lora_A["default"].weight.shape[1]]
+                        for name, layer in lora_layers(self.client.model).items()}
+        self.records: list[RoundRecord] = []
+        self.final_accuracy: float | None = None
+        self._batches = iter(())
+
+    def _request(self, op: str, **kw) -> Message:
+        return self.client.conn.request(Message(op, **kw))
+
+    def join(self) -> dict:
+        spec = self.client.config.lora
+        meta = {"rank": spec.rank, "alpha": spec.alpha, "num_samples": self.num_samples,
+                "layers": self.options.layers, "profile": self.options.profile, "modules": self.modules}
+        return self._request("join", meta=meta).meta
+
+    def _apply(self, reply: Message) -> str:
+        """Load a download into the client model; returns what trains."""
+        t, meta = reply.tensors, reply.meta
+        model = self.client.model
+        for key, delta in t.items():
+            if key.startswith("D:"):
+                fold_delta(model, key[2:], delta)
+        if meta.get("fresh"):
+            init_lora(model, "default", int(meta.get("seed", 0)) + int(meta.get("round", 0)))
+        set_factors(model, {k[2:]: v for k, v in t.items() if k.startswith("A:")},
+                    {k[2:]: v for k, v in t.items() if k.startswith("B:")})
+        heads = head_params(self.client)
+        with torch.no_grad():
+            for key, value in t.items():
+                if key.startswith("X:") and key[2:] in heads:
+                    heads[key[2:]].copy_(value)
+        return meta.get("trainable", "both")
+
+    def _optimizer(self, trainable: str) -> torch.optim.Optimizer:
+        layers = self.options.layers
+        modules = None if layers is None else {m for m in self.modules if block_of(m) in layers}
+        lora = set_trainable(self.client.model, trainable, modules=modules)
+        head = list(head_params(self.client).values())
+        cfg = self.client.config
+        groups = [g for g in ({"params": lora}, {"params": head, "lr": cfg.head_lr or cfg.lr}) if g["params"]]
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _next_batch(self):
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self._batches = iter(self.train)
+            return next(self._batches)
+
+    def _upload(self, round_index: int) -> None:
+        layers = self.options.layers
+        factors = get_factors(self.client.model,
+                              modules=None if layers is None else {m for m in self.modules if block_of(m) in layers})
+        tensors = {f"A:{m}": a for m, (a, _) in factors.items()}
+        tensors.update({f"B:{m}": b for m, (_, b) in factors.items()})
+        tensors.update({f"X:{n}": p.detach().clone() for n, p in head_params(self.client).items()})
+        self._request("upload", meta={"round": round_index, "num_samples": self.num_samples,
+                                      "rank": self.client.config.lora.rank}, tensors=tensors)
+
+    def run(self) -> list[RoundRecord]:
+        """Take part until the server says the federation is done."""
+        self.join()
+        waited = time.monotonic()
+        conn = self.client.conn
+        while True:
+            reply = self._request("round")
+            status = reply.meta["status"]
+            if status == "wait":
+                if time.monotonic() - waited > self.options.max_wait:
+                    raise TimeoutError(f"no round for this client in {self.options.max_wait:.0f}s")
+                time.sleep(self.options.poll)
+                continue
+            trainable = self._apply(reply)
+            if status == "done":
+                if self.options.evaluate and self.test is not None:
+                    self.final_accuracy = self.client.evaluate(self.test)
+                return self.records
+            round_index = int(reply.meta["round"])
+            accuracy = self.client.evaluate(self.test) if self.options.evaluate and self.test is not None else None
+            sent, received = conn.bytes_sent, conn.bytes_received
+            self.client.optimizer = self._optimizer(trainable)
+            losses = [self.client.train_step(self._next_batch()) for _ in range(int(reply.meta["local_steps"]))]
+            self._upload(round_index)
+            self.records.append(RoundRecord(round_index, accuracy, sum(losses) / len(losses),
+                                            conn.bytes_sent - sent, conn.bytes_received - received))
+            log.info("round %d: loss %.3f", round_index, self.records[-1].loss)
+            waited = time.monotonic()

@@ -1,0 +1,285 @@
+"""The round coordinator: who trains when, from what, and what becomes of it.
+
+Clients join with their rank, block set and sample count. Each round the
+coordinator samples a fraction of them, hands each its download (its rank, its
+blocks) from the strategy, waits for their uploads until the round's deadline,
+then lets the strategy aggregate and checkpoints the result. A client's LoRA
+lives partly on the client and partly on the server (its server-side adapter):
+the coordinator joins both halves into one upload per client, so a strategy
+always sees whole-model LoRA.
+
+The coordinator does no socket I/O; the server's loop feeds it messages and
+the time, and ``ServerSide`` (implemented by the server) touches the server's
+adapters and frozen weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from split.partition import stable_seed
+from server.strategies import get_strategy
+from server.strategies.base import ClientInfo, Download, Factors, StrategyError, Upload, block_of
+
+log = logging.getLogger(__name__)
+
+CLIENT_INITS = ("avg", "re", "local")
+
+
+@dataclass
+class FederationConfig:
+    """How rounds run."""
+
+    strategy: str = "fedit"
+    strategy_options: dict = field(default_factory=dict)
+    rounds: int = 3
+    fraction: float = 1.0  # share of joined clients sampled each round
+    min_clients: int = 2  # clients that must have joined before round 0 starts
+    min_uploads: int = 1  # fewer uploads than this: the round is retried or skipped
+    short_round: str = "skip"  # "skip" or "retry"
+    max_retries: int = 2
+    deadline: float = 600.0  # seconds a round waits for uploads
+    local_steps: int = 10
+    client_init: str = "avg"  # Avg-Initial, Re-Initial or Local-Initial
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction of clients per round must be in (0, 1], got {self.fraction}")
+        if self.short_round not in ("skip", "retry"):
+            raise ValueError(f"short_round must be 'skip' or 'retry', got {self.short_round!r}")
+        if self.client_init not in CLIENT_INITS:
+            raise ValueError(f"client_init must be one of {CLIENT_INITS}, got {self.client_init!r}")
+        if self.rounds < 1 or self.local_steps < 1 or self.min_clients < 1:
+            raise ValueError("rounds, local_steps and min_clients must be at least 1")
+
+
+class ServerSide(Protocol):
+    """What the coordinator needs from the server."""
+
+    def modules_for(self, client: str) -> dict[str, tuple[int, int]]:
+        """Server-side LoRA modules of a client: name -> (d_out, d_in)."""
+
+    def load(self, client: str, A: dict, B: dict, trainable: str, fresh_seed: int | None,
+             modules: set[str]) -> None:
+        """Set up a client's server-side adapter for a round."""
+
+    def collect(self, client: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """A client's server-side factors now."""
+
+    def fold(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Add updates to the server's frozen weights."""
+
+
+@dataclass
+class Member:
+    """A client that joined the federation."""
+
+    info: ClientInfo
+    modules: dict[str, tuple[int, int]]  # client-side LoRA modules: name -> (d_out, d_in)
+    profile: str = ""
+    synced: int = 0  # client-side delta records it has applied
+    rounds: int = 0  # rounds it took part in
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round."""
+
+    round: int
+    selected: list[str]
+    uploaded: list[str]
+    aggregated: bool
+    seconds: float
+    note: str = ""
+
+
+def initial_factors(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int) -> dict[str, Factors]:
+    """The global LoRA before round 0: A Kaiming-uniform from the seed and the
+    module name (as split.lora.init_lora draws it), B = 0."""
+    out = {}
+    for name, (d_out, d_in) in sorted(shapes.items()):
+        A = torch.empty(rank, d_in)
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=torch.Generator().manual_seed(stable_seed(seed, name)))
+        out[name] = Factors(A, torch.zeros(d_out, rank), alpha)
+    return out
+
+
+class Coordinator:
+    """Runs the rounds of one federation."""
+
+    def __init__(self, config: FederationConfig, server: ServerSide):
+        self.config = config
+        self.server = server
+        self.strategy = get_strategy(config.strategy, **config.strategy_options)
+        self.members: dict[str, Member] = {}
+        self.state: dict | None = None
+        self.round = 0
+        self.phase = "waiting"  # waiting -> running -> done
+        self.selected: list[str] = []
+        self.pending: dict[str, Download] = {}  # selected, not yet handed out
+        self.handed: set[str] = set()
+        self.uploads: dict[str, Upload] = {}
+        self.started = 0.0
+        self.retries = 0
+        self.deltas: list[dict[str, torch.Tensor]] = []  # client-side updates to frozen weights, in order
+        self.history: list[RoundLog] = []
+        self.on_round_end = None  # callback(coordinator, RoundLog) for checkpoints
+
+    # ---------------------------------------------------------------- messages
+
+    def join(self, client: str, info: ClientInfo, modules: dict[str, tuple[int, int]], profile: str = "") -> dict:
+        """Register a client; returns the federation's settings for it."""
+        if self.phase != "waiting" and self.members:
+            ranks = {m.info.rank for m in self.members.values()} | {info.rank}
+            if len(ranks) > 1 and not self.strategy.heterogeneous_ranks:
+                raise StrategyError(f"{self.strategy.name} runs one rank ({min(ranks)}); this client asks {info.rank}")
+        old = self.members.get(client)
+        self.members[client] = Member(info, modules, profile, synced=old.synced if old else 0,
+                                      rounds=old.rounds if old else 0)
+        log.info("client %s joined the federation: rank %d, %d samples%s", client, info.rank, info.num_samples,
+                 f", blocks {sorted(info.layers)}" if info.layers is not None else "")
+        return {"strategy": self.strategy.name, "rounds": self.config.rounds, "local_steps": self.config.local_steps}
+
+    def poll(self, client: str) -> tuple[str, Download | None, dict[str, torch.Tensor], int]:
+        """``("wait" | "train" | "done", download, deltas to fold, round)`` for a client."""
+        member = self.members.get(client)
+        if member is None:
+            raise StrategyError(f"client {client!r} has not joined the federation: send join first")
+        if self.phase == "done":
+            deltas = self._deltas_for(member)
+            return "done", self._download(member, final=True), deltas, self.round
+        if self.phase == "running" and client in self.pending:
+            deltas = self._deltas_for(member)
+            download = self.pending.pop(client)
+            self.handed.add(client)
+            return "train", download, deltas, self.round
+        return "wait", None, {}, self.round
+
+    def upload(self, client: str, round_index: int, A: dict, B: dict, extra: dict, num_samples: int,
+               rank: int) -> None:
+        """Take a client's upload for ``round_index``."""
+        if self.phase != "running" or round_index != self.round:
+            raise StrategyError(f"round {round_index} is closed (the federation is at round {self.round}, "
+                                f"{self.phase}); the upload is dropped")
+        if client not in self.handed:
+            raise StrategyError(f"client {client!r} was not selected for round {round_index}")
+        member = self.members[client]
+        alpha = member.info.alpha
+        factors = {m: Factors(A[m], B[m], alpha) for m in A if m in B}
+        for m, (a, b) in self.server.collect(client).items():
+            if member.info.layers is None or block_of(m) in member.info.layers:
+                factors[m] = Factors(a, b, alpha)
+        if rank < member.info.rank:
+            member.info.rank = rank  # HetLoRA pruned it
+        self.uploads[client] = Upload(client, factors, num_samples, rank, member.info.layers, extra)
+
+    # ---------------------------------------------------------------- time
+
+    def tick(self, now: float | None = None) -> None:
+        """Start or close rounds as the clock and the uploads say."""
+        now = time.monotonic() if now is None else now
+        if self.phase == "waiting" and len(self.members) >= self.config.min_clients:
+            self._start(now)
+        elif self.phase == "running":
+            if set(self.uploads) >= set(self.selected) or now - self.started > self.config.deadline:
+                self._close(now)
+
+    def _clients(self) -> list[ClientInfo]:
+        return [self.members[c].info for c in sorted(self.members)]
+
+    def _start(self, now: float) -> None:
+        if self.state is None:
+            shapes = {}
+            for member in self.members.values():
+                shapes.update(member.modules)
+                shapes.update(self.server.modules_for(member.info.client))
+            clients = self._clients()
+            r_max = max(c.rank for c in clients)
+            alpha = max(clients, key=lambda c: c.rank).alpha
+            self.state = self.strategy.init_state(initial_factors(shapes, r_max, alpha, self.config.seed), clients)
+        names = sorted(self.members)
+        k = max(1, math.ceil(self.config.fraction * len(names)))
+        rng = random.Random(stable_seed(self.config.seed, f"sample:{self.round}:{self.retries}"))
+        self.selected = sorted(rng.sample(names, k))
+        self.pending = {c: self._download(self.members[c]) for c in self.selected}
+        self.handed = set()
+        self.uploads = {}
+        self.started = now
+        self.phase = "running"
+        log.info("round %d: %d of %d clients selected", self.round, len(self.selected), len(names))
+
+    def _download(self, member: Member, final: bool = False) -> Download:
+        info = member.info
+        download = self.strategy.download(self.state, info, self.round)
+        init = self.config.client_init
+        if not final and init != "avg" and member.rounds > 0:
+            download.A, download.B = {}, {}  # Local-Initial keeps its own LoRA; Re-Initial starts fresh
+            download.fresh = init == "re"
+        client_side = set(member.modules)
+        server_A = {m: v for m, v in download.A.items() if m not in client_side}
+        server_B = {m: v for m, v in download.B.items() if m not in client_side}
+        if not final:
+            modules = {m for m in self.server.modules_for(info.client)
+                       if info.layers is None or block_of(m) in info.layers}
+            seed = stable_seed(self.config.seed, f"fresh:{self.round}:{info.client}") if download.fresh else None
+            self.server.load(info.client, server_A, server_B, download.trainable, seed, modules)
+            member.rounds += 1
+        download.A = {m: v for m, v in download.A.items() if m in client_side}
+        download.B = {m: v for m, v in download.B.items() if m in client_side}
+        return download
+
+    def _close(self, now: float) -> None:
+        uploaded = sorted(self.uploads)
+        missed = sorted(set(self.selected) - set(uploaded))
+        if missed:
+            log.warning("round %d: %s missed the deadline and are left out", self.round, ", ".join(missed))
+        entry = RoundLog(self.round, list(self.selected), uploaded, False, now - self.started)
+        if len(uploaded) < self.config.min_uploads:
+            if self.config.short_round == "retry" and self.retries < self.config.max_retries:
+                self.retries += 1
+                entry.note = f"only {len(uploaded)} uploads; retried"
+                self.history.append(entry)
+                self._start(now)
+                return
+            entry.note = f"only {len(uploaded)} uploads (minimum {self.config.min_uploads}); skipped"
+        else:
+            result = self.strategy.aggregate(self.state, [self.uploads[c] for c in uploaded], self.round)
+            self.state = result.state
+            if result.base_deltas:
+                server_modules = set()
+                for c in self.members:
+                    server_modules |= set(self.server.modules_for(c))
+                self.server.fold({m: d for m, d in result.base_deltas.items() if m in server_modules})
+                client_part = {m: d for m, d in result.base_deltas.items() if m not in server_modules}
+                if client_part:
+                    self.deltas.append(client_part)
+            entry.aggregated = True
+        self.history.append(entry)
+        if self.on_round_end is not None:
+            self.on_round_end(self, entry)
+        self.retries = 0
+        self.round += 1
+        if self.round >= self.config.rounds:
+            self.phase = "done"
+            log.info("federation finished after %d rounds", self.round)
+        else:
+            self._start(now)
+
+    def _deltas_for(self, member: Member) -> dict[str, torch.Tensor]:
+        """Sum of the client-side frozen-weight updates a client has not applied
+        (it applies them now: they count as synced)."""
+        out: dict[str, torch.Tensor] = {}
+        for record in self.deltas[member.synced:]:
+            for m, d in record.items():
+                if m in member.modules:
+                    out[m] = out[m] + d if m in out else d.clone()
+        member.synced = len(self.deltas)
+        return out
