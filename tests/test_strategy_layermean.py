@@ -1,0 +1,232 @@
+"""LayerMean (FedRA, Fed-piLot stand-in): per-module mean over the clients that trained it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from server.strategies import get_strategy
+from server.strategies.base import ClientInfo, Factors, StrategyError, Upload
+from server.strategies.layermean import LayerMean
+
+D_IN, D_OUT, R, ALPHA = 12, 10, 4, 8.0
+MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
+COUNTS = (10, 20, 30, 40)  # p = 0.1, 0.2, 0.3, 0.4
+P = (0.1, 0.2, 0.3, 0.4)
+HEAD = "score.weight"
+
+
+def rand(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def make_initial(seed=0, rank=R):
+    gen = torch.Generator().manual_seed(seed)
+    return {m: Factors(rand(gen, rank, D_IN), rand(gen, D_OUT, rank), ALPHA) for m in MODULES}
+
+
+def make_clients(ranks=(R,) * len(COUNTS)):
+    return [ClientInfo(f"c{k}", r, ALPHA, None, n) for k, (r, n) in enumerate(zip(ranks, COUNTS))]
+
+
+def make_uploads(seed=1, rank=R):
+    gen = torch.Generator().manual_seed(seed)
+    return [Upload(f"c{k}", {m: Factors(rand(gen, rank, D_IN), rand(gen, D_OUT, rank), ALPHA) for m in MODULES},
+                   n, rank, None, {HEAD: rand(gen, 3, D_OUT)})
+            for k, n in enumerate(COUNTS)]
+
+
+def tree(x):
+    """A plain nested copy of an input (tensors cloned) to compare against later."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, Factors):
+        return {"A": tree(x.A), "B": tree(x.B), "alpha": x.alpha}
+    if isinstance(x, Upload):
+        return {"client": x.client, "factors": tree(x.factors), "n": x.num_samples, "rank": x.rank,
+                "layers": x.layers, "extra": tree(x.extra)}
+    if isinstance(x, dict):
+        return {k: tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [tree(v) for v in x]
+    return x
+
+
+def assert_tree_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b)
+        for k in a:
+            assert_tree_equal(a[k], b[k])
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_tree_equal(x, y)
+    else:
+        assert a == b
+
+
+def assert_checkpointable(state):
+    """Only tensors, dicts (string keys) of them, and JSON-plain values; survives torch.save/load."""
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                assert isinstance(k, str)
+                walk(x)
+            return
+        json.dumps(v)  # TypeError for anything not JSON-plain
+
+    assert isinstance(state, dict)
+    walk(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    assert_tree_equal(tree(torch.load(buf, weights_only=True)), tree(state))
+
+
+M0, M1 = MODULES
+LAYERS = (frozenset({0}), frozenset({1}), frozenset({0, 1}), frozenset({0}))
+
+
+def subset_clients(ranks=(R,) * 4):
+    return [ClientInfo(f"c{k}", r, ALPHA, LAYERS[k], n) for k, (r, n) in enumerate(zip(ranks, COUNTS))]
+
+
+def subset_uploads(seed=1):
+    """c0 trains block 0, c1 block 1, c2 both, c3 block 0."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k, n in enumerate(COUNTS):
+        mods = [m for m in MODULES if int(m.split(".")[2]) in LAYERS[k]]
+        out.append(Upload(f"c{k}", {m: Factors(rand(gen, R, D_IN), rand(gen, D_OUT, R), ALPHA) for m in mods},
+                          n, R, LAYERS[k], {HEAD: rand(gen, 3, D_OUT)}))
+    return out
+
+
+def test_registry_builds_layermean_with_options():
+    s = get_strategy("layermean", weighting="samples")
+    assert isinstance(s, LayerMean) and s.weighting == "samples"
+    assert LayerMean().weighting == "uniform"
+
+
+def test_uniform_mean_over_clients_that_trained_each_module():
+    s = LayerMean()
+    state = s.init_state(make_initial(), subset_clients())
+    u = subset_uploads()
+    new = s.aggregate(state, u, 0).state
+    for which in ("A", "B"):
+        f = lambda k, m: getattr(u[k].factors[m], which)  # noqa: E731
+        torch.testing.assert_close(new[which][M0], (f(0, M0) + f(2, M0) + f(3, M0)) / 3)
+        torch.testing.assert_close(new[which][M1], (f(1, M1) + f(2, M1)) / 2)
+    # FedRA averages the head uniformly over every participant.
+    torch.testing.assert_close(new["extra"][HEAD], sum(x.extra[HEAD] for x in u) / 4)
+
+
+def test_sample_weighting_within_each_module():
+    s = LayerMean(weighting="samples")
+    state = s.init_state(make_initial(), subset_clients())
+    u = subset_uploads()
+    new = s.aggregate(state, u, 0).state
+    # Block 0: counts 10, 30, 40 -> 0.125, 0.375, 0.5. Block 1: counts 20, 30 -> 0.4, 0.6.
+    for which in ("A", "B"):
+        f = lambda k, m: getattr(u[k].factors[m], which)  # noqa: E731
+        torch.testing.assert_close(new[which][M0], 0.125 * f(0, M0) + 0.375 * f(2, M0) + 0.5 * f(3, M0))
+        torch.testing.assert_close(new[which][M1], 0.4 * f(1, M1) + 0.6 * f(2, M1))
+    torch.testing.assert_close(new["extra"][HEAD], sum(p * x.extra[HEAD] for p, x in zip(P, u)))
+
+
+def test_uncovered_module_keeps_previous_value():
+    # Section 14.7: a layer nobody trained keeps its previous value.
+    s = LayerMean()
+    initial = make_initial()
+    state = s.init_state(initial, subset_clients())
+    u = [x for x in subset_uploads() if x.client in ("c0", "c3")]  # block 0 only
+    new = s.aggregate(state, u, 0).state
+    assert torch.equal(new["A"][M1], initial[M1].A) and torch.equal(new["B"][M1], initial[M1].B)
+    torch.testing.assert_close(new["A"][M0], (u[0].factors[M0].A + u[1].factors[M0].A) / 2)
+    # And again one round later, from the aggregated state.
+    newer = s.aggregate(new, [x for x in subset_uploads(2) if x.client == "c1"], 1).state
+    assert torch.equal(newer["A"][M0], new["A"][M0]) and torch.equal(newer["B"][M0], new["B"][M0])
+
+
+def test_download_respects_layers_rank_and_head():
+    s = LayerMean()
+    state = s.init_state(make_initial(), subset_clients())
+    state = s.aggregate(state, subset_uploads(), 0).state
+    only1 = s.download(state, ClientInfo("c1", R, ALPHA, frozenset({1})), 1)
+    assert set(only1.A) == set(only1.B) == {M1}
+    everything = s.download(state, ClientInfo("z", R, ALPHA, None), 1)
+    assert set(everything.A) == set(everything.B) == set(MODULES)
+    none = s.download(state, ClientInfo("y", R, ALPHA, frozenset({5})), 1)
+    assert none.A == {} and none.B == {}
+    for dl in (only1, everything):
+        assert dl.rank == R and dl.alpha == ALPHA and dl.trainable == "both" and dl.fresh is False
+        for m in dl.A:
+            assert dl.A[m].shape == (R, D_IN) and dl.B[m].shape == (D_OUT, R)
+            assert torch.equal(dl.A[m], state["A"][m]) and torch.equal(dl.B[m], state["B"][m])
+        assert torch.equal(dl.extra[HEAD], state["extra"][HEAD])
+    only1.A[M1].add_(1.0)
+    assert not torch.equal(only1.A[M1], state["A"][M1])
+
+
+def test_refuses_mixed_ranks_naming_methods_that_can():
+    with pytest.raises(StrategyError) as err:
+        LayerMean().init_state(make_initial(), subset_clients(ranks=(4, 4, 3, 4)))
+    assert "hetlora" in str(err.value) and "rbla" in str(err.value)
+    state = LayerMean().init_state(make_initial(), subset_clients())
+    with pytest.raises(StrategyError, match="rank 3"):
+        LayerMean().download(state, ClientInfo("x", 3, ALPHA, frozenset({0})), 0)
+
+
+def test_refuses_unknown_weighting():
+    with pytest.raises(StrategyError, match="weighting"):
+        LayerMean(weighting="fisher")
+
+
+def test_state_is_checkpointable():
+    s = LayerMean()
+    state = s.init_state(make_initial(), subset_clients())
+    assert_checkpointable(state)
+    state = s.aggregate(state, subset_uploads(), 0).state
+    assert_checkpointable(state)
+
+
+def test_inputs_are_not_mutated_or_aliased():
+    s = LayerMean()
+    initial, clients = make_initial(), subset_clients()
+    before_initial = tree(initial)
+    state = s.init_state(initial, clients)
+    ups = subset_uploads()
+    before = tree((state, ups))
+    new = s.aggregate(state, ups[:1], 0).state  # M1 kept: must still be a copy
+    s.download(new, clients[2], 1)
+    assert_tree_equal(tree((state, ups)), before)
+    new["A"][M1].add_(1.0)
+    new["B"][M0].add_(1.0)
+    assert_tree_equal(tree(initial), before_initial)
+    assert_tree_equal(tree((state, ups)), before)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda ups: ups[1].__setattr__("rank", 3), "rank 3"),
+    (lambda ups: ups[0].factors.__setitem__("model.layers.2.self_attn.q_proj", ups[0].factors[M0]),
+     "unknown module"),
+    (lambda ups: ups[0].factors.__setitem__(M1, ups[2].factors[M1]), "outside its blocks"),
+    (lambda ups: ups[2].factors.__setitem__(M1, Factors(torch.zeros(R, D_IN), torch.zeros(D_OUT - 1, R),
+                                                        ALPHA)),
+     r"B of .* shape"),
+    (lambda ups: ups.clear(), "no uploads"),
+])
+def test_aggregate_refuses_uploads_that_do_not_fit(bad, message):
+    s = LayerMean()
+    state = s.init_state(make_initial(), subset_clients())
+    ups = subset_uploads()
+    bad(ups)
+    with pytest.raises(StrategyError, match=message):
+        s.aggregate(state, ups, 0)
