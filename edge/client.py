@@ -229,6 +229,7 @@ class SplitClient:
         except ServerError as exc:
             raise ServerRefused(f"the server at {cfg.server} refused this client: {exc}") from None
         self.cut = cfg.cut or Cut(*reply.meta["server_cut"])
+        self.federation = reply.meta.get("federation")  # None: plain split training
         self.segment = build_segment(path, CLIENT, self.cut, task=cfg.task, num_labels=cfg.num_labels,
                                      seed=cfg.seed, dropout=cfg.dropout,
                                      attn_implementation=cfg.attn_implementation)

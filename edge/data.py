@@ -224,9 +224,16 @@ class Batches:
         return (len(self.ids) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
+        return self._batches(self.rng if self.shuffle else None)
+
+    def epoch(self, seed: int):
+        """One pass in an order fixed by ``seed`` alone (not by earlier passes)."""
+        return self._batches(random.Random(seed))
+
+    def _batches(self, rng: random.Random | None):
         order = list(range(len(self.ids)))
-        if self.shuffle:
-            self.rng.shuffle(order)
+        if rng is not None:
+            rng.shuffle(order)
         for start in range(0, len(order), self.batch_size):
             yield collate([self.ids[i] for i in order[start:start + self.batch_size]],
                           [self.labels[i] for i in order[start:start + self.batch_size]], self.pad_id)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from split.families import block_of
+from split.partition import stable_seed
 from split.lora import PEFT_PREFIX, fold_delta, get_factors, init_lora, lora_layers, set_factors, set_trainable
 from split.wire import Message
 
@@ -70,7 +71,6 @@ class FederatedClient:
                         for name, layer in lora_layers(self.client.model).items()}
         self.records: list[RoundRecord] = []
         self.final_accuracy: float | None = None
-        self._batches = iter(())
 
     def _request(self, op: str, **kw) -> Message:
         return self.client.conn.request(Message(op, **kw))
@@ -108,12 +108,18 @@ class FederatedClient:
         groups = [g for g in ({"params": lora}, {"params": head, "lr": cfg.head_lr or cfg.lr}) if g["params"]]
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def _next_batch(self):
-        try:
-            return next(self._batches)
-        except StopIteration:
-            self._batches = iter(self.train)
-            return next(self._batches)
+    def _round_batches(self, round_index: int):
+        """The round's batches, a function of the seed and the round alone (so a
+        resumed federation replays the same data), cycling through epochs."""
+        seed = self.client.config.seed
+        epoch = 0
+        while True:
+            if hasattr(self.train, "epoch"):
+                yield from self.train.epoch(stable_seed(seed, f"{round_index}:{epoch}"))
+            else:  # a plain list of batches: rotate it by round
+                n = len(self.train)
+                yield from (self.train[(round_index * 7 + epoch * n + i) % n] for i in range(n))
+            epoch += 1
 
     def _upload(self, round_index: int) -> None:
         layers = self.options.layers
@@ -147,7 +153,8 @@ class FederatedClient:
             accuracy = self.client.evaluate(self.test) if self.options.evaluate and self.test is not None else None
             sent, received = conn.bytes_sent, conn.bytes_received
             self.client.optimizer = self._optimizer(trainable)
-            losses = [self.client.train_step(self._next_batch()) for _ in range(int(reply.meta["local_steps"]))]
+            batches = self._round_batches(round_index)
+            losses = [self.client.train_step(next(batches)) for _ in range(int(reply.meta["local_steps"]))]
             self._upload(round_index)
             self.records.append(RoundRecord(round_index, accuracy, sum(losses) / len(losses),
                                             conn.bytes_sent - sent, conn.bytes_received - received))

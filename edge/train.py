@@ -33,6 +33,13 @@ class TrainOptions:
     eval_before: bool = True
     adapter_out: str | None = None
     progress: bool = True
+    # federated runs: this client's share of the training data
+    partition: str = "iid"
+    partition_alpha: float = 0.5
+    num_clients: int = 1
+    client_index: int = 0
+    layers: list[int] | None = None
+    eval_rounds: bool = False
 
 
 def run_client(config: ClientConfig, options: TrainOptions) -> dict:
@@ -45,6 +52,11 @@ def run_client(config: ClientConfig, options: TrainOptions) -> dict:
     reset_peak()
     rss_before = current_rss()
     client = SplitClient(config)
+    if client.federation is not None:
+        try:
+            return _run_federated(client, dataset, tokenizer, options, rss_before)
+        finally:
+            client.close()
     summary = {"labels": dataset.labels, "train_samples": len(dataset.train), "test_samples": len(dataset.test),
                "cut": str(client.cut), "client_owned_bytes": client.segment.owned_bytes,
                "checkpoint_bytes": client.segment.checkpoint_bytes}
@@ -77,6 +89,31 @@ def run_client(config: ClientConfig, options: TrainOptions) -> dict:
         summary["client_peak_rss_above_start"] = peak_rss() - rss_before
     finally:
         client.close()
+    return summary
+
+
+def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOptions, rss_before: int) -> dict:
+    from .federated import FederatedClient, FederatedOptions
+    from .partition_data import partition
+
+    labels = [s.label for s in dataset.train]
+    parts = partition(labels, options.num_clients, options.partition, options.partition_alpha, client.config.seed)
+    if not 0 <= options.client_index < options.num_clients:
+        raise ValueError(f"--client-index must be in [0, {options.num_clients}), got {options.client_index}")
+    mine = [dataset.train[i] for i in parts[options.client_index]]
+    cfg = client.config
+    train = Batches(mine, dataset, tokenizer, options.max_length, options.batch_size, True, cfg.seed)
+    test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False) if options.eval_rounds else None
+    runner = FederatedClient(client, train, len(mine), test,
+                             FederatedOptions(layers=options.layers, evaluate=options.eval_rounds))
+    records = runner.run()
+    summary = {"labels": dataset.labels, "train_samples": len(mine), "test_samples": len(dataset.test),
+               "federation": client.federation, "cut": str(client.cut),
+               "rounds": [r.__dict__ for r in records], "final_accuracy": runner.final_accuracy,
+               "steps": client.steps, "bytes_sent": client.conn.bytes_sent,
+               "bytes_received": client.conn.bytes_received, "client_peak_rss": peak_rss(),
+               "client_peak_rss_above_start": peak_rss() - rss_before,
+               "label_counts": {lab: sum(1 for s in mine if s.label == lab) for lab in dataset.labels}}
     return summary
 
 

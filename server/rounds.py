@@ -130,6 +130,10 @@ class Coordinator:
         self.started = 0.0
         self.retries = 0
         self.deltas: list[dict[str, torch.Tensor]] = []  # client-side updates to frozen weights, in order
+        self.merged: dict[str, torch.Tensor] = {}  # every update to frozen weights so far, both sides
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.r_max = 0
+        self.alpha = 0.0
         self.history: list[RoundLog] = []
         self.on_round_end = None  # callback(coordinator, RoundLog) for checkpoints
 
@@ -197,14 +201,14 @@ class Coordinator:
 
     def _start(self, now: float) -> None:
         if self.state is None:
-            shapes = {}
             for member in self.members.values():
-                shapes.update(member.modules)
-                shapes.update(self.server.modules_for(member.info.client))
+                self.shapes.update(member.modules)
+                self.shapes.update(self.server.modules_for(member.info.client))
             clients = self._clients()
-            r_max = max(c.rank for c in clients)
-            alpha = max(clients, key=lambda c: c.rank).alpha
-            self.state = self.strategy.init_state(initial_factors(shapes, r_max, alpha, self.config.seed), clients)
+            self.r_max = max(c.rank for c in clients)
+            self.alpha = max(clients, key=lambda c: c.rank).alpha
+            self.state = self.strategy.init_state(
+                initial_factors(self.shapes, self.r_max, self.alpha, self.config.seed), clients)
         names = sorted(self.members)
         k = max(1, math.ceil(self.config.fraction * len(names)))
         rng = random.Random(stable_seed(self.config.seed, f"sample:{self.round}:{self.retries}"))
@@ -253,6 +257,8 @@ class Coordinator:
         else:
             result = self.strategy.aggregate(self.state, [self.uploads[c] for c in uploaded], self.round)
             self.state = result.state
+            for m, d in result.base_deltas.items():
+                self.merged[m] = self.merged[m] + d if m in self.merged else d.clone()
             if result.base_deltas:
                 server_modules = set()
                 for c in self.members:
@@ -263,12 +269,12 @@ class Coordinator:
                     self.deltas.append(client_part)
             entry.aggregated = True
         self.history.append(entry)
-        if self.on_round_end is not None:
-            self.on_round_end(self, entry)
         self.retries = 0
         self.round += 1
-        if self.round >= self.config.rounds:
-            self.phase = "done"
+        self.phase = "done" if self.round >= self.config.rounds else "running"
+        if self.on_round_end is not None:
+            self.on_round_end(self, entry)
+        if self.phase == "done":
             log.info("federation finished after %d rounds", self.round)
         else:
             self._start(now)
@@ -283,3 +289,39 @@ class Coordinator:
                     out[m] = out[m] + d if m in out else d.clone()
         member.synced = len(self.deltas)
         return out
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def global_lora(self) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
+        """The global LoRA at the largest rank over every module, and the head:
+        what a client holding the whole model would download. Factors a
+        method keeps on the clients (FedSA-LoRA's B) are zero here."""
+        info = ClientInfo("__global__", self.r_max, self.alpha)
+        download = self.strategy.download(self.state, info, self.round)
+        out = {}
+        for m, (d_out, d_in) in sorted(self.shapes.items()):
+            A = download.A.get(m, torch.zeros(self.r_max, d_in))
+            B = download.B.get(m, torch.zeros(d_out, A.shape[0]))
+            out[m] = Factors(A, B, download.alpha)
+        return out, dict(download.extra)
+
+    def snapshot(self) -> dict:
+        """Everything needed to resume after the round just closed."""
+        return {"round": self.round, "phase": self.phase, "state": self.state, "deltas": self.deltas,
+                "merged": self.merged, "shapes": {m: list(v) for m, v in self.shapes.items()},
+                "r_max": self.r_max, "alpha": self.alpha, "strategy": self.strategy.name,
+                "history": [h.__dict__ for h in self.history]}
+
+    def restore(self, snap: dict) -> None:
+        """Continue from a snapshot (its round has closed)."""
+        if snap["strategy"] != self.strategy.name:
+            raise ValueError(f"the checkpoint was made with {snap['strategy']}, this server runs "
+                             f"{self.strategy.name}; start it with --strategy {snap['strategy']}")
+        self.state = snap["state"]
+        self.deltas = list(snap["deltas"])
+        self.merged = dict(snap["merged"])
+        self.shapes = {m: (int(v[0]), int(v[1])) for m, v in snap["shapes"].items()}
+        self.r_max, self.alpha = int(snap["r_max"]), float(snap["alpha"])
+        self.history = [RoundLog(**h) for h in snap["history"]]
+        self.round = int(snap["round"])
+        self.phase = "done" if self.round >= self.config.rounds else "waiting"

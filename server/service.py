@@ -44,6 +44,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     attn_implementation: str | None = None
     federation: "FederationConfig | None" = None
+    checkpoint_dir: str | None = None
+    resume: bool = False  # continue from the newest round in checkpoint_dir
 
 
 @dataclass
@@ -96,6 +98,9 @@ class BackboneServer:
             from server.rounds import Coordinator
 
             self.coordinator = Coordinator(config.federation, self)
+            self.coordinator.on_round_end = self._round_closed
+            if config.resume:
+                self._resume()
         self._adapters = 0
         self._active: str | None = None
         self.socket = None
@@ -402,6 +407,46 @@ class BackboneServer:
                                   pick("X:"), int(msg.meta.get("num_samples", 1)),
                                   int(msg.meta.get("rank", session.spec.rank)))
         return Message("ok", msg.client, msg.step)
+
+    def _round_closed(self, coordinator, entry) -> None:
+        log.warning("round %d closed: %d of %d uploads%s (%.1fs)", entry.round, len(entry.uploaded),
+                    len(entry.selected), "" if entry.aggregated else f", {entry.note}", entry.seconds)
+        if self.config.checkpoint_dir is None:
+            return
+        from server.checkpoint import write_round
+        from split.lora import PEFT_PREFIX
+
+        factors, extra = coordinator.global_lora()
+        tensors = {}
+        for m, f in factors.items():
+            tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = f.A
+            tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = f.B
+        tensors.update({f"{PEFT_PREFIX}{name}": v for name, v in extra.items()})
+        seg = self.segment
+        targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
+        heads = sorted({name.rsplit(".", 1)[0] for name in extra})
+        spec = LoraSpec(rank=coordinator.r_max, alpha=coordinator.alpha, targets=tuple(targets))
+        config = spec.peft_config(seg.family, heads, seg.task).to_dict()
+        config["base_model_name_or_path"] = str(seg.path)
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        folder = write_round(self.config.checkpoint_dir, entry.round, tensors, config, coordinator.merged,
+                             coordinator.snapshot())
+        log.info("checkpoint %s", folder)
+
+    def _resume(self) -> None:
+        from server.checkpoint import last_round, read_coordinator
+
+        if self.config.checkpoint_dir is None:
+            raise ValueError("--resume needs --checkpoint-dir")
+        folder = last_round(self.config.checkpoint_dir)
+        if folder is None:
+            raise ValueError(f"--resume: no complete round_N folder in {self.config.checkpoint_dir}")
+        snap = read_coordinator(folder)
+        self.coordinator.restore(snap)
+        hosted = set(lora_layers(self.model, "idle"))
+        self.fold({m: d for m, d in snap["merged"].items() if m in hosted})
+        log.warning("resuming after %s: next round %d of %d", folder.name, self.coordinator.round,
+                    self.coordinator.config.rounds)
 
     # ServerSide, for the coordinator
 

@@ -47,6 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session-timeout", type=float, default=120.0,
                    help="seconds of silence after which a client's state is freed")
     s.add_argument("--max-message-mb", type=float, default=1024.0)
+    f = s.add_argument_group("federation (rounds of several clients; on when --strategy is given)")
+    f.add_argument("--strategy", default=None, help="fedit, ffa, rolora, fedsa, flexlora, flora, fedex, "
+                   "lorafair, hetlora, rbla, fedinc, layermean")
+    f.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the strategy (repeatable), e.g. lam=0.01")
+    f.add_argument("--rounds", type=int, default=3)
+    f.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
+    f.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 0")
+    f.add_argument("--min-uploads", type=int, default=1)
+    f.add_argument("--short-round", choices=["skip", "retry"], default="skip",
+                   help="what a round with fewer than --min-uploads uploads does")
+    f.add_argument("--deadline", type=float, default=600.0, help="seconds a round waits for uploads")
+    f.add_argument("--local-steps", type=int, default=10)
+    f.add_argument("--client-init", choices=["avg", "re", "local"], default="avg",
+                   help="clients start each round from the global LoRA (avg), a fresh one (re) or their own (local)")
+    f.add_argument("--checkpoint-dir", default=None, help="write round_N/ checkpoints here")
+    f.add_argument("--resume", action="store_true", help="continue from the newest round in --checkpoint-dir")
 
     c = sub.add_parser("client", help="train through a server on local data")
     _add_model_args(c)
@@ -65,16 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--connect-timeout", type=float, default=30.0)
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--summary-json", default=None)
+    g = c.add_argument_group("federation (when the server runs rounds)")
+    g.add_argument("--num-clients", type=int, default=1, help="clients the training data is split among")
+    g.add_argument("--client-index", type=int, default=0, help="this client's share")
+    g.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid")
+    g.add_argument("--partition-alpha", type=float, default=0.5, help="Dirichlet concentration")
+    g.add_argument("--layers", default=None, help="comma-separated blocks whose LoRA this client trains")
+    g.add_argument("--eval-rounds", action="store_true", help="evaluate the global model every round")
 
-    d = sub.add_parser("demo", help="server + client on this machine, MiniLM on the built-in data")
+    d = sub.add_parser("demo", help="a federated session on this machine: MiniLM on the built-in data")
     d.add_argument("--model", default=None)
-    d.add_argument("--epochs", type=float, default=3.0)
-    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--clients", type=int, default=4, help="client processes (1: plain split training)")
+    d.add_argument("--strategy", default="fedit")
+    d.add_argument("--rounds", type=int, default=5)
+    d.add_argument("--local-steps", type=int, default=10)
+    d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
+    d.add_argument("--ranks", default=None, help="comma-separated ranks, cycled over the clients")
+    d.add_argument("--epochs", type=float, default=3.0, help="single-client demo only")
+    d.add_argument("--steps", type=int, default=None, help="single-client demo only")
     d.add_argument("--cut", default="1,1")
     d.add_argument("--rank", type=int, default=8)
     d.add_argument("--lr", type=float, default=2e-3)
     d.add_argument("--head-lr", type=float, default=5e-3)
-    d.add_argument("--out", default="fedsplit-demo-adapter")
+    d.add_argument("--out", default="fedsplit-demo", help="adapter (one client) or checkpoint folder")
     return parser
 
 
@@ -107,10 +137,22 @@ def _server(args) -> int:
 
     set_threads(args.threads)
     limit = int(args.max_message_mb * (1 << 20))
+    federation = None
+    if args.strategy:
+        from server.rounds import FederationConfig
+
+        federation = FederationConfig(
+            strategy=args.strategy, strategy_options=_options(args.strategy_option), rounds=args.rounds,
+            fraction=args.fraction, min_clients=args.min_clients, min_uploads=args.min_uploads,
+            short_round=args.short_round, deadline=args.deadline, local_steps=args.local_steps,
+            client_init=args.client_init, seed=args.seed)
+    elif args.resume:
+        raise ValueError("--resume continues a federation: give its --strategy too")
     config = ServerConfig(model=args.model, cut=Cut.parse(args.cut), bind=args.bind, task=args.task,
                           num_labels=args.num_labels, seed=args.seed, dropout=not args.no_dropout,
                           session_timeout=args.session_timeout,
-                          limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit))
+                          limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit),
+                          federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     server = BackboneServer(config)
     endpoint = server.bind()
     stopping = []
@@ -118,8 +160,30 @@ def _server(args) -> int:
     print(f"fedsplit server: blocks {server.segment.cut.front}..{server.segment.num_layers - server.segment.cut.back - 1}"
           f" of {server.segment.num_layers} ({server.segment.owned_bytes / 1e6:.1f} MB) listening on {endpoint}",
           flush=True)
-    server.serve(should_stop=lambda: bool(stopping))
+    if server.coordinator is None:
+        server.serve(should_stop=lambda: bool(stopping))
+        return 0
+    # A federation ends once its last round closed and every client has left.
+    fed = server.coordinator
+    server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions))
     return 0
+
+
+def _options(pairs: list[str]) -> dict:
+    """``["lam=0.01", "weighting=uniform"]`` -> {"lam": 0.01, "weighting": "uniform"}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--strategy-option expects KEY=VALUE, got {pair!r}")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
 
 
 def _client(args) -> int:
@@ -137,9 +201,17 @@ def _client(args) -> int:
                          "use the Python API (edge.client.SplitClient) for causal-lm")
     options = TrainOptions(data=args.data, test_data=args.test_data, epochs=args.epochs, max_steps=args.steps,
                            batch_size=args.batch_size, max_length=args.max_length, adapter_out=args.out,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, partition=args.partition,
+                           partition_alpha=args.partition_alpha, num_clients=args.num_clients,
+                           client_index=args.client_index, eval_rounds=args.eval_rounds,
+                           layers=[int(x) for x in args.layers.split(",")] if args.layers else None)
     summary = run_client(config, options)
     write_summary(summary, args.summary_json)
+    if "rounds" in summary:
+        acc = summary.get("final_accuracy")
+        print(f"federation done: {len(summary['rounds'])} rounds, {summary['steps']} steps"
+              + (f", final accuracy {acc:.3f}" if acc is not None else ""))
+        return 0
     print(f"accuracy {summary.get('accuracy_before', float('nan')):.3f} -> {summary['accuracy_after']:.3f} "
           f"after {summary['steps']} steps; adapter saved to {summary.get('adapter')}")
     return 0

@@ -1,0 +1,120 @@
+"""Atomic round checkpoints.
+
+``round_{t}/`` holds:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the global LoRA after
+  round t as one standard PEFT adapter for the whole model (the head, if
+  clients train one, as a module to save);
+- ``base_delta.safetensors`` (only for methods that change frozen weights,
+  FedEx-LoRA and FLoRA): the sum of those changes, d_out x d_in per module,
+  to add to the base model before loading the adapter (``apply_base_delta``);
+- ``coordinator.safetensors`` + ``coordinator.json``: the strategy's state and
+  the coordinator's, to resume from.
+
+A round is written to ``round_{t}.tmp`` and renamed into place, so a folder
+named ``round_{t}`` is always complete. Server-side optimizers restart every
+round, so no optimizer state crosses a round boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def flatten(tree, prefix: str = "") -> tuple[object, dict[str, torch.Tensor]]:
+    """Split a nested structure into JSON (tensors replaced by references) and tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node, path):
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node.detach().contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            if not all(isinstance(k, str) for k in node):
+                raise TypeError(f"{path or 'state'}: checkpointed maps need string keys")
+            return {k: walk(v, f"{path}/{k}" if path else k) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
+        if isinstance(node, frozenset | set):
+            return {"__set__": sorted(node)}
+        if node is None or isinstance(node, (str, int, float, bool)):
+            return node
+        raise TypeError(f"{path or 'state'}: cannot checkpoint a {type(node).__name__}")
+
+    return walk(tree, prefix), tensors
+
+
+def unflatten(tree, tensors: dict[str, torch.Tensor]):
+    """Inverse of ``flatten``."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        if set(tree) == {"__set__"}:
+            return frozenset(tree["__set__"])
+        return {k: unflatten(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten(v, tensors) for v in tree]
+    return tree
+
+
+def write_round(root: str | Path, round_index: int, adapter: dict[str, torch.Tensor], adapter_config: dict,
+                base_delta: dict[str, torch.Tensor], coordinator: dict) -> Path:
+    """Write ``root/round_{round_index}`` atomically; returns its path."""
+    root = Path(root)
+    final = root / f"round_{round_index}"
+    tmp = root / f"round_{round_index}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    if base_delta:
+        save_file({k: v.contiguous() for k, v in base_delta.items()}, str(tmp / "base_delta.safetensors"))
+    tree, tensors = flatten(coordinator)
+    save_file(tensors, str(tmp / "coordinator.safetensors"))
+    (tmp / "coordinator.json").write_text(json.dumps(tree))
+    for f in tmp.iterdir():  # the rename below must not expose unflushed files
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def last_round(root: str | Path) -> Path | None:
+    """The newest complete ``round_{t}`` folder under ``root``, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    rounds = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("round_") and p.name[6:].isdigit()]
+    return max(rounds, key=lambda p: int(p.name[6:]), default=None)
+
+
+def read_coordinator(folder: str | Path) -> dict:
+    """The coordinator state saved in a round folder."""
+    folder = Path(folder)
+    tensors = load_file(str(folder / "coordinator.safetensors"))
+    return unflatten(json.loads((folder / "coordinator.json").read_text()), tensors)
+
+
+def apply_base_delta(model, folder: str | Path) -> int:
+    """Add a round's ``base_delta.safetensors`` to a plain transformers model's
+    frozen weights (before loading the round's adapter); returns modules changed."""
+    path = Path(folder) / "base_delta.safetensors"
+    if not path.exists():
+        return 0
+    deltas = load_file(str(path))
+    with torch.no_grad():
+        for module, delta in deltas.items():
+            layer = model.get_submodule(module)
+            conv1d = type(layer).__name__ == "Conv1D"  # stores in x out
+            layer.weight.add_((delta.T if conv1d else delta).to(layer.weight.dtype))
+    return len(deltas)

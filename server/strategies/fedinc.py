@@ -1,0 +1,242 @@
+"""Rank clustering (FedInc-style): k-means over the clients' rank-1 components.
+
+Client k's update of a module is a sum of rank-1 components,
+
+    s_k B_k A_k = sum_j (s_k b_kj) a_kj^T,   b_kj = B_k[:, j],  a_kj = A_k[j, :],  s_k = alpha_k / r_k,
+
+so the components of all clients, whatever their ranks, live in one space.
+Per module the server clusters all uploaded components into k = r_max
+clusters with weighted k-means (weight of a component = its client's p_k);
+each cluster's centroid (the p-weighted mean of its members) becomes one rank
+slot of the global LoRA, slots ordered by the clusters' total weight, heaviest
+first. Client k downloads the first r_k slots: the r_k heaviest clusters.
+
+**How a component becomes a point.** The point of the pair (b, a) is the
+concatenation [b~; a~] of the *balanced* pair b~ = b sqrt(sigma)/||b||,
+a~ = a sqrt(sigma)/||a||, sigma = ||b|| ||a||, and distances are
+sign-invariant: d(x, c) = min(||x - c||, ||x + c||).
+
+- Balancing: b a^T is unchanged by (b c, a / c), so raw [b; a] would make
+  the same component many points; LoRA's A rows are also far larger than its
+  B columns, which would let A alone decide the clusters. Balancing leaves
+  one point per component up to sign, with ||b~|| = ||a~||.
+- Sign: (b, a) and (-b, -a) are the same component, so the distance and the
+  centroid flip each member to the side of its centroid; for definiteness a
+  point is also stored with the largest-|.| entry of a~ positive.
+- Why not the vectorised outer product: it is d_out*d_in long per point
+  (590k for a 768-wide layer) against d_out + d_in here, and a mean of outer
+  products is not rank-1, so every centroid would need an SVD to become a
+  slot. The centroid of balanced pairs is a pair, b~_c a~_c^T; if the
+  members agree it is their common component exactly.
+
+k-means: k-means++ seeding drawn from a ``torch.Generator`` seeded from
+(``seed``, round, module), then at most ``iterations`` Lloyd steps (stopping
+early once the assignment is stable), so clusters are deterministic for a
+seed. Seeding stops early when every point coincides with a chosen centre, so
+duplicates (clients sending the same component) share one cluster.
+
+**Slots.** Centroid c is the component b~_c a~_c^T. The state stores slot
+j = c as A_g[j] = a~_c rho/||a~_c|| and B_g[:, j] = b~_c ||a~_c||/(rho s_g),
+where rho is the members' mean raw ||a|| (so A rows keep the size clients
+trained at) and s_g = alpha / r_max, so that s_g B_g A_g is the sum of the
+centroids. A slot with no cluster (fewer distinct components than r_max)
+gets B = 0 and keeps its previous A row, so it adds nothing yet can still
+train; a cluster of zero components keeps its heaviest member's A row with B = 0.
+
+**Download.** A rank-r client gets A_g[:r] and B_g[:, :r] * (r / r_max): with
+the state's alpha its scale is alpha / r, so its update alpha/r B A equals
+the sum of the r heaviest centroids, and a client that changes nothing
+uploads those same components back. Uploads may carry any alpha; each is
+used through its own scale s_k.
+
+Each module is clustered over the uploads that contain it (clients may hold
+block subsets); a module nobody uploaded keeps its value.
+
+State layout: as HetLoRA's without "ranks" (hetlora.py):
+    {"rank": r_max, "alpha": float, "A": {module: r_max x d_in},
+     "B": {module: d_out x r_max}, "extra": {name: tensor}}
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from .base import TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError, Upload, weights
+from .fedit import clone, clone_tree, client_modules, merge_extra
+from .hetlora import check_hetero_client, check_hetero_uploads, hetero_initial_state
+
+# Relative squared distance below which a point counts as a chosen centre in the
+# seeding (float64 rounding is ~1e-15; components this close are one component).
+_SAME = 1e-9
+
+
+def balanced_points(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Points [b~; a~] (N x (d_out + d_in)) of N rank-1 components b_n a_n^T.
+
+    ``b`` is d_out x N (columns, already scaled by s_k), ``a`` is N x d_in.
+    b~_n a~_n^T == b_n a_n^T with ||b~_n|| == ||a~_n||, and the largest-|.|
+    entry of a~_n is positive. A zero component gives the zero point."""
+    nb = torch.linalg.vector_norm(b, dim=0)
+    na = torch.linalg.vector_norm(a, dim=1)
+    root = (nb * na).sqrt()
+    fb = torch.where(nb > 0, root / torch.where(nb > 0, nb, 1), 0)
+    fa = torch.where(na > 0, root / torch.where(na > 0, na, 1), 0)
+    bt = b.T * fb[:, None]
+    at = a * fa[:, None]
+    lead = at.gather(1, at.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    sign = torch.where(lead < 0, -1.0, 1.0).to(at.dtype)
+    return torch.cat([bt, at], dim=1) * sign[:, None]
+
+
+def _sq_dist_to(X: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Sign-invariant squared distances min(||x - c||^2, ||x + c||^2), with
+    rounding noise around coincident points set to exactly 0."""
+    csq = (c * c).sum()
+    d = (sq + csq - 2 * (X @ c).abs()).clamp_min(0)
+    return torch.where(d <= _SAME * (sq + csq), torch.zeros_like(d), d)
+
+
+def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator,
+                          iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted k-means on points up to sign, deterministic for a generator state.
+
+    ``X`` is N x D (float64), ``w`` the N non-negative weights (not all zero).
+    Returns (assign, sign, centres): each point's cluster, the sign (+1/-1)
+    that aligns it with its centre, and the k' <= k centres (k' < k when
+    fewer than k points are distinct up to sign). Centres are the w-weighted
+    means of their sign-aligned members; a centre that loses every member
+    keeps its place."""
+    n = X.shape[0]
+    if n == 0 or k < 1:
+        raise ValueError("sign_invariant_kmeans needs at least one point and one cluster")
+    sq = (X * X).sum(dim=1)
+    # k-means++ seeding: first centre drawn by weight, the next ones by weight * D^2.
+    first = int(torch.multinomial(w, 1, generator=generator))
+    centres = [X[first]]
+    D = _sq_dist_to(X, sq, centres[0])
+    while len(centres) < min(k, n):
+        p = w * D
+        if not p.sum() > 0:
+            break  # every point (with weight) coincides with a centre
+        i = int(torch.multinomial(p, 1, generator=generator))
+        centres.append(X[i])
+        D = torch.minimum(D, _sq_dist_to(X, sq, centres[-1]))
+    C = torch.stack(centres)
+    # Lloyd in float32: the argmin needs no more, and it is the costly part.
+    X32, w64 = X.float(), w.to(torch.float64)
+    prev = None
+    for _ in range(max(1, iterations)):
+        G = X32 @ C.float().T  # N x k'
+        csq = (C * C).sum(dim=1).float()
+        assign = (csq[None, :] - 2 * G.abs()).argmin(dim=1)
+        sign = torch.where(G.gather(1, assign[:, None]).squeeze(1) < 0, -1.0, 1.0).to(torch.float64)
+        key = assign * 2 + (sign < 0)
+        if prev is not None and torch.equal(key, prev):
+            break  # stable: C already holds the means of this assignment
+        prev = key
+        C = _means(X, w64 * sign, w64, assign, C)
+    return assign, sign, C
+
+
+def _means(X: torch.Tensor, signed_w: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
+           C: torch.Tensor) -> torch.Tensor:
+    """Weighted means of the sign-aligned members; empty clusters keep their centre."""
+    k = C.shape[0]
+    sums = torch.zeros((k, X.shape[1]), dtype=X.dtype).index_add_(0, assign, X * signed_w[:, None])
+    tot = torch.zeros(k, dtype=X.dtype).index_add_(0, assign, w.to(X.dtype))
+    return torch.where((tot > 0)[:, None], sums / torch.where(tot > 0, tot, 1)[:, None], C)
+
+
+class RankClustering(Strategy):
+    """FedInc-style aggregation: k-means over all clients' rank-1 components,
+    one global rank slot per cluster, slots ordered by cluster weight.
+
+    Options: ``seed`` (the k-means++ draws; default 0) and ``iterations``
+    (at most this many Lloyd steps; default 10).
+    """
+
+    name = "fedinc"
+    heterogeneous_ranks = True
+    layer_subsets = True
+
+    def __init__(self, seed: int = 0, iterations: int = 10):
+        if int(iterations) < 1:
+            raise StrategyError(f"fedinc: iterations must be at least 1, got {iterations}")
+        self.seed = int(seed)
+        self.iterations = int(iterations)
+
+    def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
+        """The initial LoRA at r_max (the largest rank of the run)."""
+        return hetero_initial_state(self, initial, clients)
+
+    def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
+        """The r_k heaviest slots of the client's modules, B rescaled so that the
+        client's update at alpha / r_k equals the sum of those slots; and the head."""
+        check_hetero_client(self, state, client)
+        rank = client.rank
+        modules = client_modules(state, client)
+        factor = rank / state["rank"]  # (alpha / r_max) / (alpha / r_k)
+        return Download(
+            A={m: clone(state["A"][m][:rank]) for m in modules},
+            B={m: clone(state["B"][m][:, :rank]) * factor for m in modules},
+            rank=rank, alpha=state["alpha"], trainable=TRAIN_BOTH,
+            extra=clone_tree(state["extra"]))
+
+    def _generator(self, round_index: int, module: str) -> torch.Generator:
+        # crc32, not hash(): Python salts str hashes per process.
+        seed = (self.seed * 1_000_003 + round_index * 7_919 + zlib.crc32(module.encode())) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
+    def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
+        """Cluster each module's uploaded components; centroids become the slots."""
+        check_hetero_uploads(self, state, uploads, same_alpha=False)
+        new = clone_tree(state)
+        for m in state["A"]:
+            have = [u for u in uploads if m in u.factors]
+            if have:
+                new["A"][m], new["B"][m] = self._module(state, m, have, round_index)
+        new["extra"] = merge_extra(self, state, uploads)
+        return RoundResult(state=new)
+
+    def _module(self, state: dict, m: str, have: list[Upload], round_index: int):
+        A_old, B_old = state["A"][m], state["B"][m]
+        r_max = state["rank"]
+        d_out = B_old.shape[0]
+        s_g = state["alpha"] / r_max
+        p = weights(have)
+        # All components of all clients: b columns scaled by each client's s_k.
+        # Clustering runs on the CPU, where the seeded generator lives.
+        b = torch.cat([u.factors[m].B.detach().cpu().double() * u.factors[m].scale for u in have], dim=1)
+        a = torch.cat([u.factors[m].A.detach().cpu().double() for u in have], dim=0)
+        w = torch.cat([torch.full((u.factors[m].rank,), pk, dtype=torch.float64) for pk, u in zip(p, have)])
+        if not w.sum() > 0:
+            raise StrategyError(f"fedinc: the uploads of {m} carry no samples")
+        X = balanced_points(b, a)
+        assign, sign, _ = sign_invariant_kmeans(X, w, r_max, self._generator(round_index, m), self.iterations)
+        k = int(assign.max()) + 1
+        tot = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w)
+        # Centroids in float64 from the final assignment.
+        sums = torch.zeros((k, X.shape[1]), dtype=torch.float64).index_add_(0, assign, X * (w * sign)[:, None])
+        raw_a = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w * torch.linalg.vector_norm(a, dim=1))
+        live = (tot > 0).nonzero().squeeze(1).tolist()
+        cent = {c: sums[c] / tot[c] for c in live}
+        mag = {c: float(torch.linalg.vector_norm(cent[c][:d_out]) * torch.linalg.vector_norm(cent[c][d_out:]))
+               for c in live}
+        order = sorted(live, key=lambda c: (-float(tot[c]), -mag[c], c))
+
+        A_new = A_old.detach().cpu().to(torch.float64, copy=True)  # unfilled slots keep their A row ...
+        B_new = torch.zeros((d_out, r_max), dtype=torch.float64)  # ... and add nothing (B = 0)
+        for j, c in enumerate(order):
+            bc, ac = cent[c][:d_out], cent[c][d_out:]
+            rho = float(raw_a[c] / tot[c])
+            na = float(torch.linalg.vector_norm(ac))
+            if mag[c] > 0 and rho > 0:
+                A_new[j] = ac * (rho / na)
+                B_new[:, j] = bc * (na / (rho * s_g))
+            else:
+                # A cluster of zero components: keep a trainable A row from its heaviest member.
+                members = (assign == c).nonzero().squeeze(1)
+                A_new[j] = a[members[w[members].argmax()]]
+        return A_new.to(device=A_old.device, dtype=A_old.dtype), B_new.to(device=B_old.device, dtype=B_old.dtype)

@@ -1,0 +1,291 @@
+"""FlexLoRA: heterogeneous ranks through an SVD of the aggregated full-size update.
+
+Per module and round (fedlora-algorithms.md, section 4):
+
+    ΔW_g = sum_k p_k (alpha_k / r_k) B_k A_k          (replaces the global LoRA; W0 untouched)
+    ΔW_g = U Σ Vᵀ,   a client of rank r downloads
+    B = U[:, :r] diag(Σ[:r]) / (alpha / r),   A = Vᵀ[:r, :]
+
+so that (alpha/r) B A is the best rank-r approximation of ΔW_g (Eckart–Young),
+and ΔW_g itself once r reaches its rank.
+
+The truncated SVD never needs more than the top ``keep`` singular triplets,
+``keep`` being the largest rank in use. It is computed once per module per
+round, by the cheapest exact route (``truncated_svd``): through QR factors of
+the stacked client factors when their total rank is small, otherwise from the
+dense ΔW_g.
+
+This module also holds the checks that FLoRA (the other heterogeneous-rank
+method here) shares: initial-LoRA and upload validation for mixed ranks.
+
+State layout (every value can be checkpointed):
+    {"alpha": float, "ranks": [int], "keep": int,
+     "shapes": {module: [d_out, d_in]},
+     "global": {module: {"US": d_out x t, "S": t, "Vh": t x d_in}},   # ΔW_g = US @ Vh
+     "extra": {name: tensor}}
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError,
+                   Upload, block_of, weights)
+from .fedit import clone_tree, merge_extra
+
+ROUTES = ("auto", "factors", "gram", "svd")
+
+
+# ---------------------------------------------------------------- shared checks (FlexLoRA, FLoRA)
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32, so that half-precision uploads do not lose precision in sums."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def generator(*parts) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` (stable across processes, unlike hash())."""
+    key = ":".join(str(p) for p in parts).encode()
+    return torch.Generator().manual_seed(zlib.crc32(key))
+
+
+def check_initial(strategy: Strategy, initial: dict[str, Factors]) -> tuple[float, dict[str, list[int]]]:
+    """Validate an initial LoRA for a mixed-rank method: returns its one alpha
+    and the module shapes ``{module: [d_out, d_in]}``."""
+    if not initial:
+        raise StrategyError(f"{strategy.name}: the initial LoRA has no modules")
+    alphas = sorted({float(f.alpha) for f in initial.values()})
+    if len(alphas) > 1:
+        raise StrategyError(f"{strategy.name}: the initial LoRA mixes alphas {alphas} across modules")
+    shapes = {}
+    for module, f in initial.items():
+        if f.A.dim() != 2 or f.B.dim() != 2 or f.B.shape[1] != f.A.shape[0]:
+            raise StrategyError(
+                f"{strategy.name}: initial factors of {module} have shapes A {tuple(f.A.shape)}, "
+                f"B {tuple(f.B.shape)}; expected A r x d_in and B d_out x r")
+        shapes[module] = [int(f.B.shape[0]), int(f.A.shape[1])]
+    return alphas[0], shapes
+
+
+def check_hetero_uploads(strategy: Strategy, shapes: dict[str, list[int]], uploads: list[Upload]) -> None:
+    """Refuse uploads a mixed-rank method cannot combine: none at all, duplicates,
+    layer subsets, unknown modules, shapes that do not match the module or the
+    upload's declared rank."""
+    if not uploads:
+        raise StrategyError(f"{strategy.name}: no uploads to aggregate")
+    names = [u.client for u in uploads]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise StrategyError(f"{strategy.name}: more than one upload from client(s) {dupes}")
+    for u in uploads:
+        who = f"{strategy.name}: upload from client {u.client!r}"
+        if u.num_samples < 0:
+            raise StrategyError(f"{who} has a negative sample count {u.num_samples}")
+        if u.layers is not None and not strategy.layer_subsets:
+            raise StrategyError(f"{who} trained only blocks {sorted(u.layers)}; use layermean (FedRA, "
+                                "Fed-piLot) for clients with layer subsets")
+        unknown = sorted(set(u.factors) - set(shapes))
+        if unknown:
+            raise StrategyError(f"{who} names unknown module(s) {unknown}")
+        for module, f in u.factors.items():
+            d_out, d_in = shapes[module]
+            if (f.A.dim() != 2 or f.B.dim() != 2 or tuple(f.A.shape) != (u.rank, d_in)
+                    or tuple(f.B.shape) != (d_out, u.rank)):
+                raise StrategyError(
+                    f"{who}: {module} has A {tuple(f.A.shape)} and B {tuple(f.B.shape)}; expected "
+                    f"A {(u.rank, d_in)} and B {(d_out, u.rank)} for its rank {u.rank}")
+
+
+def modules_for(shapes: dict, client: ClientInfo) -> list[str]:
+    """The modules a client holds: all when ``client.layers`` is None, else those
+    in its blocks (modules outside every block go to every client)."""
+    if client.layers is None:
+        return list(shapes)
+    return [m for m in shapes if block_of(m) is None or block_of(m) in client.layers]
+
+
+def module_uploads(uploads: list[Upload], module: str) -> tuple[list[float], list[Factors]]:
+    """The uploads that trained ``module``, with sample weights renormalised over them."""
+    have = [u for u in uploads if module in u.factors]
+    if not have:
+        return [], []
+    return weights(have), [u.factors[module] for u in have]
+
+
+def stacked(ws: list[float], factors: list[Factors], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L = [w_1 s_1 B_1, ..., w_K s_K B_K]`` (d_out x Σr) and ``R = [A_1; ...; A_K]``
+    (Σr x d_in), so that ``L @ R = Σ w_k s_k B_k A_k``. New tensors; inputs untouched."""
+    L = torch.cat([f.B.detach().to(dtype) * (w * f.scale) for w, f in zip(ws, factors)], dim=1)
+    R = torch.cat([f.A.detach().to(dtype) for f in factors], dim=0)
+    return L, R
+
+
+# ---------------------------------------------------------------- truncated SVD of L @ R
+
+def _orthonormal_rows(basis: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` unit rows orthogonal to the row space of ``basis`` (t x d) and to
+    each other, as far as d allows; any rows beyond d are random unit rows.
+
+    They stand in for the singular vectors of zero singular values: their B
+    columns are zero, so they change nothing in the product but give the client
+    trainable directions (as a full SVD's null-space vectors would)."""
+    t, d = basis.shape
+    dtype, device = basis.dtype, basis.device
+    X = torch.randn(count, d, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    room = max(0, d - t)
+    k = min(count, room)
+    if k:
+        Qb = torch.linalg.qr(basis.T)[0] if t else basis.new_zeros(d, 0)  # d x t orthonormal
+        Y = X[:k].T  # d x k
+        for _ in range(2):  # twice: one Gram–Schmidt pass loses orthogonality in float32
+            Y = Y - Qb @ (Qb.T @ Y)
+        X[:k] = torch.linalg.qr(Y)[0].T
+    if count > k:
+        X[k:] = X[k:] / X[k:].norm(dim=1, keepdim=True)
+    return X
+
+
+def truncated_svd(L: torch.Tensor, R: torch.Tensor, k: int, route: str = "auto"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular triplets of ``W = L @ R`` (L: m x N, R: N x n).
+
+    Returns ``U`` (m x t), ``S`` (t), ``Vh`` (t x n), ``t = min(k, N, m, n)``,
+    singular values descending. Routes, all exact up to rounding:
+
+    - ``factors``: W has rank <= N; QR of L and of Rᵀ leaves an N x N core whose
+      SVD gives W's. Cheap when N is well below min(m, n).
+    - ``gram``: dense W, top eigenvectors of the smaller Gram matrix, then a
+      Rayleigh–Ritz step (SVD of W V) so that U, S, V are those of W itself.
+      Faster than a full SVD when k is well below min(m, n).
+    - ``svd``: dense W and ``torch.linalg.svd``.
+    - ``auto`` picks one of them from the sizes.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    m, N = L.shape
+    n = R.shape[1]
+    t = min(k, N, m, n)
+    if route == "auto":
+        if 2 * N <= min(m, n):
+            route = "factors"
+        elif 2 * k <= min(m, n):
+            route = "gram"
+        else:
+            route = "svd"
+    if route == "factors":
+        Ql, Rl = torch.linalg.qr(L)      # m x N, N x N
+        Qr, Rr = torch.linalg.qr(R.T)    # n x N, N x N
+        u, s, vh = torch.linalg.svd(Rl @ Rr.T)
+        return Ql @ u[:, :t], s[:t], vh[:t] @ Qr.T
+    W = L @ R
+    if route == "svd":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :t], S[:t], Vh[:t]
+    # gram: work on the smaller side of W, so the Gram matrix is min(m, n) square.
+    flip = m < n
+    X = W.T if flip else W  # rows >= columns
+    _, vecs = torch.linalg.eigh(X.T @ X)  # ascending eigenvalues
+    V = vecs[:, -t:].flip(-1)
+    u, s, wh = torch.linalg.svd(X @ V, full_matrices=False)  # Rayleigh–Ritz on span(V)
+    U, Vh = u, wh @ V.T
+    return (Vh.T, s, U.T) if flip else (U, s, Vh)
+
+
+def svd_entry(L: torch.Tensor, R: torch.Tensor, keep: int, gen: torch.Generator,
+              route: str = "auto") -> dict[str, torch.Tensor]:
+    """A module's state entry for ΔW = L @ R: ``US`` (d_out x t), ``S``, ``Vh``
+    (t x d_in) with t = min(keep, d_in), padded with zero singular values and
+    orthonormal completion rows when ΔW has fewer than t singular triplets."""
+    U, S, Vh = truncated_svd(L, R, keep, route)
+    t = min(keep, R.shape[1])
+    if S.shape[0] < t:
+        extra = t - S.shape[0]
+        Vh = torch.cat([Vh, _orthonormal_rows(Vh, extra, gen)], dim=0)
+        U = torch.cat([U, U.new_zeros(U.shape[0], extra)], dim=1)
+        S = torch.cat([S, S.new_zeros(extra)])
+    return {"US": U * S, "S": S, "Vh": Vh.contiguous()}
+
+
+# ---------------------------------------------------------------- strategy
+
+class FlexLoRA(Strategy):
+    """FlexLoRA (Bai et al., NeurIPS 2024): clients of any rank; the server
+    averages the full-size updates and hands each client the best approximation
+    of that average at its own rank.
+
+    Options: ``seed`` seeds the completion rows (singular vectors of zero
+    singular values); ``route`` forces one SVD route (``truncated_svd``).
+    A client whose rank exceeds every rank in use so far (``state["keep"]``)
+    receives the best rank-keep approximation plus zero-valued directions
+    until it has uploaded once.
+    """
+
+    name = "flexlora"
+    heterogeneous_ranks = True
+
+    def __init__(self, seed: int = 0, route: str = "auto"):
+        if route not in ROUTES:
+            raise StrategyError(f"{self.name}: route must be one of {ROUTES}, got {route!r}")
+        self.seed = seed
+        self.route = route
+
+    def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
+        """State holding the initial global LoRA as an SVD (or, when its B is zero,
+        as its own A rows, so that round-0 clients start from the usual random A)."""
+        self.check(clients)
+        alpha, shapes = check_initial(self, initial)
+        ranks = sorted({int(c.rank) for c in clients} | {f.rank for f in initial.values()})
+        keep = max(ranks)
+        glob = {}
+        for module, f in initial.items():
+            dtype = acc_dtype(f.A.dtype)
+            if not bool(torch.any(f.B != 0)):
+                # ΔW = 0 has no singular directions; keep PEFT's random A rows instead.
+                A = f.A.detach().to(dtype).clone()
+                glob[module] = {"US": A.new_zeros(shapes[module][0], A.shape[0]),
+                                "S": A.new_zeros(A.shape[0]), "Vh": A}
+            else:
+                L, R = stacked([1.0], [f], dtype)
+                glob[module] = svd_entry(L, R, keep, generator(self.seed, "init", module), self.route)
+        return {"alpha": alpha, "ranks": ranks, "keep": keep, "shapes": shapes, "global": glob, "extra": {}}
+
+    def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
+        """B = U_r Σ_r / (alpha / r) and A = V_rᵀ of every module the client holds."""
+        self.check([client])
+        r = int(client.rank)
+        if r < 1:
+            raise StrategyError(f"{self.name}: client {client.client!r} has rank {r}; ranks start at 1")
+        scale = state["alpha"] / r
+        A, B = {}, {}
+        for module in modules_for(state["shapes"], client):
+            entry = state["global"][module]
+            US, Vh = entry["US"], entry["Vh"]
+            have = Vh.shape[0]
+            if r > have:
+                extra = r - have
+                Vh = torch.cat([Vh, _orthonormal_rows(Vh, extra, generator(self.seed, round_index, module))])
+                US = torch.cat([US, US.new_zeros(US.shape[0], extra)], dim=1)
+            A[module] = Vh[:r].clone()
+            B[module] = US[:, :r] / scale
+        return Download(A=A, B=B, rank=r, alpha=state["alpha"], trainable=TRAIN_BOTH,
+                        extra=clone_tree(state["extra"]))
+
+    def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
+        """ΔW_g = Σ p_k s_k B_k A_k per module, kept as its top-``keep`` SVD.
+        Modules nobody uploaded keep their previous global LoRA."""
+        check_hetero_uploads(self, state["shapes"], uploads)
+        ranks = sorted(set(state["ranks"]) | {int(u.rank) for u in uploads})
+        keep = max(ranks)
+        glob = dict(state["global"])  # entries replaced, never modified in place
+        for module in state["shapes"]:
+            ws, factors = module_uploads(uploads, module)
+            if not factors:
+                continue
+            dtype = acc_dtype(factors[0].A.dtype)
+            L, R = stacked(ws, factors, dtype)
+            glob[module] = svd_entry(L, R, keep, generator(self.seed, round_index, module), self.route)
+        new = {**state, "ranks": ranks, "keep": keep, "global": glob,
+               "extra": merge_extra(self, state, uploads)}
+        return RoundResult(state=clone_tree(new))
