@@ -1,0 +1,171 @@
+"""The round coordinator with a stand-in server: sampling, deadlines, short
+rounds, client initialisation and frozen-weight updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.rounds import Coordinator, FederationConfig, initial_factors
+from server.strategies.base import ClientInfo, StrategyError
+
+CLIENT_MODULE = "model.layers.0.self_attn.q_proj"
+SERVER_MODULE = "model.layers.1.self_attn.q_proj"
+
+
+class FakeServer:
+    """Server-side LoRA of each client as plain tensors."""
+
+    def __init__(self, rank=4):
+        self.rank = rank
+        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.loads: list[tuple] = []
+        self.folded: dict[str, torch.Tensor] = {}
+
+    def modules_for(self, client):
+        return {SERVER_MODULE: (6, 5)}
+
+    def load(self, client, A, B, trainable, fresh_seed, modules):
+        self.loads.append((client, trainable, fresh_seed))
+        a = A.get(SERVER_MODULE, torch.zeros(self.rank, 5))
+        b = B.get(SERVER_MODULE, torch.zeros(6, self.rank))
+        self.adapters[client] = (a.clone(), b.clone())
+
+    def collect(self, client):
+        a, b = self.adapters[client]
+        return {SERVER_MODULE: (a + 1.0, b + 1.0)}  # as if the client's steps moved them
+
+    def fold(self, deltas):
+        for m, d in deltas.items():
+            self.folded[m] = self.folded.get(m, 0) + d
+
+
+def coordinator(n=3, **kw):
+    server = FakeServer()
+    coord = Coordinator(FederationConfig(**{"min_clients": n, **kw}), server)
+    for k in range(n):
+        coord.join(f"c{k}", ClientInfo(f"c{k}", 4, 8.0, None, 10 * (k + 1)), {CLIENT_MODULE: (6, 5)})
+    return coord, server
+
+
+def upload(coord, client, value=1.0, rank=4):
+    coord.upload(client, coord.round, {CLIENT_MODULE: torch.full((rank, 5), value)},
+                 {CLIENT_MODULE: torch.full((6, rank), value)}, {"classifier.weight": torch.full((3, 6), value)},
+                 coord.members[client].info.num_samples, rank)
+
+
+def test_round_runs_once_enough_clients_joined_and_aggregates_both_sides():
+    coord, server = coordinator(2)
+    assert coord.phase == "waiting"
+    coord.tick(0.0)
+    assert coord.phase == "running" and coord.selected == ["c0", "c1"]
+    status, download, _, r = coord.poll("c0")
+    assert (status, r) == ("train", 0)
+    assert set(download.A) == {CLIENT_MODULE}  # the server-side part went to the server
+    assert SERVER_MODULE in {m for m in coord.shapes}
+    coord.poll("c1")
+    upload(coord, "c0", 1.0)
+    upload(coord, "c1", 4.0)
+    coord.tick(1.0)
+    assert coord.round == 1 and coord.history[0].aggregated
+    # FedIT with p = (1/3, 2/3): A_client = 1/3 * 1 + 2/3 * 4 = 3
+    _, download, _, _ = coord.poll("c0")
+    assert torch.allclose(download.A[CLIENT_MODULE], torch.full((4, 5), 3.0))
+    assert torch.allclose(download.extra["classifier.weight"], torch.full((3, 6), 3.0))
+    assert torch.allclose(server.adapters["c0"][0], coord.global_lora()[0][SERVER_MODULE].A)
+
+
+def test_fraction_samples_deterministically():
+    a, _ = coordinator(4, fraction=0.5, seed=7)
+    b, _ = coordinator(4, fraction=0.5, seed=7)
+    a.tick(0.0)
+    b.tick(0.0)
+    assert len(a.selected) == 2 and a.selected == b.selected
+    waiting = next(c for c in a.members if c not in a.selected)
+    assert a.poll(waiting)[0] == "wait"
+
+
+def test_a_client_missing_the_deadline_is_left_out():
+    coord, _ = coordinator(3, deadline=10.0)
+    coord.tick(0.0)
+    for c in ("c0", "c1", "c2"):
+        coord.poll(c)
+    upload(coord, "c0")
+    upload(coord, "c1")
+    coord.tick(5.0)
+    assert coord.round == 0  # still waiting for c2
+    coord.tick(11.0)
+    assert coord.round == 1 and coord.history[0].uploaded == ["c0", "c1"]
+    with pytest.raises(StrategyError, match="round 0 is closed"):
+        coord.upload("c2", 0, {}, {}, {}, 30, 4)
+
+
+@pytest.mark.parametrize("policy, retried", [("skip", False), ("retry", True)])
+def test_short_rounds_are_skipped_or_retried(policy, retried):
+    coord, _ = coordinator(2, min_uploads=2, deadline=1.0, short_round=policy)
+    coord.tick(0.0)
+    coord.poll("c0")
+    upload(coord, "c0")
+    coord.tick(2.0)
+    assert not coord.history[0].aggregated
+    assert ("retried" in coord.history[0].note) == retried
+    assert coord.round == (0 if retried else 1)
+
+
+@pytest.mark.parametrize("init, fresh, keeps_own", [("avg", False, False), ("re", True, True), ("local", False, True)])
+def test_client_initialisation_modes(init, fresh, keeps_own):
+    coord, server = coordinator(2, client_init=init)
+    coord.tick(0.0)
+    first = coord.poll("c0")[1]
+    assert set(first.A) == {CLIENT_MODULE} and not first.fresh  # round 0 starts from the global LoRA
+    coord.poll("c1")
+    upload(coord, "c0")
+    upload(coord, "c1")
+    coord.tick(1.0)
+    second = coord.poll("c0")[1]
+    assert second.fresh == fresh
+    assert (second.A == {}) == keeps_own
+    assert (server.loads[-2][2] is not None) == fresh  # the server-side adapter is re-drawn too
+
+
+def test_frozen_weight_updates_reach_each_client_once():
+    coord, server = coordinator(2, strategy="fedex")
+    coord.tick(0.0)
+    coord.poll("c0")
+    coord.poll("c1")
+    upload(coord, "c0", 1.0)
+    upload(coord, "c1", 3.0)
+    coord.tick(1.0)
+    assert SERVER_MODULE in server.folded
+    _, _, deltas, _ = coord.poll("c0")
+    assert set(deltas) == {CLIENT_MODULE}
+    assert set(coord.merged) == {CLIENT_MODULE, SERVER_MODULE}
+    assert coord.poll("c0")[0] == "wait" and coord.poll("c0")[2] == {}
+
+
+def test_unknown_or_unselected_clients_are_refused():
+    coord, _ = coordinator(2)
+    with pytest.raises(StrategyError, match="has not joined"):
+        coord.poll("nobody")
+    coord.tick(0.0)
+    with pytest.raises(StrategyError, match="was not selected"):
+        coord.upload("c0", 0, {}, {}, {}, 1, 4)
+
+
+def test_initial_factors_match_the_client_side_draw():
+    from peft import LoraConfig, get_peft_model
+
+    from split.lora import get_factors, init_lora
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(5, 6)), LoraConfig(r=4, target_modules=["0"]))
+    init_lora(model, "default", 3)
+    a, b = get_factors(model)["0"]
+    f = initial_factors({"0": (6, 5)}, 4, 8.0, 3)["0"]
+    assert torch.equal(f.A, a) and torch.equal(f.B, b)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="fraction"):
+        FederationConfig(fraction=0.0)
+    with pytest.raises(ValueError, match="client_init"):
+        FederationConfig(client_init="warm")
