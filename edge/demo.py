@@ -6,6 +6,7 @@ import json
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -20,40 +21,49 @@ def run_demo(args) -> int:
     return run_split_demo(args)
 
 
-def run_federated_demo(args) -> int:
-    """A server and ``args.clients`` client processes training in rounds."""
-    from .data import load_dataset
-    from .partition_data import label_table, partition
+@dataclass
+class FederationRun:
+    """A federation of local processes: the settings."""
 
-    console = Console()
-    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [args.rank]
-    ranks = [ranks[k % len(ranks)] for k in range(args.clients)]
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    console.print(f"[bold]fedsplit demo[/]: {args.clients} clients, {args.strategy}, {args.rounds} rounds of "
-                  f"{args.local_steps} local steps, Dirichlet({args.alpha}) split of the built-in task, "
-                  f"ranks {ranks}, server on {endpoint}")
-    dataset = load_dataset(None)
-    labels = [s.label for s in dataset.train]
-    console.print(label_table(labels, partition(labels, args.clients, "dirichlet", args.alpha, 0)))
+    strategy: str = "fedit"
+    clients: int = 4
+    rounds: int = 5
+    local_steps: int = 10
+    alpha: float = 0.5
+    ranks: list[int] = field(default_factory=lambda: [8])
+    lr: float = 2e-3
+    head_lr: float = 5e-3
+    model: str | None = None
+    cut: str = "1,1"
+    checkpoint_dir: str | None = None
+    server_args: tuple[str, ...] = ()
+    seed: int = 0
+
+
+def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
+    """Start a server and ``run.clients`` client processes on loopback, wait for
+    the federation to end, and return each client's summary (client 0 evaluates
+    the global model every round)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ranks = [run.ranks[k % len(run.ranks)] for k in range(run.clients)]
     with tempfile.TemporaryDirectory() as tmp:
         server_log = open(Path(tmp) / "server.log", "w+")
-        server = start_server(args.model, args.cut, endpoint, "--strategy", args.strategy, "--rounds",
-                              str(args.rounds), "--min-clients", str(args.clients), "--local-steps",
-                              str(args.local_steps), "--num-labels", str(len(dataset.labels)),
-                              "--checkpoint-dir", args.out, output=server_log)
-        started = time.perf_counter()
+        extra = ["--checkpoint-dir", run.checkpoint_dir] if run.checkpoint_dir else []
+        server = start_server(run.model, run.cut, endpoint, "--strategy", run.strategy, "--rounds", str(run.rounds),
+                              "--min-clients", str(run.clients), "--local-steps", str(run.local_steps),
+                              "--num-labels", str(num_labels), "--seed", str(run.seed), *extra, *run.server_args,
+                              output=server_log)
         clients = []
-        for k in range(args.clients):
-            cmd = ["client", "--server", endpoint, "--data", "builtin", "--num-clients", str(args.clients),
-                   "--client-index", str(k), "--partition", "dirichlet", "--partition-alpha", str(args.alpha),
-                   "--rank", str(ranks[k]), "--lr", str(args.lr), "--head-lr", str(args.head_lr),
-                   "--summary-json", str(Path(tmp) / f"client{k}.json"), "--id", f"client{k}",
-                   "--connect-timeout", "180", "--no-progress", "--out", str(Path(tmp) / f"adapter{k}")]
+        for k in range(run.clients):
+            cmd = ["client", "--server", endpoint, "--data", "builtin", "--num-clients", str(run.clients),
+                   "--client-index", str(k), "--partition", "dirichlet", "--partition-alpha", str(run.alpha),
+                   "--rank", str(ranks[k]), "--lr", str(run.lr), "--head-lr", str(run.head_lr), "--seed",
+                   str(run.seed), "--summary-json", str(Path(tmp) / f"client{k}.json"), "--id", f"client{k}",
+                   "--connect-timeout", "300", "--no-progress", "--out", str(Path(tmp) / f"adapter{k}")]
             if k == 0:
                 cmd.append("--eval-rounds")
-            if args.model:
-                cmd += ["--model", args.model]
+            if run.model:
+                cmd += ["--model", run.model]
             clients.append(subprocess.Popen(fedsplit_command(*cmd), env=child_env(), stdout=subprocess.DEVNULL,
                                             stderr=open(Path(tmp) / f"client{k}.log", "w")))
         try:
@@ -63,15 +73,38 @@ def run_federated_demo(args) -> int:
                 stop(c)
             stop(server)
         if any(codes):
-            bad = codes.index(next(c for c in codes if c))
+            bad = next(k for k, c in enumerate(codes) if c)
             server_log.seek(0)
-            console.print(f"[red]client {bad} failed (exit {codes[bad]}):[/]\n"
-                          f"{(Path(tmp) / f'client{bad}.log').read_text()[-3000:]}\nserver log:\n"
-                          f"{server_log.read()[-2000:]}")
-            return 1
-        summaries = [json.loads((Path(tmp) / f"client{k}.json").read_text()) for k in range(args.clients)]
+            raise RuntimeError(f"client {bad} failed (exit {codes[bad]}):\n"
+                               f"{(Path(tmp) / f'client{bad}.log').read_text()[-3000:]}\n"
+                               f"server log:\n{server_log.read()[-2000:]}")
+        return [json.loads((Path(tmp) / f"client{k}.json").read_text()) for k in range(run.clients)]
+
+
+def run_federated_demo(args) -> int:
+    """A server and ``args.clients`` client processes training in rounds."""
+    from .data import load_dataset
+    from .partition_data import label_table, partition
+
+    console = Console()
+    run = FederationRun(strategy=args.strategy, clients=args.clients, rounds=args.rounds,
+                        local_steps=args.local_steps, alpha=args.alpha,
+                        ranks=[int(r) for r in args.ranks.split(",")] if args.ranks else [args.rank],
+                        lr=args.lr, head_lr=args.head_lr, model=args.model, cut=args.cut, checkpoint_dir=args.out)
+    console.print(f"[bold]fedsplit demo[/]: {run.clients} clients, {run.strategy}, {run.rounds} rounds of "
+                  f"{run.local_steps} local steps, Dirichlet({run.alpha}) split of the built-in task, "
+                  f"ranks {[run.ranks[k % len(run.ranks)] for k in range(run.clients)]}")
+    dataset = load_dataset(None)
+    labels = [s.label for s in dataset.train]
+    console.print(label_table(labels, partition(labels, run.clients, "dirichlet", run.alpha, run.seed)))
+    started = time.perf_counter()
+    try:
+        summaries = run_federation(run, len(dataset.labels))
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
     first = summaries[0]
-    table = Table(title=f"fedsplit federated demo: {args.strategy}")
+    table = Table(title=f"fedsplit federated demo: {run.strategy}")
     for col in ("round", "test accuracy at round start", "mean local loss", "MB sent (all clients)",
                 "MB received (all clients)"):
         table.add_column(col, justify="right")
