@@ -46,6 +46,11 @@ class ServerConfig:
     federation: "FederationConfig | None" = None
     checkpoint_dir: str | None = None
     resume: bool = False  # continue from the newest round in checkpoint_dir
+    server_lora: str = "per-client"  # or "shared": one server-side adapter every client trains
+
+    def __post_init__(self):
+        if self.server_lora not in ("per-client", "shared"):
+            raise ValueError(f"server_lora must be 'per-client' or 'shared', got {self.server_lora!r}")
 
 
 @dataclass
@@ -102,6 +107,7 @@ class BackboneServer:
             if config.resume:
                 self._resume()
         self._adapters = 0
+        self._shared = None  # (spec, params, optimizer) of the shared server-side adapter
         self._active: str | None = None
         self.socket = None
         log.info("server segment: blocks %s of %d, %.1f MB of %.1f MB",
@@ -212,14 +218,17 @@ class BackboneServer:
         if msg.client in self.sessions:
             log.info("client %s registers again: its old session is dropped", msg.client)
             self._drop(msg.client)
-        self._adapters += 1
-        adapter = f"client{self._adapters}"
         heads = seg.family.trained_heads(seg.task) if ours_cut.two_part else None
-        self.model = attach_lora(self.model, spec, seg.family, seg.task, int(meta.get("seed", 0)),
-                                 modules_to_save=heads, adapter=adapter,
-                                 layers=list(cut.server_blocks(seg.num_layers)))
-        params = [p for n, p in self.model.named_parameters() if f".{adapter}." in n]
-        optimizer = _optimizer(params, meta.get("optim", {}))
+        if self.config.server_lora == "shared":
+            adapter, params, optimizer = self._shared_adapter(spec, heads, meta)
+        else:
+            self._adapters += 1
+            adapter = f"client{self._adapters}"
+            self.model = attach_lora(self.model, spec, seg.family, seg.task, int(meta.get("seed", 0)),
+                                     modules_to_save=heads, adapter=adapter,
+                                     layers=list(cut.server_blocks(seg.num_layers)))
+            params = [p for n, p in self.model.named_parameters() if f".{adapter}." in n]
+            optimizer = _optimizer(params, meta.get("optim", {}))
         self.sessions[msg.client] = Session(msg.client, routing_id, adapter, cut, spec, optimizer, params,
                                             time.monotonic(), optim=dict(meta.get("optim", {})))
         self._active = None
@@ -231,6 +240,21 @@ class BackboneServer:
             "session_timeout": self.config.session_timeout,
             "federation": None if fed is None else {"strategy": fed.strategy, "rounds": fed.rounds,
                                                     "local_steps": fed.local_steps}})
+
+    def _shared_adapter(self, spec: LoraSpec, heads, meta: dict):
+        """SplitFed-V2: the one server-side adapter, created by the first client."""
+        seg = self.segment
+        if self._shared is None:
+            self.model = attach_lora(self.model, spec, seg.family, seg.task, int(meta.get("seed", 0)),
+                                     modules_to_save=heads, adapter="shared",
+                                     layers=list(seg.cut.server_blocks(seg.num_layers)))
+            params = [p for n, p in self.model.named_parameters() if ".shared." in n]
+            self._shared = (spec, params, _optimizer(params, meta.get("optim", {})))
+        shared_spec, params, optimizer = self._shared
+        if (spec.rank, spec.alpha, spec.targets) != (shared_spec.rank, shared_spec.alpha, shared_spec.targets):
+            raise RequestError(f"this server trains one shared server-side LoRA (rank {shared_spec.rank}, alpha "
+                               f"{shared_spec.alpha}); join with the same --rank, --alpha and --targets")
+        return "shared", params, optimizer
 
     def _status(self) -> Message:
         return Message("ok", meta={
@@ -354,8 +378,11 @@ class BackboneServer:
         self._activate(session)
         out.backward(grad.to(out.dtype).reshape(out.shape))
         grad_in = h_in.grad
-        session.optimizer.step()
-        session.optimizer.zero_grad(set_to_none=True)
+        # A shared adapter may step only when no other client's graph still
+        # needs its current values; until then gradients accumulate.
+        if session.adapter != "shared" or not any(s.pending for s in self.sessions.values()):
+            session.optimizer.step()
+            session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
         return Message("ok", msg.client, msg.step, tensors={"grad": grad_in.detach()})
 
@@ -422,6 +449,10 @@ class BackboneServer:
             tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = f.A
             tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = f.B
         tensors.update({f"{PEFT_PREFIX}{name}": v for name, v in extra.items()})
+        if self._shared is not None:  # the shared server-side LoRA is part of the global model as it is
+            for m, (a, b) in get_factors(self.model, "shared").items():
+                tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = a
+                tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b
         seg = self.segment
         targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
         heads = sorted({name.rsplit(".", 1)[0] for name in extra})
@@ -452,14 +483,14 @@ class BackboneServer:
 
     def modules_for(self, client: str) -> dict[str, tuple[int, int]]:
         session = self.sessions.get(client)
-        if session is None:
+        if session is None or session.adapter == "shared":  # trained by every client, not aggregated
             return {}
         return {name: (layer.lora_B[session.adapter].weight.shape[0], layer.lora_A[session.adapter].weight.shape[1])
                 for name, layer in lora_layers(self.model, session.adapter).items()}
 
     def load(self, client: str, A: dict, B: dict, trainable: str, fresh_seed: int | None, modules: set) -> None:
         session = self.sessions.get(client)
-        if session is None:
+        if session is None or session.adapter == "shared":
             return
         if fresh_seed is not None:
             init_lora(self.model, session.adapter, fresh_seed)
@@ -471,7 +502,7 @@ class BackboneServer:
 
     def collect(self, client: str) -> dict:
         session = self.sessions.get(client)
-        return {} if session is None else get_factors(self.model, session.adapter)
+        return {} if session is None or session.adapter == "shared" else get_factors(self.model, session.adapter)
 
     def fold(self, deltas: dict) -> None:
         for module, delta in deltas.items():
@@ -482,8 +513,9 @@ class BackboneServer:
     def _drop(self, client: str) -> None:
         session = self.sessions.pop(client)
         session.pending.clear()
-        session.optimizer.state.clear()
-        self.model.delete_adapter(session.adapter)
+        if session.adapter != "shared":
+            session.optimizer.state.clear()
+            self.model.delete_adapter(session.adapter)
         self._active = None
         log.info("client %s left after %d steps", client, session.steps)
 

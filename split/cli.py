@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session-timeout", type=float, default=120.0,
                    help="seconds of silence after which a client's state is freed")
     s.add_argument("--max-message-mb", type=float, default=1024.0)
+    s.add_argument("--server-lora", choices=["per-client", "shared"], default="per-client",
+                   help="one server-side LoRA per client (aggregated in rounds) or one shared by all")
     f = s.add_argument_group("federation (rounds of several clients; on when --strategy is given)")
     f.add_argument("--strategy", default=None, help="fedit, ffa, rolora, fedsa, flexlora, flora, fedex, "
                    "lorafair, hetlora, rbla, fedinc, layermean")
@@ -152,7 +154,8 @@ def _server(args) -> int:
                           num_labels=args.num_labels, seed=args.seed, dropout=not args.no_dropout,
                           session_timeout=args.session_timeout,
                           limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit),
-                          federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+                          federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                          server_lora=args.server_lora)
     server = BackboneServer(config)
     endpoint = server.bind()
     stopping = []

@@ -16,6 +16,7 @@ import zmq
 from conftest import VOCAB, random_batch, server_process, status
 from edge.client import ClientConfig, ServerRefused, ServerUnavailable, SplitClient
 from server.launch import child_env, free_port
+from split.lora import LoraSpec
 from split.partition import Cut
 from split.wire import Message, decode, encode
 
@@ -171,3 +172,31 @@ def test_client_with_a_deeper_cut_uses_only_its_server_blocks(bert_server):
         assert whole == {"0", "1", "2", "3"}
     finally:
         client.close()
+
+
+@pytest.mark.slow
+def test_shared_server_lora_is_trained_by_every_client(tiny_models):
+    path = tiny_models("bert")
+    with server_process(path, "1,1", "--num-labels", "3", "--server-lora", "shared") as endpoint:
+        a = client_for(path, endpoint, client_id="a")
+        b = client_for(path, endpoint, client_id="b")
+        try:
+            before = a.conn.request(Message("adapter")).tensors
+            # a's forward waits for its backward while b takes a whole step:
+            # b's update must wait too, or a's graph would see changed weights.
+            a.model.train()
+            loss_a = a.model(**random_batch(0, VOCAB)).loss
+            b.train_step(random_batch(1, VOCAB))
+            loss_a.backward()
+            a.optimizer.step()
+            after_a = a.conn.request(Message("adapter")).tensors
+            after_b = b.conn.request(Message("adapter")).tensors
+            assert after_a.keys() == after_b.keys() == before.keys()
+            for key in before:
+                assert torch.equal(after_a[key], after_b[key]), key
+            assert any(not torch.equal(before[k], after_a[k]) for k in before if "lora_B" in k)
+            with pytest.raises(ServerRefused, match="one shared server-side LoRA"):
+                client_for(path, endpoint, lora=LoraSpec(2, 4.0))
+        finally:
+            a.close()
+            b.close()
