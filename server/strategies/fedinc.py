@@ -33,7 +33,10 @@ k-means: k-means++ seeding drawn from a ``torch.Generator`` seeded from
 (``seed``, round, module), then at most ``iterations`` Lloyd steps (stopping
 early once the assignment is stable), so clusters are deterministic for a
 seed. Seeding stops early when every point coincides with a chosen centre, so
-duplicates (clients sending the same component) share one cluster.
+duplicates (clients sending the same component) share one cluster. Points,
+distances to a new seed near zero and the final centroids are float64; the
+bulk products of seeding and Lloyd run in float32, which only decides
+which cluster a point joins.
 
 **Slots.** Centroid c is the component b~_c a~_c^T. The state stores slot
 j = c as A_g[j] = a~_c rho/||a~_c|| and B_g[:, j] = b~_c ||a~_c||/(rho s_g),
@@ -90,11 +93,18 @@ def balanced_points(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.cat([bt, at], dim=1) * sign[:, None]
 
 
-def _sq_dist_to(X: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Sign-invariant squared distances min(||x - c||^2, ||x + c||^2), with
-    rounding noise around coincident points set to exactly 0."""
+def _sq_dist_to(X: torch.Tensor, X32: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Sign-invariant squared distances min(||x - c||^2, ||x + c||^2) (float64),
+    with rounding noise around coincident points set to exactly 0.
+
+    The product runs in float32 (it is the costly, memory-bound part); the few
+    points that come out near c are redone in float64, which is what tells a
+    duplicate (distance 0) from a merely close point."""
     csq = (c * c).sum()
-    d = (sq + csq - 2 * (X @ c).abs()).clamp_min(0)
+    d = (sq + csq - 2 * (X32 @ c.float()).abs().double()).clamp_min(0)
+    near = (d <= 1e-4 * (sq + csq)).nonzero().squeeze(1)
+    if near.numel():
+        d[near] = (sq[near] + csq - 2 * (X[near] @ c).abs()).clamp_min(0)
     return torch.where(d <= _SAME * (sq + csq), torch.zeros_like(d), d)
 
 
@@ -112,32 +122,33 @@ def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: t
     if n == 0 or k < 1:
         raise ValueError("sign_invariant_kmeans needs at least one point and one cluster")
     sq = (X * X).sum(dim=1)
+    X32 = X.float()
     # k-means++ seeding: first centre drawn by weight, the next ones by weight * D^2.
     first = int(torch.multinomial(w, 1, generator=generator))
     centres = [X[first]]
-    D = _sq_dist_to(X, sq, centres[0])
+    D = _sq_dist_to(X, X32, sq, centres[0])
     while len(centres) < min(k, n):
         p = w * D
         if not p.sum() > 0:
             break  # every point (with weight) coincides with a centre
         i = int(torch.multinomial(p, 1, generator=generator))
         centres.append(X[i])
-        D = torch.minimum(D, _sq_dist_to(X, sq, centres[-1]))
-    C = torch.stack(centres)
+        D = torch.minimum(D, _sq_dist_to(X, X32, sq, centres[-1]))
     # Lloyd in float32: the argmin needs no more, and it is the costly part.
-    X32, w64 = X.float(), w.to(torch.float64)
-    prev = None
+    C32 = torch.stack(centres).float()
+    w32 = w.float()
+    assign = sign = None
     for _ in range(max(1, iterations)):
-        G = X32 @ C.float().T  # N x k'
-        csq = (C * C).sum(dim=1).float()
-        assign = (csq[None, :] - 2 * G.abs()).argmin(dim=1)
-        sign = torch.where(G.gather(1, assign[:, None]).squeeze(1) < 0, -1.0, 1.0).to(torch.float64)
-        key = assign * 2 + (sign < 0)
-        if prev is not None and torch.equal(key, prev):
-            break  # stable: C already holds the means of this assignment
-        prev = key
-        C = _means(X, w64 * sign, w64, assign, C)
-    return assign, sign, C
+        G = X32 @ C32.T  # N x k'
+        new_assign = ((C32 * C32).sum(dim=1)[None, :] - 2 * G.abs()).argmin(dim=1)
+        new_sign = torch.where(G.gather(1, new_assign[:, None]).squeeze(1) < 0, -1.0, 1.0)
+        if assign is not None and torch.equal(new_assign, assign) and torch.equal(new_sign, sign):
+            break  # stable: C32 already holds the means of this assignment
+        assign, sign = new_assign, new_sign
+        C32 = _means(X32, w32 * sign, w32, assign, C32)
+    sign = sign.to(torch.float64)
+    # The centres returned are the float64 means of the final assignment.
+    return assign, sign, _means(X, w * sign, w, assign, torch.stack(centres))
 
 
 def _means(X: torch.Tensor, signed_w: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
@@ -145,7 +156,7 @@ def _means(X: torch.Tensor, signed_w: torch.Tensor, w: torch.Tensor, assign: tor
     """Weighted means of the sign-aligned members; empty clusters keep their centre."""
     k = C.shape[0]
     sums = torch.zeros((k, X.shape[1]), dtype=X.dtype).index_add_(0, assign, X * signed_w[:, None])
-    tot = torch.zeros(k, dtype=X.dtype).index_add_(0, assign, w.to(X.dtype))
+    tot = torch.zeros(k, dtype=X.dtype).index_add_(0, assign, w)
     return torch.where((tot > 0)[:, None], sums / torch.where(tot > 0, tot, 1)[:, None], C)
 
 
@@ -211,17 +222,13 @@ class RankClustering(Strategy):
         b = torch.cat([u.factors[m].B.detach().cpu().double() * u.factors[m].scale for u in have], dim=1)
         a = torch.cat([u.factors[m].A.detach().cpu().double() for u in have], dim=0)
         w = torch.cat([torch.full((u.factors[m].rank,), pk, dtype=torch.float64) for pk, u in zip(p, have)])
-        if not w.sum() > 0:
-            raise StrategyError(f"fedinc: the uploads of {m} carry no samples")
         X = balanced_points(b, a)
-        assign, sign, _ = sign_invariant_kmeans(X, w, r_max, self._generator(round_index, m), self.iterations)
-        k = int(assign.max()) + 1
+        assign, sign, C = sign_invariant_kmeans(X, w, r_max, self._generator(round_index, m), self.iterations)
+        k = C.shape[0]
         tot = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w)
-        # Centroids in float64 from the final assignment.
-        sums = torch.zeros((k, X.shape[1]), dtype=torch.float64).index_add_(0, assign, X * (w * sign)[:, None])
         raw_a = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w * torch.linalg.vector_norm(a, dim=1))
         live = (tot > 0).nonzero().squeeze(1).tolist()
-        cent = {c: sums[c] / tot[c] for c in live}
+        cent = {c: C[c] for c in live}
         mag = {c: float(torch.linalg.vector_norm(cent[c][:d_out]) * torch.linalg.vector_norm(cent[c][d_out:]))
                for c in live}
         order = sorted(live, key=lambda c: (-float(tot[c]), -mag[c], c))

@@ -1,0 +1,273 @@
+"""RBLA (server/strategies/rbla.py): each rank slot averaged over the clients that own it.
+
+Identity 6 of fedlora-algorithms.md section 14: with equal ranks RBLA is FedIT
+(sum p_k A_k, sum p_k B_k); slot i averages only over clients with r_k > i.
+Expected aggregates are recomputed here slot by slot.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from server.strategies import get_strategy
+from server.strategies.base import ClientInfo, Factors, StrategyError, Upload, block_of
+from server.strategies.rbla import RBLA
+
+D_IN, D_OUT, R_MAX, ALPHA = 6, 5, 8, 16.0
+MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")] + ["score.dense"]
+RANKS = {"c2": 2, "c4": 4, "c8": 8}
+SAMPLES = {"c2": 10, "c4": 30, "c8": 60}
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def initial(g):
+    return {m: Factors(torch.randn(R_MAX, D_IN, generator=g, dtype=torch.float64),
+                       torch.zeros(D_OUT, R_MAX, dtype=torch.float64), ALPHA) for m in MODULES}
+
+
+def clients():
+    return [ClientInfo(c, r, ALPHA, num_samples=SAMPLES[c]) for c, r in RANKS.items()]
+
+
+def random_upload(g, client, rank, samples, modules=MODULES, extra=None):
+    return Upload(client, {m: Factors(torch.randn(rank, D_IN, generator=g, dtype=torch.float64),
+                                      torch.randn(D_OUT, rank, generator=g, dtype=torch.float64), ALPHA)
+                           for m in modules}, samples, rank, extra=extra or {})
+
+
+def uploads(g):
+    return [random_upload(g, c, r, SAMPLES[c]) for c, r in RANKS.items()]
+
+
+def snapshot(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: snapshot(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [snapshot(v) for v in x]
+    if isinstance(x, Factors):
+        return (x.A.clone(), x.B.clone(), x.alpha)
+    if isinstance(x, Upload):
+        return (x.client, snapshot(x.factors), x.num_samples, x.rank, snapshot(x.extra))
+    return x
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def assert_checkpointable(state):
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                assert isinstance(k, str)
+                walk(x)
+            return
+        json.dumps(v)  # raises on anything not JSON-plain
+    walk(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    assert_same(torch.load(buf, weights_only=True), state)
+
+
+def fedit(ups, m):
+    total = sum(u.num_samples for u in ups)
+    A = sum(u.num_samples / total * u.factors[m].A for u in ups)
+    B = sum(u.num_samples / total * u.factors[m].B for u in ups)
+    return A, B
+
+
+# ------------------------------------------------------------------ identity 6
+
+def test_equal_ranks_at_r_max_is_fedit():
+    g = gen(1)
+    s = RBLA()
+    cl = [ClientInfo(c, R_MAX, ALPHA) for c in SAMPLES]
+    state = s.init_state(initial(g), cl)
+    ups = [random_upload(g, c, R_MAX, n) for c, n in SAMPLES.items()]
+    new = s.aggregate(state, ups, 0).state
+    for m in MODULES:
+        A, B = fedit(ups, m)
+        torch.testing.assert_close(new["A"][m], A, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(new["B"][m], B, rtol=1e-12, atol=1e-12)
+
+
+def test_equal_ranks_below_r_max_is_fedit_on_the_clients_slots():
+    g = gen(2)
+    s = RBLA()
+    init = initial(g)
+    cl = [ClientInfo(c, 4, ALPHA) for c in SAMPLES]
+    state = s.init_state(init, cl)
+    ups = [random_upload(g, c, 4, n) for c, n in SAMPLES.items()]
+    new = s.aggregate(state, ups, 0).state
+    for m in MODULES:
+        A, B = fedit(ups, m)
+        d = s.download(new, cl[0], 1)
+        torch.testing.assert_close(d.A[m], A, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d.B[m], B, rtol=1e-12, atol=1e-12)
+        # Slots nobody owns keep their previous value.
+        assert torch.equal(new["A"][m][4:], init[m].A[4:]) and torch.equal(new["B"][m][:, 4:], init[m].B[:, 4:])
+
+
+def test_each_slot_averages_only_over_its_owners():
+    g = gen(3)
+    s = RBLA()
+    state = s.init_state(initial(g), clients())
+    ups = uploads(g)
+    new = s.aggregate(state, ups, 0).state
+    for m in MODULES:
+        for i in range(R_MAX):
+            owners = [u for u in ups if u.rank > i]
+            n = sum(u.num_samples for u in owners)
+            A_i = sum(u.num_samples / n * u.factors[m].A[i] for u in owners)
+            B_i = sum(u.num_samples / n * u.factors[m].B[:, i] for u in owners)
+            torch.testing.assert_close(new["A"][m][i], A_i, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(new["B"][m][:, i], B_i, rtol=1e-12, atol=1e-12)
+        # Slots 4..7 belong to the rank-8 client alone: its values, undiluted by zero padding.
+        c8 = next(u for u in ups if u.client == "c8")
+        torch.testing.assert_close(new["A"][m][4:], c8.factors[m].A[4:], rtol=1e-12, atol=1e-12)
+    # A non-owner cannot move a slot: change the rank-2 client's samples, slots >= 2 stay.
+    moved = [Upload(u.client, u.factors, 1000 if u.client == "c2" else u.num_samples, u.rank) for u in ups]
+    other = s.aggregate(state, moved, 0).state
+    for m in MODULES:
+        torch.testing.assert_close(other["A"][m][2:], new["A"][m][2:], rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(other["A"][m][:2], new["A"][m][:2])
+
+
+def test_truncate_of_pad_is_identity_through_the_state():
+    g = gen(4)
+    s = RBLA()
+    state = s.init_state(initial(g), clients())
+    up = random_upload(g, "c4", 4, 3)
+    new = s.aggregate(state, [up], 0).state
+    d = s.download(new, ClientInfo("c4", 4, ALPHA), 1)
+    for m in MODULES:
+        assert torch.equal(d.A[m], up.factors[m].A) and torch.equal(d.B[m], up.factors[m].B)
+
+
+def test_modules_average_over_the_uploads_that_carry_them():
+    g = gen(5)
+    s = RBLA()
+    init = initial(g)
+    state = s.init_state(init, [ClientInfo("a", 4, ALPHA, layers=frozenset({0})), ClientInfo("b", 8, ALPHA)])
+    block0 = [m for m in MODULES if block_of(m) == 0]
+    ua = random_upload(g, "a", 4, 5, modules=block0)
+    ua = Upload("a", ua.factors, 5, 4, layers=frozenset({0}))
+    ub = random_upload(g, "b", 8, 15, modules=MODULES[:2] + MODULES[-1:])
+    new = s.aggregate(state, [ua, ub], 0).state
+    m0 = block0[0]
+    torch.testing.assert_close(new["A"][m0][:4], 0.25 * ua.factors[m0].A + 0.75 * ub.factors[m0].A[:4])
+    torch.testing.assert_close(new["A"][m0][4:], ub.factors[m0].A[4:])
+    untouched = [m for m in MODULES if m not in ua.factors and m not in ub.factors]
+    assert untouched
+    for m in untouched:
+        assert torch.equal(new["A"][m], init[m].A) and torch.equal(new["B"][m], init[m].B)
+    outside = Upload("a", random_upload(g, "a", 4, 5, modules=[MODULES[-2]]).factors, 5, 4, layers=frozenset({0}))
+    with pytest.raises(StrategyError, match="outside its blocks"):
+        s.aggregate(state, [outside], 0)
+
+
+# ------------------------------------------------------------------ downloads and state
+
+def test_download_respects_rank_and_layers():
+    g = gen(6)
+    s = get_strategy("rbla")
+    assert isinstance(s, RBLA) and s.heterogeneous_ranks
+    state = s.init_state(initial(g), clients())
+    state = s.aggregate(state, uploads(g), 0).state
+    c = ClientInfo("c4", 4, ALPHA, layers=frozenset({0, 2}))
+    d = s.download(state, c, 1)
+    want = [m for m in MODULES if block_of(m) in (0, 2, None)]
+    assert sorted(d.A) == sorted(want) == sorted(d.B)
+    assert d.rank == 4 and d.alpha == ALPHA
+    for m in want:
+        assert torch.equal(d.A[m], state["A"][m][:4]) and torch.equal(d.B[m], state["B"][m][:, :4])
+    with pytest.raises(StrategyError, match="rank 9"):
+        s.download(state, ClientInfo("big", 9, ALPHA), 1)
+
+
+def test_extra_is_averaged_and_downloaded():
+    g = gen(7)
+    s = RBLA()
+    state = s.init_state(initial(g), clients())
+    heads = {c: torch.randn(3, generator=g, dtype=torch.float64) for c in RANKS}
+    ups = [random_upload(g, c, r, SAMPLES[c], extra={"head": heads[c]}) for c, r in RANKS.items()]
+    new = s.aggregate(state, ups, 0).state
+    total = sum(SAMPLES.values())
+    expected = sum(SAMPLES[c] / total * heads[c] for c in RANKS)
+    torch.testing.assert_close(new["extra"]["head"], expected)
+    torch.testing.assert_close(s.download(new, ClientInfo("c2", 2, ALPHA), 1).extra["head"], expected)
+    # A round without heads keeps the last one.
+    later = s.aggregate(new, uploads(g), 1).state
+    torch.testing.assert_close(later["extra"]["head"], expected)
+
+
+def test_state_is_checkpointable():
+    g = gen(8)
+    s = RBLA()
+    state = s.init_state(initial(g), clients())
+    assert_checkpointable(state)
+    ups = uploads(g)
+    new = s.aggregate(state, ups, 0).state
+    assert_checkpointable(new)
+    buf = io.BytesIO()
+    torch.save(new, buf)
+    buf.seek(0)
+    assert_same(s.aggregate(torch.load(buf, weights_only=True), ups, 1).state, s.aggregate(new, ups, 1).state)
+
+
+def test_inputs_are_not_mutated():
+    g = gen(9)
+    s = RBLA()
+    init = initial(g)
+    init_before = snapshot(init)
+    state = s.init_state(init, clients())
+    ups = [random_upload(g, c, r, SAMPLES[c], extra={"head": torch.randn(2, generator=g)}) for c, r in RANKS.items()]
+    state_before, ups_before = snapshot(state), snapshot(ups)
+    new = s.aggregate(state, ups, 0).state
+    new_before = snapshot(new)
+    d = s.download(new, ClientInfo("c8", 8, ALPHA), 1)
+    d.B[MODULES[0]].add_(1.0)
+    d.extra["head"].add_(1.0)
+    assert_same(snapshot(init), init_before)
+    assert_same(snapshot(state), state_before)
+    assert_same(snapshot(ups), ups_before)
+    assert_same(snapshot(new), new_before)
+
+
+def test_refusals_name_the_problem():
+    g = gen(10)
+    s = RBLA()
+    state = s.init_state(initial(g), clients())
+    up = random_upload(g, "c8", 8, 1)
+    with pytest.raises(StrategyError, match="says rank"):
+        s.aggregate(state, [Upload("c8", up.factors, 1, 4)], 0)  # RBLA does not prune
+    with pytest.raises(StrategyError, match="more than one upload"):
+        s.aggregate(state, [up, up], 0)
+    with pytest.raises(StrategyError, match="outside 1..8"):
+        s.aggregate(state, [random_upload(g, "c9", 9, 1)], 0)
+    wide = {MODULES[0]: Factors(torch.zeros(2, D_IN + 1), torch.zeros(D_OUT, 2), ALPHA)}
+    with pytest.raises(StrategyError, match="expected"):
+        s.aggregate(state, [Upload("c2", wide, 1, 2)], 0)
