@@ -31,6 +31,7 @@ from server.strategies.base import ClientInfo, Download, Factors, StrategyError,
 log = logging.getLogger(__name__)
 
 CLIENT_INITS = ("avg", "re", "local")
+GLOBAL_INITS = ("kaiming", "gaussian", "svd")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class FederationConfig:
     deadline: float = 600.0  # seconds a round waits for uploads
     local_steps: int = 10
     client_init: str = "avg"  # Avg-Initial, Re-Initial or Local-Initial
+    init: str = "kaiming"  # global LoRA before round 0: peft's Kaiming-uniform A, Gaussian A, or SVD (FeDeRA)
+    reinit_every: int = 0  # FedLoRU: every tau rounds merge the global LoRA into the base and start afresh
     seed: int = 0
 
     def __post_init__(self):
@@ -57,6 +60,10 @@ class FederationConfig:
             raise ValueError(f"short_round must be 'skip' or 'retry', got {self.short_round!r}")
         if self.client_init not in CLIENT_INITS:
             raise ValueError(f"client_init must be one of {CLIENT_INITS}, got {self.client_init!r}")
+        if self.init not in GLOBAL_INITS:
+            raise ValueError(f"init must be one of {GLOBAL_INITS}, got {self.init!r}")
+        if self.reinit_every < 0:
+            raise ValueError(f"reinit_every must be >= 0 (0: never), got {self.reinit_every}")
         if self.rounds < 1 or self.local_steps < 1 or self.min_clients < 1:
             raise ValueError("rounds, local_steps and min_clients must be at least 1")
 
@@ -76,6 +83,9 @@ class ServerSide(Protocol):
 
     def fold(self, deltas: dict[str, torch.Tensor]) -> None:
         """Add updates to the server's frozen weights."""
+
+    def base_weight(self, module: str) -> torch.Tensor:
+        """A module's pretrained weight, d_out x d_in (for SVD initialisation)."""
 
 
 @dataclass
@@ -101,14 +111,33 @@ class RoundLog:
     note: str = ""
 
 
-def initial_factors(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int) -> dict[str, Factors]:
-    """The global LoRA before round 0: A Kaiming-uniform from the seed and the
-    module name (as split.lora.init_lora draws it), B = 0."""
+def initial_factors(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int,
+                    init: str = "kaiming") -> dict[str, Factors]:
+    """The global LoRA before round 0, B = 0 and A drawn from the seed and the
+    module name: Kaiming-uniform as split.lora.init_lora (peft's default), or
+    Gaussian N(0, 1/r) (peft's "gaussian")."""
     out = {}
     for name, (d_out, d_in) in sorted(shapes.items()):
+        gen = torch.Generator().manual_seed(stable_seed(seed, name))
         A = torch.empty(rank, d_in)
-        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=torch.Generator().manual_seed(stable_seed(seed, name)))
+        if init == "gaussian":
+            torch.nn.init.normal_(A, std=1.0 / rank, generator=gen)
+        else:
+            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
         out[name] = Factors(A, torch.zeros(d_out, rank), alpha)
+    return out
+
+
+def svd_factors(weights: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, Factors]:
+    """FeDeRA: A and B from the top-``rank`` singular triplets of each pretrained
+    weight, split evenly (B = U sqrt(S), A = sqrt(S) V^T, divided by sqrt(s)
+    so that s B A is the best rank-r approximation of W)."""
+    out = {}
+    scale = alpha / rank
+    for name, w in sorted(weights.items()):
+        U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
+        root = (S[:rank] / scale).sqrt()
+        out[name] = Factors(root[:, None] * Vh[:rank], U[:, :rank] * root[None, :], alpha)
     return out
 
 
@@ -207,8 +236,7 @@ class Coordinator:
             clients = self._clients()
             self.r_max = max(c.rank for c in clients)
             self.alpha = max(clients, key=lambda c: c.rank).alpha
-            self.state = self.strategy.init_state(
-                initial_factors(self.shapes, self.r_max, self.alpha, self.config.seed), clients)
+            self.state = self.strategy.init_state(self._initial(self.config.seed), clients)
         names = sorted(self.members)
         k = max(1, math.ceil(self.config.fraction * len(names)))
         rng = random.Random(stable_seed(self.config.seed, f"sample:{self.round}:{self.retries}"))
@@ -219,6 +247,27 @@ class Coordinator:
         self.started = now
         self.phase = "running"
         log.info("round %d: %d of %d clients selected", self.round, len(self.selected), len(names))
+
+    def _initial(self, seed: int) -> dict[str, Factors]:
+        if self.config.init != "svd":
+            return initial_factors(self.shapes, self.r_max, self.alpha, seed, self.config.init)
+        factors = svd_factors({m: self.server.base_weight(m) for m in self.shapes}, self.r_max, self.alpha)
+        # The principal part moves from the frozen weights into the adapter, so
+        # the model computes what the pretrained one did.
+        self._fold_everywhere({m: -f.delta() for m, f in factors.items()})
+        return factors
+
+    def _fold_everywhere(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Queue updates to frozen weights: the server's part now, the clients' on their next poll."""
+        server_modules = set()
+        for c in self.members:
+            server_modules |= set(self.server.modules_for(c))
+        for m, d in deltas.items():
+            self.merged[m] = self.merged[m] + d if m in self.merged else d.clone()
+        self.server.fold({m: d for m, d in deltas.items() if m in server_modules})
+        client_part = {m: d for m, d in deltas.items() if m not in server_modules}
+        if client_part:
+            self.deltas.append(client_part)
 
     def _download(self, member: Member, final: bool = False) -> Download:
         info = member.info
@@ -257,17 +306,18 @@ class Coordinator:
         else:
             result = self.strategy.aggregate(self.state, [self.uploads[c] for c in uploaded], self.round)
             self.state = result.state
-            for m, d in result.base_deltas.items():
-                self.merged[m] = self.merged[m] + d if m in self.merged else d.clone()
             if result.base_deltas:
-                server_modules = set()
-                for c in self.members:
-                    server_modules |= set(self.server.modules_for(c))
-                self.server.fold({m: d for m, d in result.base_deltas.items() if m in server_modules})
-                client_part = {m: d for m, d in result.base_deltas.items() if m not in server_modules}
-                if client_part:
-                    self.deltas.append(client_part)
+                self._fold_everywhere(result.base_deltas)
             entry.aggregated = True
+            tau = self.config.reinit_every
+            if tau and (self.round + 1) % tau == 0 and self.round + 1 < self.config.rounds:
+                # FedLoRU: the accumulated low-rank update joins the frozen weights
+                # and training restarts from a fresh LoRA.
+                merged, _ = self.global_lora()
+                self._fold_everywhere({m: f.delta() for m, f in merged.items()})
+                self.state = self.strategy.init_state(
+                    self._initial(stable_seed(self.config.seed, f"reinit:{self.round}")), self._clients())
+                entry.note = "global LoRA merged into the base and re-initialised (FedLoRU)"
         self.history.append(entry)
         self.retries = 0
         self.round += 1

@@ -504,6 +504,20 @@ class BackboneServer:
         session = self.sessions.get(client)
         return {} if session is None or session.adapter == "shared" else get_factors(self.model, session.adapter)
 
+    def base_weight(self, module: str) -> torch.Tensor:
+        """A module's pretrained weight (d_out x d_in), read from the checkpoint
+        whichever side owns the module; nothing else is loaded."""
+        from split.partition import checkpoint_name
+        from split.tensorfile import CheckpointIndex
+
+        seg = self.segment
+        index = CheckpointIndex(seg.path)
+        name = checkpoint_name(f"{module}.weight", seg.family.prefix, index)
+        if name is None:
+            raise ValueError(f"{seg.path}: no weight for LoRA module {module}")
+        weight = index.read(name, torch.float32)
+        return weight.T if seg.family.name == "gpt2" else weight  # Conv1D stores in x out
+
     def fold(self, deltas: dict) -> None:
         for module, delta in deltas.items():
             fold_delta(self.model, module, delta)

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--local-steps", type=int, default=10)
     f.add_argument("--client-init", choices=["avg", "re", "local"], default="avg",
                    help="clients start each round from the global LoRA (avg), a fresh one (re) or their own (local)")
+    f.add_argument("--init", choices=["kaiming", "gaussian", "svd"], default="kaiming",
+                   help="global LoRA before round 0 (svd: FeDeRA, from the pretrained weights)")
+    f.add_argument("--reinit-every", type=int, default=0, metavar="TAU",
+                   help="FedLoRU: every TAU rounds merge the global LoRA into the base and start afresh")
     f.add_argument("--checkpoint-dir", default=None, help="write round_N/ checkpoints here")
     f.add_argument("--resume", action="store_true", help="continue from the newest round in --checkpoint-dir")
 
@@ -147,7 +151,7 @@ def _server(args) -> int:
             strategy=args.strategy, strategy_options=_options(args.strategy_option), rounds=args.rounds,
             fraction=args.fraction, min_clients=args.min_clients, min_uploads=args.min_uploads,
             short_round=args.short_round, deadline=args.deadline, local_steps=args.local_steps,
-            client_init=args.client_init, seed=args.seed)
+            client_init=args.client_init, init=args.init, reinit_every=args.reinit_every, seed=args.seed)
     elif args.resume:
         raise ValueError("--resume continues a federation: give its --strategy too")
     config = ServerConfig(model=args.model, cut=Cut.parse(args.cut), bind=args.bind, task=args.task,

@@ -253,7 +253,7 @@ def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, 
     return swap
 
 
-def _checkpoint_name(name: str, prefix: str, index: CheckpointIndex) -> str | None:
+def checkpoint_name(name: str, prefix: str, index: CheckpointIndex) -> str | None:
     """The checkpoint's name for a model tensor (checkpoints of the bare base
     model lack the task model's prefix)."""
     if name in index:
@@ -317,9 +317,9 @@ def build_segment(
     for name, param in params.items():
         if param.device.type != "meta" or name in share:
             continue
-        source = _checkpoint_name(name, fam.prefix, index)
+        source = checkpoint_name(name, fam.prefix, index)
         if source is None and name in tied:
-            source = _checkpoint_name(tied[name], fam.prefix, index)
+            source = checkpoint_name(tied[name], fam.prefix, index)
         if source is not None:
             value = index.read(source, dtype)
             if tuple(value.shape) != tuple(param.shape):

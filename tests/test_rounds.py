@@ -169,3 +169,51 @@ def test_config_errors():
         FederationConfig(fraction=0.0)
     with pytest.raises(ValueError, match="client_init"):
         FederationConfig(client_init="warm")
+
+
+def test_svd_initialisation_keeps_the_pretrained_function():
+    from server.rounds import svd_factors
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, generator=gen)
+    f = svd_factors({"m": w}, 2, 8.0)["m"]
+    U, S, Vh = torch.linalg.svd(w)
+    best = U[:, :2] @ torch.diag(S[:2]) @ Vh[:2]
+    assert torch.allclose(f.delta(), best, atol=1e-5)  # the principal part moves into the adapter
+
+    class WeightServer(FakeServer):
+        def base_weight(self, module):
+            return torch.full((6, 5), 0.5) + torch.arange(30.0).reshape(6, 5) / 30
+
+    server = WeightServer()
+    coord = Coordinator(FederationConfig(min_clients=1, init="svd"), server)
+    coord.join("c0", ClientInfo("c0", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)})
+    coord.tick(0.0)
+    glob, _ = coord.global_lora()
+    for m in (CLIENT_MODULE, SERVER_MODULE):
+        # frozen weight + what was folded into it + the adapter's update == pretrained weight
+        assert torch.allclose(coord.merged[m] + glob[m].delta(), torch.zeros(6, 5), atol=1e-5)
+    assert torch.allclose(server.folded[SERVER_MODULE], coord.merged[SERVER_MODULE])
+    _, _, deltas, _ = coord.poll("c0")
+    assert set(deltas) == {CLIENT_MODULE}
+
+
+def test_gaussian_initialisation_draws_normal_a():
+    f = initial_factors({"m": (6, 500)}, 4, 8.0, 0, "gaussian")["m"]
+    assert abs(f.A.std().item() - 0.25) < 0.02 and torch.count_nonzero(f.B) == 0
+
+
+def test_fedloru_merges_and_restarts_every_tau_rounds():
+    coord, server = coordinator(2, reinit_every=1, rounds=3)
+    coord.tick(0.0)
+    coord.poll("c0")
+    coord.poll("c1")
+    upload(coord, "c0", 1.0)
+    upload(coord, "c1", 4.0)
+    coord.tick(1.0)
+    assert "FedLoRU" in coord.history[0].note
+    glob, _ = coord.global_lora()
+    assert all(torch.count_nonzero(f.B) == 0 for f in glob.values())  # a fresh LoRA
+    # B = 3 everywhere before the merge, A = 3 (client side): s B A = 2 * 3 * 3 * 4 = 72 per entry
+    assert torch.allclose(coord.merged[CLIENT_MODULE], torch.full((6, 5), 72.0))
+    assert SERVER_MODULE in server.folded

@@ -142,8 +142,8 @@ class Strategy(ABC):
                 f"{sorted({c.rank for c in clients})}); use hetlora, flexlora, flora or rbla for mixed ranks")
         if not self.layer_subsets and any(c.layers is not None for c in clients):
             raise StrategyError(
-                f"{self.name} needs every client to train every block; use layermean (FedRA, Fed-piLot) "
-                "for clients with layer subsets")
+                f"{self.name} needs every client to train every block; use layermean (FedRA, Fed-piLot), "
+                "hetlora, rbla or fedinc for clients with layer subsets")
 
     @abstractmethod
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
