@@ -274,11 +274,12 @@ class SplitClient:
             self.link.labels = None
         return loss, self.link.logits
 
-    def train_step(self, batch: dict) -> float:
-        """One optimizer step through the server; returns the loss."""
+    def train_step(self, batch: dict, penalty=None) -> float:
+        """One optimizer step through the server; returns the task loss.
+        ``penalty()``, if given, is a regulariser added to the loss."""
         self.model.train()
         loss, _ = self._outputs(batch, with_labels=True)
-        loss.backward()
+        (loss + penalty() if penalty is not None else loss).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1

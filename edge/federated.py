@@ -16,7 +16,8 @@ import torch
 
 from split.families import block_of
 from split.partition import stable_seed
-from split.lora import PEFT_PREFIX, fold_delta, get_factors, init_lora, lora_layers, set_factors, set_trainable
+from split.lora import (PEFT_PREFIX, fold_delta, get_factors, init_lora, lora_layers, pad_rows, set_factors,
+                        set_trainable)
 from split.wire import Message
 
 from .client import SplitClient
@@ -67,6 +68,7 @@ class FederatedClient:
     options: FederatedOptions = field(default_factory=FederatedOptions)
 
     def __post_init__(self):
+        self.rank = self.client.config.lora.rank  # HetLoRA may prune it
         self.modules = {name: [layer.lora_B["default"].weight.shape[0], layer.lora_A["default"].weight.shape[1]]
                         for name, layer in lora_layers(self.client.model).items()}
         self.records: list[RoundRecord] = []
@@ -90,8 +92,13 @@ class FederatedClient:
                 fold_delta(model, key[2:], delta)
         if meta.get("fresh"):
             init_lora(model, "default", int(meta.get("seed", 0)) + int(meta.get("round", 0)))
-        set_factors(model, {k[2:]: v for k, v in t.items() if k.startswith("A:")},
-                    {k[2:]: v for k, v in t.items() if k.startswith("B:")})
+        full = self.client.config.lora.rank
+        set_factors(model, {k[2:]: pad_rows(v, full) for k, v in t.items() if k.startswith("A:")},
+                    {k[2:]: pad_rows(v.T, full).T for k, v in t.items() if k.startswith("B:")})
+        self.rank = min(self.rank, int(meta.get("rank", full)))
+        options = meta.get("options") or {}
+        self.hetlora = (float(options["hetlora_lambda"]), float(options["hetlora_gamma"])) \
+            if "hetlora_lambda" in options else None
         heads = head_params(self.client)
         with torch.no_grad():
             for key, value in t.items():
@@ -121,15 +128,38 @@ class FederatedClient:
                 yield from (self.train[(round_index * 7 + epoch * n + i) % n] for i in range(n))
             epoch += 1
 
+    def _tail_norms(self) -> torch.Tensor:
+        """HetLoRA's rank regulariser over the client-side LoRA (without lambda)."""
+        from server.strategies.hetlora import rank_penalty
+
+        gamma = self.hetlora[1]
+        return sum(rank_penalty(layer.lora_A["default"].weight, layer.lora_B["default"].weight, self.rank, gamma)
+                   for layer in lora_layers(self.client.model).values())
+
+    def _prune(self, before: float) -> None:
+        """HetLoRA self-pruning: drop the tail if local training shrank it. Zeroed
+        tails of both factors get zero gradients, so they stay dropped."""
+        from server.strategies.hetlora import pruned_rank
+
+        with torch.no_grad():
+            after = float(self._tail_norms())
+            rank = pruned_rank(self.rank, self.hetlora[1], before, after)
+            if rank < self.rank:
+                for layer in lora_layers(self.client.model).values():
+                    layer.lora_A["default"].weight[rank:].zero_()
+                    layer.lora_B["default"].weight[:, rank:].zero_()
+                log.info("HetLoRA: rank %d -> %d", self.rank, rank)
+                self.rank = rank
+
     def _upload(self, round_index: int) -> None:
         layers = self.options.layers
         factors = get_factors(self.client.model,
                               modules=None if layers is None else {m for m in self.modules if block_of(m) in layers})
-        tensors = {f"A:{m}": a for m, (a, _) in factors.items()}
-        tensors.update({f"B:{m}": b for m, (_, b) in factors.items()})
+        tensors = {f"A:{m}": a[:self.rank].contiguous() for m, (a, _) in factors.items()}
+        tensors.update({f"B:{m}": b[:, :self.rank].contiguous() for m, (_, b) in factors.items()})
         tensors.update({f"X:{n}": p.detach().clone() for n, p in head_params(self.client).items()})
         self._request("upload", meta={"round": round_index, "num_samples": self.num_samples,
-                                      "rank": self.client.config.lora.rank}, tensors=tensors)
+                                      "rank": self.rank}, tensors=tensors)
 
     def run(self) -> list[RoundRecord]:
         """Take part until the server says the federation is done."""
@@ -154,7 +184,14 @@ class FederatedClient:
             sent, received = conn.bytes_sent, conn.bytes_received
             self.client.optimizer = self._optimizer(trainable)
             batches = self._round_batches(round_index)
-            losses = [self.client.train_step(next(batches)) for _ in range(int(reply.meta["local_steps"]))]
+            penalty = None
+            if self.hetlora is not None:
+                with torch.no_grad():
+                    before = float(self._tail_norms())
+                penalty = lambda: self.hetlora[0] * self._tail_norms()  # noqa: E731
+            losses = [self.client.train_step(next(batches), penalty) for _ in range(int(reply.meta["local_steps"]))]
+            if self.hetlora is not None:
+                self._prune(before)
             self._upload(round_index)
             self.records.append(RoundRecord(round_index, accuracy, sum(losses) / len(losses),
                                             conn.bytes_sent - sent, conn.bytes_received - received))

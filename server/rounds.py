@@ -209,7 +209,7 @@ class Coordinator:
         factors = {m: Factors(A[m], B[m], alpha) for m in A if m in B}
         for m, (a, b) in self.server.collect(client).items():
             if member.info.layers is None or block_of(m) in member.info.layers:
-                factors[m] = Factors(a, b, alpha)
+                factors[m] = Factors(a[:rank], b[:, :rank], alpha)  # a pruned rank's tail is zero
         if rank < member.info.rank:
             member.info.rank = rank  # HetLoRA pruned it
         self.uploads[client] = Upload(client, factors, num_samples, rank, member.info.layers, extra)

@@ -20,7 +20,7 @@ import zmq
 
 from split.families import get_module, join, set_module
 from split.lora import (LoraSpec, adapter_state, attach_lora, fold_delta, get_factors, init_lora, lora_layers,
-                        set_factors, set_trainable)
+                        pad_rows, set_factors, set_trainable)
 from split.partition import SERVER, Cut, Passthrough, build_segment
 from split.wire import Limits, Message, WireError, decode, encode, error
 from server.strategies.base import ClientInfo, StrategyError
@@ -494,7 +494,9 @@ class BackboneServer:
             return
         if fresh_seed is not None:
             init_lora(self.model, session.adapter, fresh_seed)
-        set_factors(self.model, A, B, session.adapter)
+        rank = session.spec.rank  # a pruned (HetLoRA) rank fills the adapter's rank with zeros
+        set_factors(self.model, {m: pad_rows(a, rank) for m, a in A.items()},
+                    {m: pad_rows(b.T, rank).T for m, b in B.items()}, session.adapter)
         session.params = set_trainable(self.model, trainable, session.adapter, modules)
         session.optimizer = _optimizer(session.params, session.optim)
         session.pending.clear()

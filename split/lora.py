@@ -177,3 +177,10 @@ def fold_delta(model: PeftModel, module: str, delta: torch.Tensor) -> None:
     native = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
     with torch.no_grad():
         weight.add_(native.to(weight.dtype))
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` (a pruned rank on a full-rank adapter)."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])

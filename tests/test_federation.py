@@ -42,7 +42,7 @@ def federation(model: Path, ckpt: Path, strategy: str, ranks: list[int], rounds:
 @pytest.mark.slow
 def test_three_clients_with_heterogeneous_ranks(tiny_models, tmp_path):
     model = tiny_models("bert")
-    results = federation(model, tmp_path, "rbla", [2, 4, 8], rounds=2)
+    results = federation(model, tmp_path, "hetlora", [2, 4, 8], rounds=2)
     for r in results:
         assert [rec["round"] for rec in r["rounds"]] == [0, 1]
         assert r["final_accuracy"] is not None
