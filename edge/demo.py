@@ -38,6 +38,7 @@ class FederationRun:
     checkpoint_dir: str | None = None
     server_args: tuple[str, ...] = ()
     seed: int = 0
+    personal: bool = False
 
 
 def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
@@ -62,6 +63,8 @@ def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
                    "--connect-timeout", "300", "--no-progress", "--out", str(Path(tmp) / f"adapter{k}")]
             if k == 0:
                 cmd.append("--eval-rounds")
+            if run.personal:
+                cmd.append("--personal")
             if run.model:
                 cmd += ["--model", run.model]
             clients.append(subprocess.Popen(fedsplit_command(*cmd), env=child_env(), stdout=subprocess.DEVNULL,
@@ -90,7 +93,8 @@ def run_federated_demo(args) -> int:
     run = FederationRun(strategy=args.strategy, clients=args.clients, rounds=args.rounds,
                         local_steps=args.local_steps, alpha=args.alpha,
                         ranks=[int(r) for r in args.ranks.split(",")] if args.ranks else [args.rank],
-                        lr=args.lr, head_lr=args.head_lr, model=args.model, cut=args.cut, checkpoint_dir=args.out)
+                        lr=args.lr, head_lr=args.head_lr, model=args.model, cut=args.cut, checkpoint_dir=args.out,
+                        personal=args.personal)
     console.print(f"[bold]fedsplit demo[/]: {run.clients} clients, {run.strategy}, {run.rounds} rounds of "
                   f"{run.local_steps} local steps, Dirichlet({run.alpha}) split of the built-in task, "
                   f"ranks {[run.ranks[k % len(run.ranks)] for k in range(run.clients)]}")
@@ -116,6 +120,14 @@ def run_federated_demo(args) -> int:
                       f"{sent / 1e6:.1f}", f"{received / 1e6:.1f}")
     table.add_row("final", f"{first['final_accuracy']:.1%}", "", "", "")
     console.print(table)
+    if run.personal:
+        personal = Table(title="FedDPA: accuracy on each client's own held-out data")
+        for col in ("client", "global adapter", "global + personal adapter"):
+            personal.add_column(col, justify="right")
+        for k, summary in enumerate(summaries):
+            acc = summary["personal_accuracy"]
+            personal.add_row(str(k), f"{acc['global']:.1%}", f"{acc['personalised']:.1%}")
+        console.print(personal)
     console.print(f"checkpoints in {Path(args.out).resolve()} (round_N/: PEFT adapter + coordinator state); "
                   f"{time.perf_counter() - started:.0f} s")
     return 0

@@ -43,6 +43,8 @@ class FederatedOptions:
     poll: float = 0.2
     evaluate: bool = False  # evaluate the global model at each round start and at the end
     max_wait: float = 3600.0
+    personal: bool = False  # FedDPA: a second, local adapter that is trained but never uploaded
+    personal_test: object | None = None  # batches of the client's own held-out data
 
 
 def _head_name(param_name: str) -> str:
@@ -73,6 +75,43 @@ class FederatedClient:
                         for name, layer in lora_layers(self.client.model).items()}
         self.records: list[RoundRecord] = []
         self.final_accuracy: float | None = None
+        self.personal_accuracy: dict[str, float] = {}
+        if self.options.personal:
+            self._add_local_adapter()
+
+    # ------------------------------------------------------------ FedDPA
+
+    def _add_local_adapter(self) -> None:
+        """The personal adapter on the client-side modules: B = 0, so it starts
+        as a no-op; it trains beside the global one and never leaves the client."""
+        cfg = self.client.config
+        model = self.client.model
+        model.add_adapter("local", cfg.lora.peft_config(self.client.family, None, cfg.task))
+        init_lora(model, "local", stable_seed(cfg.seed, "local"))
+        self._both_adapters()
+
+    def _active(self, names: list[str]) -> None:
+        # Only the LoRA layers switch: the head (a module to save) has a single copy.
+        for layer in lora_layers(self.client.model).values():
+            layer.set_adapter(names)
+
+    def _both_adapters(self) -> None:
+        self._active(["default", "local"])
+
+    def _local_params(self) -> list:
+        return [p for n, p in self.client.model.named_parameters() if ".local." in n]
+
+    def evaluate_personal(self) -> dict[str, float]:
+        """Accuracy on the client's own held-out data with the global adapter
+        alone and with global + personal adapters combined."""
+        test = self.options.personal_test
+        model = self.client.model
+        self._active(["default"])
+        try:
+            global_acc = self.client.evaluate(test)
+        finally:
+            self._both_adapters()
+        return {"global": global_acc, "personalised": self.client.evaluate(test)}
 
     def _request(self, op: str, **kw) -> Message:
         return self.client.conn.request(Message(op, **kw))
@@ -110,6 +149,10 @@ class FederatedClient:
         layers = self.options.layers
         modules = None if layers is None else {m for m in self.modules if block_of(m) in layers}
         lora = set_trainable(self.client.model, trainable, modules=modules)
+        if self.options.personal:
+            lora += self._local_params()
+            for p in self._local_params():
+                p.requires_grad_(True)
         head = list(head_params(self.client).values())
         cfg = self.client.config
         groups = [g for g in ({"params": lora}, {"params": head, "lr": cfg.head_lr or cfg.lr}) if g["params"]]
@@ -177,10 +220,22 @@ class FederatedClient:
             trainable = self._apply(reply)
             if status == "done":
                 if self.options.evaluate and self.test is not None:
+                    if self.options.personal:  # the global model alone
+                        self._active(["default"])
                     self.final_accuracy = self.client.evaluate(self.test)
+                    if self.options.personal:
+                        self._both_adapters()
+                if self.options.personal and self.options.personal_test is not None:
+                    self.personal_accuracy = self.evaluate_personal()
                 return self.records
             round_index = int(reply.meta["round"])
-            accuracy = self.client.evaluate(self.test) if self.options.evaluate and self.test is not None else None
+            accuracy = None
+            if self.options.evaluate and self.test is not None:
+                if self.options.personal:
+                    self._active(["default"])
+                accuracy = self.client.evaluate(self.test)
+                if self.options.personal:
+                    self._both_adapters()
             sent, received = conn.bytes_sent, conn.bytes_received
             self.client.optimizer = self._optimizer(trainable)
             batches = self._round_batches(round_index)

@@ -40,6 +40,7 @@ class TrainOptions:
     client_index: int = 0
     layers: list[int] | None = None
     eval_rounds: bool = False
+    personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
 
 
 def run_client(config: ClientConfig, options: TrainOptions) -> dict:
@@ -102,14 +103,22 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
         raise ValueError(f"--client-index must be in [0, {options.num_clients}), got {options.client_index}")
     mine = [dataset.train[i] for i in parts[options.client_index]]
     cfg = client.config
+    personal_test = None
+    if options.personal:
+        from .data import split_train_test
+
+        mine, held_out = split_train_test(mine, 0.2, cfg.seed)
+        personal_test = Batches(held_out, dataset, tokenizer, options.max_length, 64, False)
     train = Batches(mine, dataset, tokenizer, options.max_length, options.batch_size, True, cfg.seed)
     test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False) if options.eval_rounds else None
     runner = FederatedClient(client, train, len(mine), test,
-                             FederatedOptions(layers=options.layers, evaluate=options.eval_rounds))
+                             FederatedOptions(layers=options.layers, evaluate=options.eval_rounds,
+                                              personal=options.personal, personal_test=personal_test))
     records = runner.run()
     summary = {"labels": dataset.labels, "train_samples": len(mine), "test_samples": len(dataset.test),
                "federation": client.federation, "cut": str(client.cut),
                "rounds": [r.__dict__ for r in records], "final_accuracy": runner.final_accuracy,
+               "personal_accuracy": runner.personal_accuracy,
                "steps": client.steps, "bytes_sent": client.conn.bytes_sent,
                "bytes_received": client.conn.bytes_received, "client_peak_rss": peak_rss(),
                "client_peak_rss_above_start": peak_rss() - rss_before,

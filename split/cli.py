@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--partition-alpha", type=float, default=0.5, help="Dirichlet concentration")
     g.add_argument("--layers", default=None, help="comma-separated blocks whose LoRA this client trains")
     g.add_argument("--eval-rounds", action="store_true", help="evaluate the global model every round")
+    g.add_argument("--personal", action="store_true",
+                   help="FedDPA: train a personal adapter beside the global one; report both accuracies "
+                        "on a held-out 20%% of this client's data")
 
     d = sub.add_parser("demo", help="a federated session on this machine: MiniLM on the built-in data")
     d.add_argument("--model", default=None)
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local-steps", type=int, default=10)
     d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     d.add_argument("--ranks", default=None, help="comma-separated ranks, cycled over the clients")
+    d.add_argument("--personal", action="store_true", help="FedDPA personal adapters on every client")
     d.add_argument("--epochs", type=float, default=3.0, help="single-client demo only")
     d.add_argument("--steps", type=int, default=None, help="single-client demo only")
     d.add_argument("--cut", default="1,1")
@@ -210,7 +214,7 @@ def _client(args) -> int:
                            batch_size=args.batch_size, max_length=args.max_length, adapter_out=args.out,
                            progress=not args.no_progress, partition=args.partition,
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
-                           client_index=args.client_index, eval_rounds=args.eval_rounds,
+                           client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
                            layers=[int(x) for x in args.layers.split(",")] if args.layers else None)
     summary = run_client(config, options)
     write_summary(summary, args.summary_json)
