@@ -7,8 +7,6 @@ aggregates are recomputed here from dense products and explicit padding.
 
 from __future__ import annotations
 
-import io
-import json
 import math
 
 import pytest
@@ -19,79 +17,10 @@ from server.strategies.base import ClientInfo, Factors, StrategyError, Upload, b
 from server.strategies.hetlora import (HetLoRA, pad_factors, pruned_rank, rank_penalty, sparsity_weights,
                                        tail_start, truncate_factors)
 
-D_IN, D_OUT, R_MAX, ALPHA = 6, 5, 8, 16.0
-MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")] + ["score.dense"]
-RANKS = {"c2": 2, "c4": 4, "c8": 8}
-SAMPLES = {"c2": 10, "c4": 30, "c8": 60}
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def initial(g):
-    return {m: Factors(torch.randn(R_MAX, D_IN, generator=g, dtype=torch.float64),
-                       torch.zeros(D_OUT, R_MAX, dtype=torch.float64), ALPHA) for m in MODULES}
-
-
-def clients():
-    return [ClientInfo(c, r, ALPHA, num_samples=SAMPLES[c]) for c, r in RANKS.items()]
-
-
-def random_upload(g, client, rank, samples, modules=MODULES, extra=None):
-    return Upload(client, {m: Factors(torch.randn(rank, D_IN, generator=g, dtype=torch.float64),
-                                      torch.randn(D_OUT, rank, generator=g, dtype=torch.float64), ALPHA)
-                           for m in modules}, samples, rank, extra=extra or {})
-
-
-def uploads(g):
-    return [random_upload(g, c, r, SAMPLES[c]) for c, r in RANKS.items()]
-
-
-def snapshot(x):
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, dict):
-        return {k: snapshot(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [snapshot(v) for v in x]
-    if isinstance(x, Factors):
-        return (x.A.clone(), x.B.clone(), x.alpha)
-    if isinstance(x, Upload):
-        return (x.client, snapshot(x.factors), x.num_samples, x.rank, snapshot(x.extra))
-    return x
-
-
-def assert_same(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
-
-
-def assert_checkpointable(state):
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            return
-        if isinstance(v, dict):
-            for k, x in v.items():
-                assert isinstance(k, str)
-                walk(x)
-            return
-        json.dumps(v)  # raises on anything not JSON-plain
-    walk(state)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    assert_same(torch.load(buf, weights_only=True), state)
+from strategy_helpers import (MIXED_ALPHA as ALPHA, MIXED_D_IN as D_IN, MIXED_D_OUT as D_OUT,
+                              MIXED_MODULES as MODULES, R_MAX, RANKS, SAMPLES, assert_mixed_rounds_checkpointable,
+                              assert_same, clients, gen, initial, mixed_round_with_snapshots, random_upload,
+                              uploads)
 
 
 # ------------------------------------------------------------------ identity 5
@@ -240,7 +169,7 @@ def test_extra_is_averaged_and_downloaded():
     s = HetLoRA()
     state = s.init_state(initial(g), clients())
     heads = {c: torch.randn(3, 4, generator=g, dtype=torch.float64) for c in RANKS}
-    ups = [random_upload(g, c, r, SAMPLES[c], extra={"head.weight": heads[c]}) for c, r in RANKS.items()]
+    ups = uploads(g, lambda c: {"head.weight": heads[c]})
     new = s.aggregate(state, ups, 0).state
     total = sum(SAMPLES.values())
     expected = sum(SAMPLES[c] / total * heads[c] for c in RANKS)
@@ -250,37 +179,16 @@ def test_extra_is_averaged_and_downloaded():
 
 
 def test_state_is_checkpointable():
-    g = gen(8)
-    s = HetLoRA()
-    state = s.init_state(initial(g), clients())
-    assert_checkpointable(state)
-    ups = [random_upload(g, c, r, SAMPLES[c], extra={"head.bias": torch.ones(3)}) for c, r in RANKS.items()]
-    new = s.aggregate(state, ups, 0).state
-    assert_checkpointable(new)
-    buf = io.BytesIO()
-    torch.save(new, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
-    assert_same(s.aggregate(loaded, ups, 1).state, s.aggregate(new, ups, 1).state)
+    assert_mixed_rounds_checkpointable(HetLoRA(), gen(8), lambda c: {"head.bias": torch.ones(3)})
 
 
 def test_inputs_are_not_mutated():
-    g = gen(9)
     s = HetLoRA()
-    init = initial(g)
-    init_before = snapshot(init)
-    state = s.init_state(init, clients())
-    ups = [random_upload(g, c, r, SAMPLES[c], extra={"head": torch.randn(2, generator=g)}) for c, r in RANKS.items()]
-    state_before, ups_before = snapshot(state), snapshot(ups)
-    new = s.aggregate(state, ups, 0).state
+    new, assert_unchanged = mixed_round_with_snapshots(s, gen(9))
     d = s.download(new, ClientInfo("c8", 8, ALPHA), 1)
     d.A[MODULES[0]].add_(1.0)  # a caller editing its download must not reach the state
-    new_before = snapshot(new)
     s.download(new, ClientInfo("c8", 8, ALPHA), 1)
-    assert_same(snapshot(init), init_before)
-    assert_same(snapshot(state), state_before)
-    assert_same(snapshot(ups), ups_before)
-    assert_same(snapshot(new), new_before)
+    assert_unchanged()
     assert not torch.equal(new["A"][MODULES[0]], d.A[MODULES[0]])
 
 

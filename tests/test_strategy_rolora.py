@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
-
 import pytest
 import torch
 
@@ -12,82 +9,8 @@ from server.strategies import get_strategy
 from server.strategies.base import ClientInfo, Factors, StrategyError, Upload
 from server.strategies.rolora import RoLoRA
 
-D_IN, D_OUT, R, ALPHA = 12, 10, 4, 8.0
-MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
-COUNTS = (10, 20, 30, 40)  # p = 0.1, 0.2, 0.3, 0.4
-P = (0.1, 0.2, 0.3, 0.4)
-HEAD = "score.weight"
-
-
-def rand(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-
-def make_initial(seed=0, rank=R):
-    gen = torch.Generator().manual_seed(seed)
-    return {m: Factors(rand(gen, rank, D_IN), rand(gen, D_OUT, rank), ALPHA) for m in MODULES}
-
-
-def make_clients(ranks=(R,) * len(COUNTS)):
-    return [ClientInfo(f"c{k}", r, ALPHA, None, n) for k, (r, n) in enumerate(zip(ranks, COUNTS))]
-
-
-def make_uploads(seed=1, rank=R):
-    gen = torch.Generator().manual_seed(seed)
-    return [Upload(f"c{k}", {m: Factors(rand(gen, rank, D_IN), rand(gen, D_OUT, rank), ALPHA) for m in MODULES},
-                   n, rank, None, {HEAD: rand(gen, 3, D_OUT)})
-            for k, n in enumerate(COUNTS)]
-
-
-def tree(x):
-    """A plain nested copy of an input (tensors cloned) to compare against later."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, Factors):
-        return {"A": tree(x.A), "B": tree(x.B), "alpha": x.alpha}
-    if isinstance(x, Upload):
-        return {"client": x.client, "factors": tree(x.factors), "n": x.num_samples, "rank": x.rank,
-                "layers": x.layers, "extra": tree(x.extra)}
-    if isinstance(x, dict):
-        return {k: tree(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [tree(v) for v in x]
-    return x
-
-
-def assert_tree_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b)
-        for k in a:
-            assert_tree_equal(a[k], b[k])
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_tree_equal(x, y)
-    else:
-        assert a == b
-
-
-def assert_checkpointable(state):
-    """Only tensors, dicts (string keys) of them, and JSON-plain values; survives torch.save/load."""
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            return
-        if isinstance(v, dict):
-            for k, x in v.items():
-                assert isinstance(k, str)
-                walk(x)
-            return
-        json.dumps(v)  # TypeError for anything not JSON-plain
-
-    assert isinstance(state, dict)
-    walk(state)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    assert_tree_equal(tree(torch.load(buf, weights_only=True)), tree(state))
+from strategy_helpers import (ALPHA, COUNTS, D_IN, D_OUT, HEAD, MODULES, P, R, assert_checkpointable,
+                              assert_same, make_clients, make_initial, make_uploads, snapshot)
 
 
 def test_registry_builds_rolora():
@@ -213,18 +136,18 @@ def test_state_is_checkpointable():
 def test_inputs_are_not_mutated_or_aliased():
     s = RoLoRA()
     initial, clients = make_initial(), make_clients()
-    before_initial = tree(initial)
+    before_initial = snapshot(initial)
     state = s.init_state(initial, clients)
     ups = make_uploads()
-    before = tree((state, ups))
+    before = snapshot((state, ups))
     mid = s.aggregate(state, ups, 0).state
     new = s.aggregate(mid, ups, 1).state
     s.download(new, clients[0], 2)
-    assert_tree_equal(tree((state, ups)), before)
+    assert_same(snapshot((state, ups)), before)
     new["A"][MODULES[0]].add_(1.0)
     mid["A"][MODULES[1]].add_(1.0)
-    assert_tree_equal(tree(initial), before_initial)
-    assert_tree_equal(tree((state, ups)), before)
+    assert_same(snapshot(initial), before_initial)
+    assert_same(snapshot((state, ups)), before)
 
 
 @pytest.mark.parametrize("round_index, factor", [(0, "B"), (1, "A")])

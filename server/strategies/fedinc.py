@@ -66,8 +66,8 @@ import zlib
 
 import torch
 
-from .base import TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError, Upload, weights
-from .fedit import clone, clone_tree, client_modules, merge_extra
+from .base import ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError, Upload, weights
+from .fedit import clone_tree, download_slots, merge_extra, uploads_by_module
 from .hetlora import check_hetero_client, check_hetero_uploads, hetero_initial_state
 
 # Relative squared distance below which a point counts as a chosen centre in the
@@ -186,14 +186,10 @@ class RankClustering(Strategy):
         """The r_k heaviest slots of the client's modules, B rescaled so that the
         client's update at alpha / r_k equals the sum of those slots; and the head."""
         check_hetero_client(self, state, client)
-        rank = client.rank
-        modules = client_modules(state, client)
-        factor = rank / state["rank"]  # (alpha / r_max) / (alpha / r_k)
-        return Download(
-            A={m: clone(state["A"][m][:rank]) for m in modules},
-            B={m: clone(state["B"][m][:, :rank]) * factor for m in modules},
-            rank=rank, alpha=state["alpha"], trainable=TRAIN_BOTH,
-            extra=clone_tree(state["extra"]))
+        download = download_slots(state, client, client.rank)
+        factor = client.rank / state["rank"]  # (alpha / r_max) / (alpha / r_k)
+        download.B = {m: B * factor for m, B in download.B.items()}
+        return download
 
     def _generator(self, round_index: int, module: str) -> torch.Generator:
         # crc32, not hash(): Python salts str hashes per process.
@@ -204,10 +200,8 @@ class RankClustering(Strategy):
         """Cluster each module's uploaded components; centroids become the slots."""
         check_hetero_uploads(self, state, uploads, same_alpha=False)
         new = clone_tree(state)
-        for m in state["A"]:
-            have = [u for u in uploads if m in u.factors]
-            if have:
-                new["A"][m], new["B"][m] = self._module(state, m, have, round_index)
+        for m, have in uploads_by_module(state, uploads):
+            new["A"][m], new["B"][m] = self._module(state, m, have, round_index)
         new["extra"] = merge_extra(self, state, uploads)
         return RoundResult(state=new)
 

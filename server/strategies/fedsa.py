@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from .base import (TRAIN_A, TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, Upload,
                    weights)
-from .fedit import (check_client, check_uploads, clone, clone_tree, client_modules, initial_state,
-                    weighted_mean)
+from .fedit import check_client, check_uploads, clone, clone_tree, client_modules, initial_state, mean_factor
 
 
 class FedSALoRA(Strategy):
@@ -51,6 +50,5 @@ class FedSALoRA(Strategy):
         check_uploads(self, state, uploads, (TRAIN_A,))
         p = weights(uploads)
         new = clone_tree(state)
-        new["A"] = {m: weighted_mean([u.factors[m].A for u in uploads], p, ref)
-                    for m, ref in state["A"].items()}
+        new["A"] = mean_factor(state, uploads, TRAIN_A, p)
         return RoundResult(state=new)

@@ -22,7 +22,7 @@ from abc import abstractmethod
 
 from .base import (TRAIN_B, ClientInfo, Download, Factors, RoundResult, Strategy, Upload, weights)
 from .fedit import (FACTOR_NAMES, check_client, check_uploads, clone, clone_tree, client_modules,
-                    initial_state, merge_extra, weighted_mean)
+                    initial_state, mean_factor, merge_extra)
 
 
 class FrozenFactorStrategy(Strategy):
@@ -82,9 +82,7 @@ class FrozenFactorStrategy(Strategy):
         check_uploads(self, state, uploads, (factor,))
         p = weights(uploads)
         new = clone_tree(state)
-        new[factor] = {
-            m: weighted_mean([getattr(u.factors[m], factor) for u in uploads], p, ref)
-            for m, ref in state[factor].items()}
+        new[factor] = mean_factor(state, uploads, factor, p)
         new["extra"] = merge_extra(self, state, uploads)
         new["updated"][factor] = round_index
         new["held"].update({u.client: round_index for u in uploads})

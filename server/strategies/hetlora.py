@@ -45,9 +45,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError,
-                   Upload, block_of, weights)
-from .fedit import clone, clone_tree, client_modules, merge_extra
+from .base import ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError, Upload, weights
+from .fedit import (acc_dtype, check_initial_shapes, check_upload_clients, clone, clone_tree, download_slots,
+                    initial_rank_alpha, lora_state, merge_extra, outside_blocks, repeated, uploads_by_module)
 
 DEFAULT_LAMBDA = 1e-3  # FlexLoRA's re-implementation (notes, section 3)
 DEFAULT_GAMMA = 0.99
@@ -143,22 +143,10 @@ def hetero_initial_state(strategy: Strategy, initial: dict[str, Factors], client
     global LoRA at r_max (its rank), which every client's rank must not exceed."""
     strategy.check(clients)
     name = strategy.name
-    if not initial:
-        raise StrategyError(f"{name}: the initial LoRA has no modules")
-    for module, f in initial.items():
-        if f.A.dim() != 2 or f.B.dim() != 2 or f.B.shape[1] != f.A.shape[0]:
-            raise StrategyError(
-                f"{name}: initial factors of {module} have shapes A {tuple(f.A.shape)}, "
-                f"B {tuple(f.B.shape)}; expected A r x d_in and B d_out x r")
-    ranks = sorted({f.rank for f in initial.values()})
-    if len(ranks) > 1:
-        raise StrategyError(f"{name}: the initial LoRA mixes ranks {ranks} across modules")
-    alphas = sorted({float(f.alpha) for f in initial.values()})
-    if len(alphas) > 1:
-        raise StrategyError(f"{name}: the initial LoRA mixes alphas {alphas} across modules")
-    r_max = ranks[0]
-    names = [c.client for c in clients]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    # Shapes first: an empty initial LoRA passes them and is refused just below.
+    check_initial_shapes(strategy, initial)
+    r_max, alpha = initial_rank_alpha(strategy, initial)
+    dupes = repeated([c.client for c in clients])
     if dupes:
         raise StrategyError(f"{name}: client(s) {dupes} listed more than once")
     for c in clients:
@@ -166,13 +154,7 @@ def hetero_initial_state(strategy: Strategy, initial: dict[str, Factors], client
             raise StrategyError(
                 f"{name}: client {c.client!r} trains rank {c.rank}, outside 1..{r_max} (the initial "
                 f"LoRA's rank, which is the largest rank of the run)")
-    return {
-        "rank": r_max,
-        "alpha": alphas[0],
-        "A": {m: clone(f.A) for m, f in initial.items()},
-        "B": {m: clone(f.B) for m, f in initial.items()},
-        "extra": {},
-    }
+    return lora_state(initial, r_max, alpha)
 
 
 def check_hetero_client(strategy: Strategy, state: dict, client: ClientInfo) -> None:
@@ -193,12 +175,7 @@ def check_hetero_uploads(strategy: Strategy, state: dict, uploads: list[Upload],
     widths; its rank must lie in 1..r_max. With ``same_alpha`` every factor
     must carry the state's alpha (methods that average raw factors)."""
     name = strategy.name
-    if not uploads:
-        raise StrategyError(f"{name}: no uploads to aggregate")
-    clients = [u.client for u in uploads]
-    dupes = sorted({n for n in clients if clients.count(n) > 1})
-    if dupes:
-        raise StrategyError(f"{name}: more than one upload from client(s) {dupes}")
+    check_upload_clients(strategy, uploads)
     known = set(state["A"])
     r_max = state["rank"]
     for u in uploads:
@@ -210,10 +187,9 @@ def check_hetero_uploads(strategy: Strategy, state: dict, uploads: list[Upload],
         unknown = sorted(set(u.factors) - known)
         if unknown:
             raise StrategyError(f"{who} names unknown module(s) {unknown}")
-        if u.layers is not None:
-            outside = sorted(m for m in u.factors if block_of(m) is not None and block_of(m) not in u.layers)
-            if outside:
-                raise StrategyError(f"{who} contains module(s) {outside} outside its blocks {sorted(u.layers)}")
+        outside = outside_blocks(u)
+        if outside:
+            raise StrategyError(f"{who} contains module(s) {outside} outside its blocks {sorted(u.layers)}")
         for module, f in u.factors.items():
             d_in = state["A"][module].shape[1]
             d_out = state["B"][module].shape[0]
@@ -227,11 +203,6 @@ def check_hetero_uploads(strategy: Strategy, state: dict, uploads: list[Upload],
             if same_alpha and not math.isclose(float(f.alpha), state["alpha"]):
                 raise StrategyError(
                     f"{who}: {module} was trained with alpha {f.alpha} but this run uses alpha {state['alpha']}")
-
-
-def acc_dtype(like: torch.Tensor) -> torch.dtype:
-    """Accumulate in at least float32 so half-precision uploads keep their precision."""
-    return torch.promote_types(like.dtype, torch.float32)
 
 
 # --------------------------------------------------------------------- strategy
@@ -278,14 +249,8 @@ class HetLoRA(Strategy):
         """B_g[:, :r_k] and A_g[:r_k, :] of the client's modules at its current
         rank, the head, and the penalty settings in ``options``."""
         check_hetero_client(self, state, client)
-        rank = self.current_rank(state, client)
-        modules = client_modules(state, client)
-        return Download(
-            A={m: clone(state["A"][m][:rank]) for m in modules},
-            B={m: clone(state["B"][m][:, :rank]) for m in modules},
-            rank=rank, alpha=state["alpha"], trainable=TRAIN_BOTH,
-            options={"hetlora_lambda": self.lam, "hetlora_gamma": self.gamma},
-            extra=clone_tree(state["extra"]))
+        return download_slots(state, client, self.current_rank(state, client),
+                              options={"hetlora_lambda": self.lam, "hetlora_gamma": self.gamma})
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Sparsity-weighted mean of the zero-padded uploads, per module; record
@@ -299,10 +264,8 @@ class HetLoRA(Strategy):
                     "HetLoRA ranks only ever decrease")
         new = clone_tree(state)
         r_max = state["rank"]
-        for m, A_old in state["A"].items():
-            have = [u for u in uploads if m in u.factors]
-            if not have:
-                continue  # nobody trained m this round: it keeps its value
+        for m, have in uploads_by_module(state, uploads):  # a module nobody trained keeps its value
+            A_old = state["A"][m]
             dtype = acc_dtype(A_old)
             # A pruned client's tail beyond its reported rank is dropped.
             dev = A_old.device

@@ -17,10 +17,9 @@ State layout: as FedIT's, {"rank", "alpha", "A", "B", "extra"}.
 
 from __future__ import annotations
 
-from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError,
-                   Upload, block_of, weights)
-from .fedit import (FACTOR_NAMES, check_client, check_uploads, clone, clone_tree, client_modules,
-                    initial_state, merge_extra, weighted_mean)
+from .base import ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError, Upload, weights
+from .fedit import (FACTOR_NAMES, check_client, check_uploads, clone_tree, download_slots, initial_state,
+                    merge_extra, outside_blocks, uploads_by_module, weighted_mean)
 
 WEIGHTINGS = ("uniform", "samples")
 
@@ -49,12 +48,7 @@ class LayerMean(Strategy):
     def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
         """The global A and B of the modules in the client's blocks, and the head."""
         check_client(self, state, client)
-        modules = client_modules(state, client)
-        return Download(
-            A={m: clone(state["A"][m]) for m in modules},
-            B={m: clone(state["B"][m]) for m in modules},
-            rank=state["rank"], alpha=state["alpha"], trainable=TRAIN_BOTH,
-            extra=clone_tree(state["extra"]))
+        return download_slots(state, client, state["rank"])
 
     def _weights(self, uploads: list[Upload]) -> list[float]:
         if self.weighting == "uniform":
@@ -66,18 +60,13 @@ class LayerMean(Strategy):
         no upload contains keeps its previous value."""
         check_uploads(self, state, uploads, FACTOR_NAMES, every_module=False)
         for u in uploads:
-            if u.layers is None:
-                continue
-            outside = sorted(m for m in u.factors if block_of(m) is not None and block_of(m) not in u.layers)
+            outside = outside_blocks(u)
             if outside:
                 raise StrategyError(
                     f"layermean: upload from client {u.client!r} contains module(s) {outside} outside its "
                     f"blocks {sorted(u.layers)}")
         new = clone_tree(state)
-        for m in state["A"]:
-            have = [u for u in uploads if m in u.factors]
-            if not have:
-                continue  # nobody trained m this round: it keeps its previous value
+        for m, have in uploads_by_module(state, uploads):  # a module nobody trained keeps its value
             w = self._weights(have)
             for which in FACTOR_NAMES:
                 new[which][m] = weighted_mean([getattr(u.factors[m], which) for u in have], w,

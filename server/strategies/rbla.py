@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, Upload, weights
-from .fedit import clone, clone_tree, client_modules, merge_extra
-from .hetlora import acc_dtype, check_hetero_client, check_hetero_uploads, hetero_initial_state
+from .base import ClientInfo, Download, Factors, RoundResult, Strategy, Upload, weights
+from .fedit import acc_dtype, clone_tree, download_slots, merge_extra, uploads_by_module
+from .hetlora import check_hetero_client, check_hetero_uploads, hetero_initial_state
 
 
 class RBLA(Strategy):
@@ -50,13 +50,7 @@ class RBLA(Strategy):
     def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
         """A_g[:r_k] and B_g[:, :r_k] of the client's modules, and the head."""
         check_hetero_client(self, state, client)
-        rank = client.rank
-        modules = client_modules(state, client)
-        return Download(
-            A={m: clone(state["A"][m][:rank]) for m in modules},
-            B={m: clone(state["B"][m][:, :rank]) for m in modules},
-            rank=rank, alpha=state["alpha"], trainable=TRAIN_BOTH,
-            extra=clone_tree(state["extra"]))
+        return download_slots(state, client, client.rank)
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Per module and rank slot, the sample-weighted mean over the uploads
@@ -64,11 +58,8 @@ class RBLA(Strategy):
         check_hetero_uploads(self, state, uploads, same_alpha=True)
         new = clone_tree(state)
         r_max = state["rank"]
-        for m, A_old in state["A"].items():
-            have = [u for u in uploads if m in u.factors]
-            if not have:
-                continue  # nobody trained m this round: it keeps its value
-            B_old = state["B"][m]
+        for m, have in uploads_by_module(state, uploads):  # a module nobody trained keeps its value
+            A_old, B_old = state["A"][m], state["B"][m]
             dtype, dev = acc_dtype(A_old), A_old.device
             p = weights(have)
             A_sum = torch.zeros((r_max, A_old.shape[1]), dtype=dtype, device=dev)
