@@ -6,7 +6,7 @@ LoRA trains the same number of steps (8 x R x S, batch 16) through one split
 client on all the training data. Every run uses real processes on loopback.
 Prints each method's final test accuracy and its gap to centralised.
 
-    python bench/discordance.py [--rounds 6] [--local-steps 8] [--methods fedit,fedex,flora,ffa,rolora]
+    python bench/discordance.py [--rounds 5] [--local-steps 8] [--methods fedit,fedex,flora,ffa,rolora]
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=0.3)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--head-lr", type=float, default=5e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--head-lr", type=float, default=2e-2)
     parser.add_argument("--methods", default="fedit,fedex,flora,ffa,rolora")
     args = parser.parse_args()
     num_labels = len(load_dataset(None).labels)

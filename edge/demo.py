@@ -16,7 +16,11 @@ from server.launch import child_env, fedsplit_command, free_port, start_server, 
 
 
 def run_demo(args) -> int:
-    if args.clients > 1:
+    # Rounds of few local steps need larger steps than one long run to get as far.
+    federated = args.clients > 1
+    args.lr = args.lr or (5e-3 if federated else 2e-3)
+    args.head_lr = args.head_lr or (2e-2 if federated else 5e-3)
+    if federated:
         return run_federated_demo(args)
     return run_split_demo(args)
 
@@ -31,8 +35,8 @@ class FederationRun:
     local_steps: int = 10
     alpha: float = 0.5
     ranks: list[int] = field(default_factory=lambda: [8])
-    lr: float = 2e-3
-    head_lr: float = 5e-3
+    lr: float = 5e-3
+    head_lr: float = 2e-2
     model: str | None = None
     cut: str = "1,1"
     checkpoint_dir: str | None = None

@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="single-client demo only")
     d.add_argument("--cut", default="1,1")
     d.add_argument("--rank", type=int, default=8)
-    d.add_argument("--lr", type=float, default=2e-3)
-    d.add_argument("--head-lr", type=float, default=5e-3)
+    d.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 5e-3; 2e-3 with one client)")
+    d.add_argument("--head-lr", type=float, default=None, help="head learning rate (default 2e-2; 5e-3 with one client)")
     d.add_argument("--out", default="fedsplit-demo", help="adapter (one client) or checkpoint folder")
     return parser
 
