@@ -111,10 +111,10 @@ def apply_base_delta(model, folder: str | Path) -> int:
     path = Path(folder) / "base_delta.safetensors"
     if not path.exists():
         return 0
+    from split.lora import fold_into
+
     deltas = load_file(str(path))
-    with torch.no_grad():
-        for module, delta in deltas.items():
-            layer = model.get_submodule(module)
-            conv1d = type(layer).__name__ == "Conv1D"  # stores in x out
-            layer.weight.add_((delta.T if conv1d else delta).to(layer.weight.dtype))
+    for module, delta in deltas.items():
+        layer = model.get_submodule(module)
+        fold_into(layer.weight, delta, type(layer).__name__ == "Conv1D")  # Conv1D stores in x out
     return len(deltas)

@@ -169,14 +169,32 @@ def set_trainable(model: PeftModel, which: str, adapter: str = "default", module
     return params
 
 
-def fold_delta(model: PeftModel, module: str, delta: torch.Tensor) -> None:
-    """Add ``delta`` (d_out x d_in) to a LoRA layer's frozen weight, in the
-    layer's own orientation (GPT-2's Conv1D stores in x out)."""
-    layer = model.get_submodule(PEFT_PREFIX + module)
-    weight = layer.get_base_layer().weight
-    native = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+def native_delta(delta: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``delta`` (d_out x d_in) in a layer's own orientation: transposed for
+    Conv1D-style weights stored in x out (peft's ``fan_in_fan_out``), as is for
+    ``nn.Linear``. Adding it without honouring the flag fits a square weight's
+    shape and is silently wrong."""
+    return delta.T if fan_in_fan_out else delta
+
+
+def fold_into(weight: torch.Tensor, delta: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """Add ``delta`` (d_out x d_in) to ``weight`` in place, in the weight's own
+    orientation, dtype and device; returns ``weight``."""
+    native = native_delta(delta, fan_in_fan_out)
+    if tuple(native.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"cannot fold a delta of shape {tuple(delta.shape)} (d_out x d_in) into a weight of shape "
+            f"{tuple(weight.shape)} with fan_in_fan_out={fan_in_fan_out}")
     with torch.no_grad():
-        weight.add_(native.to(weight.dtype))
+        weight.add_(native.to(dtype=weight.dtype, device=weight.device))
+    return weight
+
+
+def fold_delta(model: PeftModel, module: str, delta: torch.Tensor) -> None:
+    """Add ``delta`` (d_out x d_in) to the frozen weight of a LoRA module of
+    ``model``, in the layer's own orientation."""
+    layer = model.get_submodule(PEFT_PREFIX + module)
+    fold_into(layer.get_base_layer().weight, delta, getattr(layer, "fan_in_fan_out", False))
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

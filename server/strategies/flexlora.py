@@ -83,6 +83,8 @@ def check_hetero_uploads(strategy: Strategy, shapes: dict[str, list[int]], uploa
         who = f"{strategy.name}: upload from client {u.client!r}"
         if u.num_samples < 0:
             raise StrategyError(f"{who} has a negative sample count {u.num_samples}")
+        if u.rank < 1:
+            raise StrategyError(f"{who} has rank {u.rank}; ranks start at 1")
         if u.layers is not None and not strategy.layer_subsets:
             raise StrategyError(f"{who} trained only blocks {sorted(u.layers)}; use layermean (FedRA, "
                                 "Fed-piLot) for clients with layer subsets")
@@ -117,8 +119,12 @@ def module_uploads(uploads: list[Upload], module: str) -> tuple[list[float], lis
 def stacked(ws: list[float], factors: list[Factors], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``L = [w_1 s_1 B_1, ..., w_K s_K B_K]`` (d_out x Σr) and ``R = [A_1; ...; A_K]``
     (Σr x d_in), so that ``L @ R = Σ w_k s_k B_k A_k``. New tensors; inputs untouched."""
-    L = torch.cat([f.B.detach().to(dtype) * (w * f.scale) for w, f in zip(ws, factors)], dim=1)
-    R = torch.cat([f.A.detach().to(dtype) for f in factors], dim=0)
+    # One cat and one column scaling rather than K small products: with many
+    # clients the per-op overhead otherwise rivals the matmul that follows.
+    col = torch.tensor([w * f.scale for w, f in zip(ws, factors)], dtype=dtype)
+    col = col.repeat_interleave(torch.tensor([f.rank for f in factors]))
+    L = torch.cat([f.B.detach() for f in factors], dim=1).to(dtype) * col.to(factors[0].B.device)
+    R = torch.cat([f.A.detach() for f in factors], dim=0).to(dtype)
     return L, R
 
 
@@ -248,7 +254,7 @@ class FlexLoRA(Strategy):
                                 "S": A.new_zeros(A.shape[0]), "Vh": A}
             else:
                 L, R = stacked([1.0], [f], dtype)
-                glob[module] = svd_entry(L, R, keep, generator(self.seed, "init", module), self.route)
+                glob[module] = svd_entry(L, R, keep, generator(self.seed, "svd", "init", module), self.route)
         return {"alpha": alpha, "ranks": ranks, "keep": keep, "shapes": shapes, "global": glob, "extra": {}}
 
     def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
@@ -265,7 +271,8 @@ class FlexLoRA(Strategy):
             have = Vh.shape[0]
             if r > have:
                 extra = r - have
-                Vh = torch.cat([Vh, _orthonormal_rows(Vh, extra, generator(self.seed, round_index, module))])
+                gen = generator(self.seed, "download", round_index, module)
+                Vh = torch.cat([Vh, _orthonormal_rows(Vh, extra, gen)])
                 US = torch.cat([US, US.new_zeros(US.shape[0], extra)], dim=1)
             A[module] = Vh[:r].clone()
             B[module] = US[:, :r] / scale
@@ -285,7 +292,7 @@ class FlexLoRA(Strategy):
                 continue
             dtype = acc_dtype(factors[0].A.dtype)
             L, R = stacked(ws, factors, dtype)
-            glob[module] = svd_entry(L, R, keep, generator(self.seed, round_index, module), self.route)
+            glob[module] = svd_entry(L, R, keep, generator(self.seed, "svd", round_index, module), self.route)
         new = {**state, "ranks": ranks, "keep": keep, "global": glob,
                "extra": merge_extra(self, state, uploads)}
         return RoundResult(state=clone_tree(new))

@@ -43,46 +43,58 @@ def cosine(delta_w: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
     return float((X @ Y) / den) if den > 0 else 0.0
 
 
-def fair_correction(delta_w: torch.Tensor, A_bar: torch.Tensor, B_bar: torch.Tensor, lam: float = 0.01,
-                    steps: int = 100, lr: float = 1e-4) -> torch.Tensor:
-    """ΔB* ≈ argmin 1 − cos(ΔW, (B̄ + ΔB) Ā) + lam ||ΔB||_F by ``steps`` Adam
-    steps from ΔB = 0, the penalty as a proximal step (module docstring).
-    Returns a new d_out x r tensor (in at least float32); inputs are untouched."""
-    if lam < 0 or steps < 0 or lr <= 0:
+def _check_options(lam: float, steps: int, lr: float) -> None:
+    if not (lam >= 0 and steps >= 0 and lr > 0):
         raise StrategyError(f"lorafair: needs lam >= 0, steps >= 0 and lr > 0 (got {lam}, {steps}, {lr})")
-    dtype = torch.promote_types(B_bar.dtype, torch.float32)
-    W, A, B = (t.detach().to(dtype) for t in (delta_w, A_bar, B_bar))
-    dB = torch.zeros_like(B)
-    norm_w = W.norm()
-    if steps == 0 or norm_w == 0 or not bool(torch.any(A != 0)):
-        return dB  # nothing to align with (no update, or Ā = 0)
-    C = W @ A.T  # d_out x r
-    G = A @ A.T  # r x r
-    tiny = torch.finfo(dtype).tiny
 
-    def loss_of(Bp: torch.Tensor) -> torch.Tensor:
-        sq = ((Bp @ G) * Bp).sum().clamp_min(tiny)
-        return 1 - (C * Bp).sum() / (norm_w * sq.sqrt())
 
-    dB.requires_grad_(True)
+def solve(C: torch.Tensor, G: torch.Tensor, B: torch.Tensor, norm_w: torch.Tensor, lam: float, steps: int,
+          lr: float) -> torch.Tensor:
+    """ΔB for a batch of modules of one shape: ``C`` (n x d_out x r) = ΔW Āᵀ,
+    ``G`` (n x r x r) = Ā Āᵀ, ``B`` (n x d_out x r) = B̄, ``norm_w`` (n) = ||ΔW||_F,
+    all nonzero. Adam acts elementwise, so one solve over the batch gives each
+    module exactly the steps it would get alone; the loss is their sum."""
+    tiny = torch.finfo(B.dtype).tiny
+    dB = torch.zeros_like(B, requires_grad=True)
     opt = torch.optim.Adam([dB], lr=lr)
-    beta2 = opt.param_groups[0]["betas"][1]
-    eps = opt.param_groups[0]["eps"]
+    beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss_of(B + dB).backward()
+            Bp = B + dB
+            sq = (torch.bmm(Bp, G) * Bp).sum(dim=(1, 2)).clamp_min(tiny)  # ||B'Ā||² per module
+            cos = (C * Bp).sum(dim=(1, 2)) / (norm_w * sq.sqrt())
+            (1 - cos).sum().backward()
             opt.step()
             if lam > 0:
                 with torch.no_grad():
                     st = opt.state[dB]
                     v_hat = st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))
-                    # Threshold lr * lam / d, d = Adam's scalar scale; lam = inf shrinks to 0.
-                    d = float(v_hat.mean().sqrt()) + eps
-                    n = float(dB.norm())
-                    keep = 0.0 if n == 0 or math.isinf(lam) else max(0.0, 1.0 - lr * lam / (d * n))
-                    dB.mul_(keep)
+                    # Group soft-threshold per module at lr * lam / d, d = Adam's
+                    # scalar scale (root mean second moment) for that module.
+                    d = v_hat.mean(dim=(1, 2)).sqrt() + eps
+                    n = dB.norm(dim=(1, 2))
+                    if math.isinf(lam):
+                        keep = torch.zeros_like(n)
+                    else:
+                        keep = (1 - lr * lam / (d * n.clamp_min(tiny))).clamp_min(0)
+                    dB.mul_(keep[:, None, None])
     return dB.detach()
+
+
+def fair_correction(delta_w: torch.Tensor, A_bar: torch.Tensor, B_bar: torch.Tensor, lam: float = 0.01,
+                    steps: int = 100, lr: float = 1e-4) -> torch.Tensor:
+    """ΔB* ≈ argmin 1 − cos(ΔW, (B̄ + ΔB) Ā) + lam ||ΔB||_F for one module, by
+    ``steps`` Adam steps from ΔB = 0 with the penalty as a proximal step
+    (module docstring). Returns a new d_out x r tensor in at least float32;
+    inputs are untouched. ΔB = 0 when ΔW = 0 or Ā = 0 (nothing to align)."""
+    _check_options(lam, steps, lr)
+    dtype = torch.promote_types(B_bar.dtype, torch.float32)
+    W, A, B = (t.detach().to(dtype) for t in (delta_w, A_bar, B_bar))
+    norm_w = W.norm()
+    if steps == 0 or norm_w == 0 or not bool(torch.any(A != 0)):
+        return torch.zeros_like(B)
+    return solve((W @ A.T)[None], (A @ A.T)[None], B[None], norm_w[None], lam, steps, lr)[0]
 
 
 class LoRAFAIR(Strategy):
@@ -99,8 +111,7 @@ class LoRAFAIR(Strategy):
     name = "lorafair"
 
     def __init__(self, lam: float = 0.01, steps: int = 100, lr: float = 1e-4, seed: int = 0):
-        if lam < 0 or steps < 0 or lr <= 0:
-            raise StrategyError(f"{self.name}: needs lam >= 0, steps >= 0 and lr > 0 (got {lam}, {steps}, {lr})")
+        _check_options(lam, steps, lr)
         self.lam, self.steps, self.lr, self.seed = float(lam), int(steps), float(lr), seed
 
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
@@ -119,23 +130,42 @@ class LoRAFAIR(Strategy):
                         extra=clone_tree(state["extra"]))
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
-        """Ā, B̄ per module, then B̄' = B̄ + ΔB* from the cosine solve."""
+        """Ā, B̄ per module, then B̄' = B̄ + ΔB* from the cosine solve (modules of
+        one shape solved together; see ``solve``)."""
         check_uploads(self, state, uploads, FACTOR_NAMES)
         p = weights(uploads)
         new = clone_tree(state)
-        new["cosine"] = {}
+        bars, problems = {}, {}
         for m in state["A"]:
             factors = [u.factors[m] for u in uploads]
             dtype = torch.promote_types(state["B"][m].dtype, torch.float32)
             A_bar = weighted_mean([f.A for f in factors], p, state["A"][m].to(dtype))
             B_bar = weighted_mean([f.B for f in factors], p, state["B"][m].to(dtype))
             # ΔW = Σ p_k B_k A_k as one stacked product (every client has the same scale).
-            L = torch.cat([f.B.detach().to(dtype) * w for w, f in zip(p, factors)], dim=1)
-            R = torch.cat([f.A.detach().to(dtype) for f in factors], dim=0)
-            delta_w = L @ R
-            B_new = B_bar + fair_correction(delta_w, A_bar, B_bar, self.lam, self.steps, self.lr)
+            L = torch.cat([f.B.detach() for f in factors], dim=1).to(dtype)
+            L = L * torch.tensor(p, dtype=dtype).repeat_interleave(state["rank"]).to(L.device)
+            delta_w = L @ torch.cat([f.A.detach() for f in factors], dim=0).to(dtype)
+            bars[m] = (A_bar, B_bar)
+            # Only d_out x r quantities are needed from here on: C = ΔW Āᵀ, G = ĀĀᵀ, ||ΔW||.
+            problems[m] = (delta_w @ A_bar.T, A_bar @ A_bar.T, delta_w.norm())
+        corrections = {m: torch.zeros_like(bars[m][1]) for m in bars}
+        groups: dict[tuple, list[str]] = {}
+        for m, (C, G, norm_w) in problems.items():
+            if self.steps and norm_w > 0 and bool(torch.any(G != 0)):
+                groups.setdefault((tuple(C.shape), C.dtype, C.device), []).append(m)
+        for group in groups.values():
+            dB = solve(torch.stack([problems[m][0] for m in group]), torch.stack([problems[m][1] for m in group]),
+                       torch.stack([bars[m][1] for m in group]), torch.stack([problems[m][2] for m in group]),
+                       self.lam, self.steps, self.lr)
+            for m, d in zip(group, dB):
+                corrections[m] = d
+        new["cosine"] = {}
+        for m, (A_bar, B_bar) in bars.items():
             new["A"][m] = A_bar.to(state["A"][m].dtype)
-            new["B"][m] = B_new.to(state["B"][m].dtype)
-            new["cosine"][m] = cosine(delta_w, new["B"][m], new["A"][m])
+            new["B"][m] = (B_bar + corrections[m]).to(state["B"][m].dtype)
+            C, G, norm_w = problems[m]
+            Bp = new["B"][m].to(C.dtype)
+            den = norm_w * ((Bp @ G) * Bp).sum().clamp_min(0).sqrt()
+            new["cosine"][m] = float((C * Bp).sum() / den) if den > 0 else 0.0
         new["extra"] = merge_extra(self, state, uploads)
         return RoundResult(state=new)
