@@ -9,6 +9,7 @@ and sample count. The server adds the client's server-side LoRA itself.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -158,6 +159,13 @@ class FederatedClient:
         groups = [g for g in ({"params": lora}, {"params": head, "lr": cfg.head_lr or cfg.lr}) if g["params"]]
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    def _steps(self, meta: dict) -> int:
+        """The round's local steps: a fixed count, or epochs over this client's data."""
+        epochs = float(meta.get("local_epochs") or 0.0)
+        if epochs > 0:
+            return max(1, math.ceil(epochs * len(self.train)))
+        return int(meta["local_steps"])
+
     def _round_batches(self, round_index: int):
         """The round's batches, a function of the seed and the round alone (so a
         resumed federation replays the same data), cycling through epochs."""
@@ -244,7 +252,7 @@ class FederatedClient:
                 with torch.no_grad():
                     before = float(self._tail_norms())
                 penalty = lambda: self.hetlora[0] * self._tail_norms()  # noqa: E731
-            losses = [self.client.train_step(next(batches), penalty) for _ in range(int(reply.meta["local_steps"]))]
+            losses = [self.client.train_step(next(batches), penalty) for _ in range(self._steps(reply.meta))]
             if self.hetlora is not None:
                 self._prune(before)
             self._upload(round_index)

@@ -48,6 +48,7 @@ class FederationConfig:
     max_retries: int = 2
     deadline: float = 600.0  # seconds a round waits for uploads
     local_steps: int = 10
+    local_epochs: float = 0.0  # > 0: each client trains this many passes over its data instead of local_steps
     client_init: str = "avg"  # Avg-Initial, Re-Initial or Local-Initial
     init: str = "kaiming"  # global LoRA before round 0: peft's Kaiming-uniform A, Gaussian A, or SVD (FeDeRA)
     reinit_every: int = 0  # FedLoRU: every tau rounds merge the global LoRA into the base and start afresh
@@ -62,6 +63,8 @@ class FederationConfig:
             raise ValueError(f"client_init must be one of {CLIENT_INITS}, got {self.client_init!r}")
         if self.init not in GLOBAL_INITS:
             raise ValueError(f"init must be one of {GLOBAL_INITS}, got {self.init!r}")
+        if self.local_epochs < 0:
+            raise ValueError(f"local_epochs must be >= 0 (0: use local_steps), got {self.local_epochs}")
         if self.reinit_every < 0:
             raise ValueError(f"reinit_every must be >= 0 (0: never), got {self.reinit_every}")
         if self.rounds < 1 or self.local_steps < 1 or self.min_clients < 1:

@@ -421,6 +421,7 @@ class BackboneServer:
             meta.update(trainable=download.trainable, fresh=download.fresh, rank=download.rank,
                         alpha=download.alpha, options=download.options,
                         local_steps=self.config.federation.local_steps,
+                        local_epochs=self.config.federation.local_epochs,
                         seed=self.config.federation.seed)
             tensors.update({f"A:{m}": v for m, v in download.A.items()})
             tensors.update({f"B:{m}": v for m, v in download.B.items()})

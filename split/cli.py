@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a round with fewer than --min-uploads uploads does")
     f.add_argument("--deadline", type=float, default=600.0, help="seconds a round waits for uploads")
     f.add_argument("--local-steps", type=int, default=10)
+    f.add_argument("--local-epochs", type=float, default=0.0,
+                   help="> 0: each client trains this many passes over its own data instead of --local-steps")
     f.add_argument("--client-init", choices=["avg", "re", "local"], default="avg",
                    help="clients start each round from the global LoRA (avg), a fresh one (re) or their own (local)")
     f.add_argument("--init", choices=["kaiming", "gaussian", "svd"], default="kaiming",
@@ -155,6 +157,7 @@ def _server(args) -> int:
             strategy=args.strategy, strategy_options=_options(args.strategy_option), rounds=args.rounds,
             fraction=args.fraction, min_clients=args.min_clients, min_uploads=args.min_uploads,
             short_round=args.short_round, deadline=args.deadline, local_steps=args.local_steps,
+            local_epochs=args.local_epochs,
             client_init=args.client_init, init=args.init, reinit_every=args.reinit_every, seed=args.seed)
     elif args.resume:
         raise ValueError("--resume continues a federation: give its --strategy too")
