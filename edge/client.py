@@ -87,8 +87,10 @@ class Connection:
         self.socket.close(linger=0)
 
 
-class _RemoteBackbone(torch.autograd.Function):
-    """The server's blocks as one differentiable function."""
+class _Remote(torch.autograd.Function):
+    """The server's part as one differentiable function: its blocks (U-shaped
+    split, output a hidden state) or its blocks, norm, head and loss (two-part
+    split, output the loss)."""
 
     @staticmethod
     def forward(ctx, hidden, link, step):
@@ -98,19 +100,6 @@ class _RemoteBackbone(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.link.remote_backward(ctx.step, grad), None, None
-
-
-class _RemoteHead(torch.autograd.Function):
-    """Two-part split: the server's blocks, norm, head and loss as one function."""
-
-    @staticmethod
-    def forward(ctx, hidden, link, step):
-        ctx.link, ctx.step = link, step
-        return link.remote_forward(hidden, step, train=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.link.remote_backward(ctx.step, grad.reshape(1)), None, None
 
 
 class BackboneLink:
@@ -167,7 +156,7 @@ class RemoteBlock(nn.Module):
             if not hidden_states.requires_grad:
                 # Nothing trainable below the cut: the server still needs its backward.
                 hidden_states = hidden_states.detach().requires_grad_()
-            return _RemoteBackbone.apply(hidden_states, self.link, step)
+            return _Remote.apply(hidden_states, self.link, step)
         return self.link.remote_forward(hidden_states, step, train=False)
 
 
@@ -267,7 +256,7 @@ class SplitClient:
             if torch.is_grad_enabled() and self.model.training:
                 if not hidden.requires_grad:
                     hidden = hidden.detach().requires_grad_()
-                loss = _RemoteHead.apply(hidden, self.link, step)
+                loss = _Remote.apply(hidden, self.link, step)
             else:
                 loss = self.link.remote_forward(hidden, step, train=False)
         finally:

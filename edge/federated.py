@@ -106,7 +106,6 @@ class FederatedClient:
         """Accuracy on the client's own held-out data with the global adapter
         alone and with global + personal adapters combined."""
         test = self.options.personal_test
-        model = self.client.model
         self._active(["default"])
         try:
             global_acc = self.client.evaluate(test)

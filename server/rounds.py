@@ -26,7 +26,8 @@ import torch
 
 from split.partition import stable_seed
 from server.strategies import get_strategy
-from server.strategies.base import ClientInfo, Download, Factors, StrategyError, Upload, block_of
+from server.strategies.base import ClientInfo, Download, Factors, StrategyError, Upload
+from split.families import block_of
 
 log = logging.getLogger(__name__)
 

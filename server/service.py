@@ -14,6 +14,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import zmq
@@ -24,6 +25,9 @@ from split.lora import (LoraSpec, adapter_state, attach_lora, fold_delta, get_fa
 from split.partition import SERVER, Cut, Passthrough, build_segment
 from split.wire import Limits, Message, WireError, decode, encode, error
 from server.strategies.base import ClientInfo, StrategyError
+
+if TYPE_CHECKING:
+    from server.rounds import FederationConfig
 
 log = logging.getLogger(__name__)
 

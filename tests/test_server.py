@@ -18,7 +18,7 @@ from edge.client import ClientConfig, ServerRefused, ServerUnavailable, SplitCli
 from server.launch import child_env, free_port
 from split.lora import LoraSpec
 from split.partition import Cut
-from split.wire import Message, decode, encode
+from split.wire import Message, decode
 
 TIMEOUT = 3.0
 

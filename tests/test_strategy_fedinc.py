@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from server.strategies import get_strategy
-from server.strategies.base import ClientInfo, Factors, StrategyError, Upload, block_of
+from server.strategies.base import ClientInfo, Factors, StrategyError, Upload
+from split.families import block_of
 from server.strategies.fedinc import RankClustering, balanced_points, sign_invariant_kmeans
 
 from strategy_helpers import (MIXED_ALPHA as ALPHA, MIXED_D_IN as D_IN, MIXED_D_OUT as D_OUT,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from server.strategies import get_strategy
-from server.strategies.base import ClientInfo, Factors, StrategyError, Upload, block_of
+from server.strategies.base import ClientInfo, Factors, StrategyError, Upload
+from split.families import block_of
 from server.strategies.hetlora import (HetLoRA, pad_factors, pruned_rank, rank_penalty, sparsity_weights,
                                        tail_start, truncate_factors)
 

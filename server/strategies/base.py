@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from split.families import block_of  # noqa: F401  (strategies import it from here)
 
 TRAIN_BOTH, TRAIN_A, TRAIN_B = "both", "A", "B"
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, Upload, weights
-from .fedit import (FACTOR_NAMES, check_client, check_uploads, client_modules, clone, clone_tree,
-                    initial_state, merge_extra, weighted_mean)
+from .base import Factors, RoundResult, Upload, weights
+from .fedit import (FACTOR_NAMES, FedIT, check_uploads, clone_tree,
+                    merge_extra, weighted_mean)
 
 
 def residual(ws: list[float], factors: list[Factors], A_bar: torch.Tensor, B_bar: torch.Tensor,
@@ -35,7 +35,7 @@ def residual(ws: list[float], factors: list[Factors], A_bar: torch.Tensor, B_bar
     return L @ R - scale * (B_bar.to(dtype) @ A_bar.to(dtype))
 
 
-class FedExLoRA(Strategy):
+class FedExLoRA(FedIT):
     """FedEx-LoRA (Singhal et al., ACL 2025): FedAvg of A and B plus the residual
     M − s B̄Ā merged into the frozen weights, so the served model equals the
     exact weighted mean of the clients' updates. One rank for every client.
@@ -45,22 +45,6 @@ class FedExLoRA(Strategy):
     """
 
     name = "fedex"
-
-    def __init__(self, seed: int = 0):
-        self.seed = seed
-
-    def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
-        """State holding a copy of the initial LoRA at the one rank."""
-        return initial_state(self, initial, clients)
-
-    def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
-        """(B̄, Ā) of every module the client holds, which it continues training."""
-        check_client(self, state, client)
-        modules = client_modules(state, client)
-        return Download(A={m: clone(state["A"][m]) for m in modules},
-                        B={m: clone(state["B"][m]) for m in modules},
-                        rank=state["rank"], alpha=state["alpha"], trainable=TRAIN_BOTH,
-                        extra=clone_tree(state["extra"]))
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Ā, B̄ per module and the residual M − s B̄Ā as the base delta."""

@@ -24,8 +24,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from split.families import block_of
+
 from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError,
-                   Upload, average_extra, block_of, weights)
+                   Upload, average_extra, weights)
 
 FACTOR_NAMES = ("A", "B")
 

@@ -31,8 +31,10 @@ import zlib
 
 import torch
 
+from split.families import block_of
+
 from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError,
-                   Upload, block_of, weights)
+                   Upload, weights)
 from .fedit import clone_tree, merge_extra
 
 ROUTES = ("auto", "factors", "gram", "svd")

@@ -30,8 +30,8 @@ import math
 
 import torch
 
-from .base import TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError, Upload, weights
-from .fedit import (FACTOR_NAMES, check_client, check_uploads, client_modules, clone, clone_tree,
+from .base import ClientInfo, Factors, RoundResult, StrategyError, Upload, weights
+from .fedit import (FACTOR_NAMES, FedIT, check_uploads, clone_tree,
                     initial_state, merge_extra, weighted_mean)
 
 
@@ -97,7 +97,7 @@ def fair_correction(delta_w: torch.Tensor, A_bar: torch.Tensor, B_bar: torch.Ten
     return solve((W @ A.T)[None], (A @ A.T)[None], B[None], norm_w[None], lam, steps, lr)[0]
 
 
-class LoRAFAIR(Strategy):
+class LoRAFAIR(FedIT):
     """LoRA-FAIR (Bian et al., ICCV 2025): FedIT plus a correction ΔB that turns
     B̄Ā towards the ideal Σ p_k B_k A_k in direction, at the cost of a few
     server-side optimiser steps. One rank for every client.
@@ -119,15 +119,6 @@ class LoRAFAIR(Strategy):
         state = initial_state(self, initial, clients)
         state["cosine"] = {}
         return state
-
-    def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
-        """Ā and the corrected B̄' of every module the client holds."""
-        check_client(self, state, client)
-        modules = client_modules(state, client)
-        return Download(A={m: clone(state["A"][m]) for m in modules},
-                        B={m: clone(state["B"][m]) for m in modules},
-                        rank=state["rank"], alpha=state["alpha"], trainable=TRAIN_BOTH,
-                        extra=clone_tree(state["extra"]))
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Ā, B̄ per module, then B̄' = B̄ + ΔB* from the cosine solve (modules of
