@@ -72,7 +72,7 @@ def test_pruned_rank_only_decreases():
             assert pruned_rank(r, gamma, 1.0, 2.0) == r  # tail grew: keep
             assert pruned_rank(r, gamma, 1.0, 1.0) == r  # no shrink: keep
             p = pruned_rank(r, gamma, 2.0, 1.0)
-            assert 1 <= p <= r and (p < r or r == 1)
+            assert p >= 1 and p <= r and (p < r or r == 1)
             assert p == max(1, math.floor(gamma * r + 1e-9))
     r, seq = 64, []
     for _ in range(200):
