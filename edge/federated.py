@@ -145,10 +145,13 @@ class FederatedClient:
                     heads[key[2:]].copy_(value)
         return meta.get("trainable", "both")
 
-    def _optimizer(self, trainable: str) -> torch.optim.Optimizer:
+    def _trained_modules(self) -> set[str] | None:
+        """The client-side LoRA modules this client trains (None: all of them)."""
         layers = self.options.layers
-        modules = None if layers is None else {m for m in self.modules if block_of(m) in layers}
-        lora = set_trainable(self.client.model, trainable, modules=modules)
+        return None if layers is None else {m for m in self.modules if block_of(m) in layers}
+
+    def _optimizer(self, trainable: str) -> torch.optim.Optimizer:
+        lora = set_trainable(self.client.model, trainable, modules=self._trained_modules())
         if self.options.personal:
             lora += self._local_params()
             for p in self._local_params():
@@ -202,9 +205,7 @@ class FederatedClient:
                 self.rank = rank
 
     def _upload(self, round_index: int) -> None:
-        layers = self.options.layers
-        factors = get_factors(self.client.model,
-                              modules=None if layers is None else {m for m in self.modules if block_of(m) in layers})
+        factors = get_factors(self.client.model, modules=self._trained_modules())
         tensors = {f"A:{m}": a[:self.rank].contiguous() for m, (a, _) in factors.items()}
         tensors.update({f"B:{m}": b[:, :self.rank].contiguous() for m, (_, b) in factors.items()})
         tensors.update({f"X:{n}": p.detach().clone() for n, p in head_params(self.client).items()})

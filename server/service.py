@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import zmq
 
-from split.families import get_module, join, set_module
+from split.families import block_of, get_module, join, set_module
 from split.lora import (LoraSpec, adapter_state, attach_lora, fold_delta, get_factors, init_lora, lora_layers,
                         pad_rows, set_factors, set_trainable)
 from split.partition import SERVER, Cut, Passthrough, build_segment
@@ -479,8 +479,8 @@ class BackboneServer:
             raise ValueError(f"--resume: no complete round_N folder in {self.config.checkpoint_dir}")
         snap = read_coordinator(folder)
         self.coordinator.restore(snap)
-        hosted = set(lora_layers(self.model, "idle"))
-        self.fold({m: d for m, d in snap["merged"].items() if m in hosted})
+        hosted = set(self.segment.cut.server_blocks(self.segment.num_layers))
+        self.fold({m: d for m, d in snap["merged"].items() if block_of(m) in hosted})
         log.warning("resuming after %s: next round %d of %d", folder.name, self.coordinator.round,
                     self.coordinator.config.rounds)
 

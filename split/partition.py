@@ -223,16 +223,21 @@ def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, 
     blocks = join(p, fam.blocks)
     swap: dict[str, nn.Module] = {}
     server_range = cut.server_blocks(num_layers)
+
+    def without_output_side(holder: str) -> None:
+        # The final norm, pooler and head live on the other side.
+        if fam.norm:
+            swap[join(p, fam.norm)] = nn.Identity()
+        for part in fam.base_head:
+            swap[join(p, part)] = None
+        for head in fam.head_modules(task):
+            swap[head] = Absent(f"{head} ({holder})")
+
     if side == CLIENT:
         for i in server_range:
             swap[f"{blocks}.{i}"] = Passthrough()
         if cut.two_part:
-            if fam.norm:
-                swap[join(p, fam.norm)] = nn.Identity()
-            for part in fam.base_head:
-                swap[join(p, part)] = None
-            for head in fam.head_modules(task):
-                swap[head] = Absent(f"{head} (server side in a two-part split)")
+            without_output_side("server side in a two-part split")
         return swap
     # server
     swap[join(p, fam.embeddings[0])] = Injected()
@@ -244,12 +249,7 @@ def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, 
         if i not in server_range:
             swap[f"{blocks}.{i}"] = Passthrough()
     if not cut.two_part:
-        if fam.norm:
-            swap[join(p, fam.norm)] = nn.Identity()
-        for part in fam.base_head:
-            swap[join(p, part)] = None
-        for head in fam.head_modules(task):
-            swap[head] = Absent(f"{head} (client side in a U-shaped split)")
+        without_output_side("client side in a U-shaped split")
     return swap
 
 
