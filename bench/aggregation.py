@@ -1,23 +1,20 @@
-"""Time one ``aggregate`` call of every aggregation strategy that imports.
+"""Time one ``aggregate`` call of every registered aggregation strategy.
 
 Setting: a 12-block, 768-wide model with LoRA on q and v (24 modules of
 768 x 768), 100 clients by default, ranks drawn from {4, 8, 16, 32, 64} and
 sample counts drawn at random (both seeded). A strategy that refuses mixed
-ranks is timed with every client at rank 16, and layermean gets random block
-subsets; the table says so. Uploads are built from each client's own
+ranks is timed with every client at rank 16, and a one-rank method that
+takes block subsets (layermean) gets random ones; the table says so. Uploads are built from each client's own
 download (plus random training noise), so every strategy sees inputs it
 accepts. The time is the median of ``--repeats`` calls on the same state.
 
     python3 bench/aggregation.py                  # 100 clients
     python3 bench/aggregation.py --clients 10     # a quick check
-
-Strategies whose module fails to import are listed as skipped, with the error.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 import time
@@ -27,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.strategies import REGISTRY  # noqa: E402
+from server.strategies import REGISTRY, get_strategy  # noqa: E402
 from server.strategies.base import TRAIN_BOTH, ClientInfo, Factors, Upload  # noqa: E402
 
 BLOCKS, WIDTH, TARGETS = 12, 768, ("q_proj", "v_proj")
@@ -47,11 +44,11 @@ def plan_clients(n: int, g: torch.Generator, mixed: bool, subsets: bool) -> list
     for k in range(n):
         rank = RANK_CHOICES[int(torch.randint(len(RANK_CHOICES), (1,), generator=g))]
         samples = int(torch.randint(10, 1001, (1,), generator=g))
-        layers = None
+        blocks = None
         if subsets:
             size = int(torch.randint(1, BLOCKS + 1, (1,), generator=g))
-            layers = frozenset(torch.randperm(BLOCKS, generator=g)[:size].tolist())
-        out.append(ClientInfo(f"client{k:03d}", rank if mixed else HOMOGENEOUS_RANK, ALPHA, layers, samples))
+            blocks = frozenset(torch.randperm(BLOCKS, generator=g)[:size].tolist())
+        out.append(ClientInfo(f"client{k:03d}", rank if mixed else HOMOGENEOUS_RANK, ALPHA, blocks, samples))
     return out
 
 
@@ -68,7 +65,7 @@ def make_uploads(strategy, state, clients: list[ClientInfo], g: torch.Generator)
     for c in clients:
         d = strategy.download(state, c, 0)
         r = d.rank
-        mine = [m for m in modules if c.layers is None or int(m.split(".")[2]) in c.layers]
+        mine = [m for m in modules if c.blocks is None or int(m.split(".")[2]) in c.blocks]
         factors = {}
         for m in mine:
             A = d.A.get(m) if not d.fresh else None
@@ -78,16 +75,15 @@ def make_uploads(strategy, state, clients: list[ClientInfo], g: torch.Generator)
             if B is None or d.trainable in (TRAIN_BOTH, "B"):
                 B = (B if B is not None else torch.zeros(WIDTH, r)) + 0.01 * torch.randn(WIDTH, r, generator=g)
             factors[m] = Factors(A, B, d.alpha)
-        uploads.append(Upload(c.client, factors, c.num_samples, r, c.layers))
+        uploads.append(Upload(c.client, factors, c.num_samples, r, c.blocks))
     return uploads
 
 
 def bench_one(name: str, n_clients: int, repeats: int, seed: int) -> tuple[str, str, str]:
     """(ranks description, seconds, under-limit) for one strategy."""
-    module, cls = REGISTRY[name]
-    strategy = getattr(importlib.import_module(f"server.strategies.{module}"), cls)()
-    mixed = bool(getattr(strategy, "heterogeneous_ranks", False))
-    subsets = name == "layermean"
+    strategy = get_strategy(name, seed=seed)
+    mixed = strategy.heterogeneous_ranks
+    subsets = strategy.block_subsets and not mixed
     g = torch.Generator().manual_seed(seed)
     clients = plan_clients(n_clients, g, mixed, subsets)
     r_max = max(c.rank for c in clients)
@@ -101,7 +97,7 @@ def bench_one(name: str, n_clients: int, repeats: int, seed: int) -> tuple[str, 
     ranks = sorted({c.rank for c in clients})
     what = f"mixed {ranks}" if mixed else f"all {HOMOGENEOUS_RANK} (refuses mixed ranks)"
     if subsets:
-        what += ", random layer subsets"
+        what += ", random block subsets"
     t = statistics.median(times)
     return what, f"{t:.3f}", "yes" if t < LIMIT_S else "no"
 
@@ -119,11 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name not in REGISTRY:
             skipped.append((name, "not in the registry"))
-            continue
-        try:
-            importlib.import_module(f"server.strategies.{REGISTRY[name][0]}")
-        except Exception as e:  # noqa: BLE001 - another author's module may be half-written
-            skipped.append((name, f"import failed: {type(e).__name__}: {e}"))
             continue
         try:
             rows.append((name, *bench_one(name, args.clients, args.repeats, args.seed)))

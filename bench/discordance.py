@@ -22,7 +22,7 @@ from edge.client import ClientConfig  # noqa: E402
 from edge.data import load_dataset  # noqa: E402
 from edge.demo import FederationRun, run_federation  # noqa: E402
 from edge.train import TrainOptions, run_client  # noqa: E402
-from server.launch import running_server  # noqa: E402
+from split.launch import running_server  # noqa: E402
 from split.lora import LoraSpec  # noqa: E402
 
 NAMES = {"fedit": "FedIT", "fedex": "FedEx-LoRA", "flora": "FLoRA", "ffa": "FFA-LoRA", "rolora": "RoLoRA"}

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.client import ClientConfig, SplitClient  # noqa: E402
-from server.launch import running_server  # noqa: E402
+from split.launch import running_server  # noqa: E402
 from split.families import family_for  # noqa: E402
 from split.lora import LoraSpec, attach_lora  # noqa: E402
 from split.partition import Cut, load_config, resolve_model_path  # noqa: E402

@@ -16,75 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import zmq
 from torch import nn
 
+from split.families import family_for
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
-from split.partition import CLIENT, Cut, build_segment
-from split.wire import Limits, Message, WireError, decode, encode, frame_len
+from split.partition import CLIENT, Cut, build_segment, load_config, resolve_model_path
+from split.protocol import Hello, ModelInfo, OptimizerSettings, Welcome
+from split.transport import Connection, ServerError, ServerUnavailable
+from split.wire import Message
 
 log = logging.getLogger(__name__)
 
-
-class ServerUnavailable(ConnectionError):
-    """The server did not answer in time."""
-
-
-class ServerError(RuntimeError):
-    """The server answered with an error."""
-
-
 class ServerRefused(ServerError):
     """The server refused to register this client."""
-
-
-class Connection:
-    """Request/reply over a DEALER socket, with timeouts and byte counts."""
-
-    def __init__(self, address: str, client_id: str, timeout: float = 120.0, limits: Limits = Limits()):
-        self.address = address
-        self.client_id = client_id
-        self.timeout = timeout
-        self.limits = limits
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.messages = 0
-        self._rid = itertools.count(1)
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.IDENTITY, f"{client_id}-{uuid.uuid4().hex[:8]}".encode())
-        self.socket.connect(address)
-
-    def request(self, msg: Message, timeout: float | None = None) -> Message:
-        """Send ``msg`` and wait for its reply; raise on timeout or error."""
-        rid = next(self._rid)
-        msg.client = self.client_id
-        msg.meta = {**msg.meta, "rid": rid}
-        frames = encode(msg)
-        self.bytes_sent += sum(frame_len(f) for f in frames)
-        self.socket.send_multipart(frames, copy=False)
-        wait = self.timeout if timeout is None else timeout
-        while True:
-            if not self.socket.poll(int(wait * 1000)):
-                raise ServerUnavailable(
-                    f"no answer from the server at {self.address} within {wait:.0f}s (op {msg.op}). "
-                    "Is `fedsplit server` running there, and is the address reachable from this machine?")
-            reply_frames = self.socket.recv_multipart(copy=False)
-            self.bytes_received += sum(frame_len(f) for f in reply_frames)
-            self.messages += 1
-            try:
-                reply = decode(reply_frames, self.limits)
-            except WireError as exc:
-                raise ServerError(f"the server sent a malformed reply: {exc}") from None
-            if reply.meta.get("rid") not in (rid, None):
-                log.debug("dropping a late reply to request %s", reply.meta.get("rid"))
-                continue
-            if reply.op == "error":
-                raise ServerError(reply.meta.get("error", "unknown error"))
-            return reply
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
 
 
 class _Remote(torch.autograd.Function):
@@ -141,6 +85,17 @@ class BackboneLink:
         reply = self.conn.request(Message("backward", step=step, tensors={"grad": grad.contiguous()}))
         return reply.tensors["grad"]
 
+    def through_server(self, hidden: torch.Tensor, training: bool) -> torch.Tensor:
+        """The server's part applied to ``hidden``: differentiable when training
+        (the backward goes to the server), a plain remote call otherwise."""
+        step = self.next_step()
+        if not (torch.is_grad_enabled() and training):
+            return self.remote_forward(hidden, step, train=False)
+        if not hidden.requires_grad:
+            # Nothing trainable below the cut: the server still needs its backward.
+            hidden = hidden.detach().requires_grad_()
+        return _Remote.apply(hidden, self, step)
+
 
 class RemoteBlock(nn.Module):
     """Stands for the first server block in the client model (U-shaped split)."""
@@ -151,13 +106,7 @@ class RemoteBlock(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         self.link.position_ids = kwargs.get("position_ids")
-        step = self.link.next_step()
-        if torch.is_grad_enabled() and self.training:
-            if not hidden_states.requires_grad:
-                # Nothing trainable below the cut: the server still needs its backward.
-                hidden_states = hidden_states.detach().requires_grad_()
-            return _Remote.apply(hidden_states, self.link, step)
-        return self.link.remote_forward(hidden_states, step, train=False)
+        return self.link.through_server(hidden_states, self.training)
 
 
 @dataclass
@@ -196,29 +145,20 @@ class SplitClient:
 
     def _join(self) -> None:
         cfg = self.config
-        from split.partition import load_config, resolve_model_path
-        from split.families import family_for
-
         path = resolve_model_path(cfg.model)
         model_cfg = load_config(path, cfg.task, cfg.num_labels, cfg.dropout)
         fam = family_for(model_cfg)
         if cfg.cut is not None:
             cfg.cut.check(model_cfg.num_hidden_layers)
-        hello = Message("hello", meta={
-            "model": {"model_type": model_cfg.model_type, "num_layers": model_cfg.num_hidden_layers,
-                      "hidden_size": model_cfg.get_text_config().hidden_size},
-            "cut": None if cfg.cut is None else [cfg.cut.front, cfg.cut.back],
-            "lora": cfg.lora.to_dict(), "seed": cfg.seed, "task": cfg.task,
-            "optim": {"lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        })
-        if cfg.cut is None:
-            del hello.meta["cut"]
+        hello = Hello(ModelInfo(model_cfg.model_type, model_cfg.num_hidden_layers,
+                                model_cfg.get_text_config().hidden_size),
+                      cfg.lora, cfg.task, cfg.seed, cfg.cut, OptimizerSettings(cfg.lr, cfg.weight_decay))
         try:
-            reply = self.conn.request(hello, timeout=cfg.connect_timeout)
+            welcome = Welcome.from_message(self.conn.request(hello.to_message(), timeout=cfg.connect_timeout))
         except ServerError as exc:
             raise ServerRefused(f"the server at {cfg.server} refused this client: {exc}") from None
-        self.cut = cfg.cut or Cut(*reply.meta["server_cut"])
-        self.federation = reply.meta.get("federation")  # None: plain split training
+        self.cut = cfg.cut or welcome.server_cut
+        self.federation = welcome.federation  # None: plain split training
         self.segment = build_segment(path, CLIENT, self.cut, task=cfg.task, num_labels=cfg.num_labels,
                                      seed=cfg.seed, dropout=cfg.dropout,
                                      attn_implementation=cfg.attn_implementation)
@@ -251,14 +191,8 @@ class SplitClient:
         self.link.attention_mask = batch.get("attention_mask")
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         self.link.labels = batch["labels"]
-        step = self.link.next_step()
         try:
-            if torch.is_grad_enabled() and self.model.training:
-                if not hidden.requires_grad:
-                    hidden = hidden.detach().requires_grad_()
-                loss = _Remote.apply(hidden, self.link, step)
-            else:
-                loss = self.link.remote_forward(hidden, step, train=False)
+            loss = self.link.through_server(hidden, self.model.training)
         finally:
             self.link.labels = None
         return loss, self.link.logits

@@ -12,7 +12,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from server.launch import child_env, fedsplit_command, free_port, start_server, stop
+from split.launch import child_env, fedsplit_command, free_port, start_server, stop
+
+from .client_shares import client_shares, label_table
+from .data import load_dataset
 
 
 def run_demo(args) -> int:
@@ -90,9 +93,6 @@ def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
 
 def run_federated_demo(args) -> int:
     """A server and ``args.clients`` client processes training in rounds."""
-    from .data import load_dataset
-    from .partition_data import label_table, partition
-
     console = Console()
     run = FederationRun(strategy=args.strategy, clients=args.clients, rounds=args.rounds,
                         local_steps=args.local_steps, alpha=args.alpha,
@@ -104,7 +104,7 @@ def run_federated_demo(args) -> int:
                   f"ranks {[run.ranks[k % len(run.ranks)] for k in range(run.clients)]}")
     dataset = load_dataset(None)
     labels = [s.label for s in dataset.train]
-    console.print(label_table(labels, partition(labels, run.clients, "dirichlet", run.alpha, run.seed)))
+    console.print(label_table(labels, client_shares(labels, run.clients, "dirichlet", run.alpha, run.seed)))
     started = time.perf_counter()
     try:
         summaries = run_federation(run, len(dataset.labels))

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from split.partition import resolve_model_path
 
 from .client import ClientConfig, SplitClient
-from .data import Batches, load_dataset, load_tokenizer
+from .client_shares import client_shares
+from .data import Batches, load_dataset, load_tokenizer, split_train_test
+from .federated import FederatedClient, FederatedOptions
 from .meter import current_rss, peak_rss, reset_peak
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class TrainOptions:
     partition_alpha: float = 0.5
     num_clients: int = 1
     client_index: int = 0
-    layers: list[int] | None = None
+    blocks: list[int] | None = None  # blocks whose LoRA this client trains (None: all)
     eval_rounds: bool = False
     personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
 
@@ -94,29 +95,25 @@ def run_client(config: ClientConfig, options: TrainOptions) -> dict:
 
 
 def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOptions, rss_before: int) -> dict:
-    from .federated import FederatedClient, FederatedOptions
-    from .partition_data import partition
-
     labels = [s.label for s in dataset.train]
-    parts = partition(labels, options.num_clients, options.partition, options.partition_alpha, client.config.seed)
+    parts = client_shares(labels, options.num_clients, options.partition, options.partition_alpha,
+                          client.config.seed)
     if not 0 <= options.client_index < options.num_clients:
         raise ValueError(f"--client-index must be in [0, {options.num_clients}), got {options.client_index}")
     mine = [dataset.train[i] for i in parts[options.client_index]]
     cfg = client.config
     personal_test = None
     if options.personal:
-        from .data import split_train_test
-
         mine, held_out = split_train_test(mine, 0.2, cfg.seed)
         personal_test = Batches(held_out, dataset, tokenizer, options.max_length, 64, False)
     train = Batches(mine, dataset, tokenizer, options.max_length, options.batch_size, True, cfg.seed)
     test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False) if options.eval_rounds else None
     runner = FederatedClient(client, train, len(mine), test,
-                             FederatedOptions(layers=options.layers, evaluate=options.eval_rounds,
+                             FederatedOptions(blocks=options.blocks, evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test))
     records = runner.run()
     summary = {"labels": dataset.labels, "train_samples": len(mine), "test_samples": len(dataset.test),
-               "federation": client.federation, "cut": str(client.cut),
+               "federation": asdict(client.federation), "cut": str(client.cut),
                "rounds": [r.__dict__ for r in records], "final_accuracy": runner.final_accuracy,
                "personal_accuracy": runner.personal_accuracy,
                "steps": client.steps, "bytes_sent": client.conn.bytes_sent,
@@ -129,9 +126,3 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
 def write_summary(summary: dict, path: str | None) -> None:
     if path:
         Path(path).write_text(json.dumps(summary, indent=2))
-
-
-def set_threads(threads: int | None) -> None:
-    """Use ``threads`` intra-op threads (None: torch's default)."""
-    if threads:
-        torch.set_num_threads(threads)

@@ -1,4 +1,5 @@
-"""Atomic round checkpoints.
+"""Atomic round checkpoints: the global model after each round, and what a
+resumed federation continues from.
 
 ``round_{t}/`` holds:
 
@@ -25,6 +26,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from split.families import Family, family_for
+from split.lora import PEFT_PREFIX, LoraSpec, fold_into, save_adapter
+
+from .strategies.base import GlobalModel
 
 
 def flatten(tree, prefix: str = "") -> tuple[object, dict[str, torch.Tensor]]:
@@ -63,18 +69,37 @@ def unflatten(tree, tensors: dict[str, torch.Tensor]):
     return tree
 
 
-def write_round(root: str | Path, round_index: int, adapter: dict[str, torch.Tensor], adapter_config: dict,
-                base_delta: dict[str, torch.Tensor], coordinator: dict) -> Path:
-    """Write ``root/round_{round_index}`` atomically; returns its path."""
+def adapter_tensors(glob: GlobalModel, shared: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The global model under PEFT's on-disk names: its factors, the shared
+    server-side LoRA (SplitFed-V2, trained by every client, so global as it
+    is) and the head."""
+    tensors = {}
+    pairs = {m: (glob.A[m], glob.B[m]) for m in glob.A}
+    pairs.update(shared)
+    for m, (a, b) in pairs.items():
+        tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b
+    tensors.update({f"{PEFT_PREFIX}{name}": v for name, v in glob.head.items()})
+    return tensors
+
+
+def write_round(root: str | Path, round_index: int, glob: GlobalModel, family: Family, task: str,
+                base_model: str, base_delta: dict[str, torch.Tensor], coordinator: dict,
+                shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+    """Write ``root/round_{round_index}`` atomically; returns its path.
+
+    ``glob`` must hold both factors of every module (zeros where a method
+    keeps a factor on the clients)."""
     root = Path(root)
     final = root / f"round_{round_index}"
     tmp = root / f"round_{round_index}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    targets = sorted({m.rsplit(".", 1)[-1] for m in glob.A} | {m.rsplit(".", 1)[-1] for m in shared or {}})
+    heads = sorted({name.rsplit(".", 1)[0] for name in glob.head})
+    save_adapter(tmp, adapter_tensors(glob, shared or {}), LoraSpec(glob.rank, glob.alpha, targets=tuple(targets)),
+                 family, task, base_model, heads)
     if base_delta:
         save_file({k: v.contiguous() for k, v in base_delta.items()}, str(tmp / "base_delta.safetensors"))
     tree, tensors = flatten(coordinator)
@@ -111,10 +136,8 @@ def apply_base_delta(model, folder: str | Path) -> int:
     path = Path(folder) / "base_delta.safetensors"
     if not path.exists():
         return 0
-    from split.lora import fold_into
-
+    conv1d = family_for(model.config).conv1d
     deltas = load_file(str(path))
     for module, delta in deltas.items():
-        layer = model.get_submodule(module)
-        fold_into(layer.weight, delta, type(layer).__name__ == "Conv1D")  # Conv1D stores in x out
+        fold_into(model.get_submodule(module).weight, delta, conv1d)
     return len(deltas)

@@ -8,9 +8,12 @@ lives partly on the client and partly on the server (its server-side adapter):
 the coordinator joins both halves into one upload per client, so a strategy
 always sees whole-model LoRA.
 
-The coordinator does no socket I/O; the server's loop feeds it messages and
-the time, and ``ServerSide`` (implemented by the server) touches the server's
-adapters and frozen weights.
+The coordinator does no socket I/O and writes no files: the server's loop
+feeds it messages and the time, ``ServerSide`` (implemented by
+``server.sessions.Sessions``) touches the server's adapters and frozen
+weights, and the loop checkpoints each round ``tick`` reports closed.
+Initialisation, client initialisation and FedLoRU are described in
+docs/algorithms.md#global-init, #client-init and #fedloru.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from typing import Protocol
 
 import torch
 
-from split.partition import stable_seed
-from server.strategies import get_strategy
-from server.strategies.base import ClientInfo, Download, Factors, StrategyError, Upload
 from split.families import block_of
+from split.protocol import FederationSettings, RoundOffer, UploadPayload
+from split.seeds import generator, stable_seed
+
+from .strategies import get_strategy
+from .strategies.base import ClientInfo, Download, Factors, GlobalModel, Upload
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,17 @@ class FederationConfig:
             raise ValueError(f"reinit_every must be >= 0 (0: never), got {self.reinit_every}")
         if self.rounds < 1 or self.local_steps < 1 or self.min_clients < 1:
             raise ValueError("rounds, local_steps and min_clients must be at least 1")
+        if "seed" in self.strategy_options:
+            raise ValueError("the strategy's seed is the run's seed: give --seed, not --strategy-option seed=...")
+
+    def settings(self) -> FederationSettings:
+        """What a client needs to know of these rounds."""
+        return FederationSettings(self.strategy, self.rounds, self.local_steps, self.local_epochs)
+
+
+class FederationError(ValueError):
+    """A federation request out of turn (not joined, not selected, a closed
+    round); its text goes back to the client."""
 
 
 class ServerSide(Protocol):
@@ -122,7 +138,7 @@ def initial_factors(shapes: dict[str, tuple[int, int]], rank: int, alpha: float,
     Gaussian N(0, 1/r) (peft's "gaussian")."""
     out = {}
     for name, (d_out, d_in) in sorted(shapes.items()):
-        gen = torch.Generator().manual_seed(stable_seed(seed, name))
+        gen = generator(seed, name)
         A = torch.empty(rank, d_in)
         if init == "gaussian":
             torch.nn.init.normal_(A, std=1.0 / rank, generator=gen)
@@ -151,13 +167,13 @@ class Coordinator:
     def __init__(self, config: FederationConfig, server: ServerSide):
         self.config = config
         self.server = server
-        self.strategy = get_strategy(config.strategy, **config.strategy_options)
+        self.strategy = get_strategy(config.strategy, seed=config.seed, **config.strategy_options)
         self.members: dict[str, Member] = {}
         self.state: dict | None = None
         self.round = 0
         self.phase = "waiting"  # waiting -> running -> done
         self.selected: list[str] = []
-        self.pending: dict[str, Download] = {}  # selected, not yet handed out
+        self.undelivered: dict[str, Download] = {}  # selected for the round, download not yet handed out
         self.handed: set[str] = set()
         self.uploads: dict[str, Upload] = {}
         self.started = 0.0
@@ -168,66 +184,79 @@ class Coordinator:
         self.r_max = 0
         self.alpha = 0.0
         self.history: list[RoundLog] = []
-        self.on_round_end = None  # callback(coordinator, RoundLog) for checkpoints
 
     # ---------------------------------------------------------------- messages
 
-    def join(self, client: str, info: ClientInfo, modules: dict[str, tuple[int, int]], profile: str = "") -> dict:
+    def join(self, client: str, info: ClientInfo, modules: dict[str, tuple[int, int]],
+             profile: str = "") -> FederationSettings:
         """Register a client; returns the federation's settings for it."""
         if self.phase != "waiting" and self.members:
             ranks = {m.info.rank for m in self.members.values()} | {info.rank}
             if len(ranks) > 1 and not self.strategy.heterogeneous_ranks:
-                raise StrategyError(f"{self.strategy.name} runs one rank ({min(ranks)}); this client asks {info.rank}")
+                raise FederationError(f"{self.strategy.name} runs one rank ({min(ranks)}); this client asks "
+                                      f"{info.rank}")
         old = self.members.get(client)
         self.members[client] = Member(info, modules, profile, synced=old.synced if old else 0,
                                       rounds=old.rounds if old else 0)
         log.info("client %s joined the federation: rank %d, %d samples%s", client, info.rank, info.num_samples,
-                 f", blocks {sorted(info.layers)}" if info.layers is not None else "")
-        return {"strategy": self.strategy.name, "rounds": self.config.rounds, "local_steps": self.config.local_steps}
+                 f", blocks {sorted(info.blocks)}" if info.blocks is not None else "")
+        return self.config.settings()
 
-    def poll(self, client: str) -> tuple[str, Download | None, dict[str, torch.Tensor], int]:
-        """``("wait" | "train" | "done", download, deltas to fold, round)`` for a client."""
+    def poll(self, client: str) -> RoundOffer:
+        """What a client does now: wait, train a round from its download, or
+        take the final model; with the frozen-weight updates it has not applied."""
         member = self.members.get(client)
         if member is None:
-            raise StrategyError(f"client {client!r} has not joined the federation: send join first")
+            raise FederationError(f"client {client!r} has not joined the federation: send join first")
         if self.phase == "done":
-            deltas = self._deltas_for(member)
-            return "done", self._download(member, final=True), deltas, self.round
-        if self.phase == "running" and client in self.pending:
-            deltas = self._deltas_for(member)
-            download = self.pending.pop(client)
+            return self._offer("done", member, self._download(member, final=True))
+        if self.phase == "running" and client in self.undelivered:
             self.handed.add(client)
-            return "train", download, deltas, self.round
-        return "wait", None, {}, self.round
+            return self._offer("train", member, self.undelivered.pop(client))
+        return RoundOffer("wait", self.round)
 
-    def upload(self, client: str, round_index: int, A: dict, B: dict, extra: dict, num_samples: int,
-               rank: int) -> None:
-        """Take a client's upload for ``round_index``."""
-        if self.phase != "running" or round_index != self.round:
-            raise StrategyError(f"round {round_index} is closed (the federation is at round {self.round}, "
-                                f"{self.phase}); the upload is dropped")
+    def _offer(self, status: str, member: Member, download: Download) -> RoundOffer:
+        fresh = self._fresh_seed() if download.fresh else None
+        return RoundOffer(status, self.round, A=download.A, B=download.B, head=download.head,
+                          deltas=self._deltas_for(member), rank=download.rank, alpha=download.alpha,
+                          trainable=download.trainable, fresh_seed=fresh, options=download.options)
+
+    def _fresh_seed(self) -> int:
+        """The seed of this round's fresh LoRA: one draw per round, the same on
+        every client and on the server, as the global LoRA of round 0 is."""
+        return stable_seed(self.config.seed, "fresh", self.round)
+
+    def upload(self, client: str, payload: UploadPayload) -> None:
+        """Take a client's upload (its client-side LoRA); its server-side LoRA
+        is collected here."""
+        if self.phase != "running" or payload.round != self.round:
+            raise FederationError(f"round {payload.round} is closed (the federation is at round {self.round}, "
+                                  f"{self.phase}); the upload is dropped")
         if client not in self.handed:
-            raise StrategyError(f"client {client!r} was not selected for round {round_index}")
+            raise FederationError(f"client {client!r} was not selected for round {payload.round}")
         member = self.members[client]
-        alpha = member.info.alpha
-        factors = {m: Factors(A[m], B[m], alpha) for m in A if m in B}
+        alpha, rank = member.info.alpha, payload.rank
+        if rank > member.info.rank:
+            raise FederationError(f"client {client!r} uploads rank {rank} but joined with rank {member.info.rank}")
+        factors = {m: Factors(payload.A[m], payload.B[m], alpha) for m in payload.A}
         for m, (a, b) in self.server.collect(client).items():
-            if member.info.layers is None or block_of(m) in member.info.layers:
+            if member.info.blocks is None or block_of(m) in member.info.blocks:
                 factors[m] = Factors(a[:rank], b[:, :rank], alpha)  # a pruned rank's tail is zero
-        if rank < member.info.rank:
-            member.info.rank = rank  # HetLoRA pruned it
-        self.uploads[client] = Upload(client, factors, num_samples, rank, member.info.layers, extra)
+        member.info.rank = rank  # HetLoRA may have pruned it
+        self.uploads[client] = Upload(client, factors, payload.num_samples, rank, member.info.blocks, payload.head)
 
     # ---------------------------------------------------------------- time
 
-    def tick(self, now: float | None = None) -> None:
-        """Start or close rounds as the clock and the uploads say."""
+    def tick(self, now: float | None = None) -> RoundLog | None:
+        """Start or close rounds as the clock and the uploads say; returns the
+        round that closed, if one did (the caller checkpoints it)."""
         now = time.monotonic() if now is None else now
         if self.phase == "waiting" and len(self.members) >= self.config.min_clients:
             self._start(now)
         elif self.phase == "running":
             if set(self.uploads) >= set(self.selected) or now - self.started > self.config.deadline:
-                self._close(now)
+                return self._close(now)
+        return None
 
     def _clients(self) -> list[ClientInfo]:
         return [self.members[c].info for c in sorted(self.members)]
@@ -245,7 +274,7 @@ class Coordinator:
         k = max(1, math.ceil(self.config.fraction * len(names)))
         rng = random.Random(stable_seed(self.config.seed, f"sample:{self.round}:{self.retries}"))
         self.selected = sorted(rng.sample(names, k))
-        self.pending = {c: self._download(self.members[c]) for c in self.selected}
+        self.undelivered = {c: self._download(self.members[c]) for c in self.selected}
         self.handed = set()
         self.uploads = {}
         self.started = now
@@ -285,15 +314,15 @@ class Coordinator:
         server_B = {m: v for m, v in download.B.items() if m not in client_side}
         if not final:
             modules = {m for m in self.server.modules_for(info.client)
-                       if info.layers is None or block_of(m) in info.layers}
-            seed = stable_seed(self.config.seed, f"fresh:{self.round}:{info.client}") if download.fresh else None
+                       if info.blocks is None or block_of(m) in info.blocks}
+            seed = self._fresh_seed() if download.fresh else None
             self.server.load(info.client, server_A, server_B, download.trainable, seed, modules)
             member.rounds += 1
         download.A = {m: v for m, v in download.A.items() if m in client_side}
         download.B = {m: v for m, v in download.B.items() if m in client_side}
         return download
 
-    def _close(self, now: float) -> None:
+    def _close(self, now: float) -> RoundLog:
         uploaded = sorted(self.uploads)
         missed = sorted(set(self.selected) - set(uploaded))
         if missed:
@@ -305,7 +334,7 @@ class Coordinator:
                 entry.note = f"only {len(uploaded)} uploads; retried"
                 self.history.append(entry)
                 self._start(now)
-                return
+                return entry
             entry.note = f"only {len(uploaded)} uploads (minimum {self.config.min_uploads}); skipped"
         else:
             result = self.strategy.aggregate(self.state, [self.uploads[c] for c in uploaded], self.round)
@@ -317,21 +346,23 @@ class Coordinator:
             if tau and (self.round + 1) % tau == 0 and self.round + 1 < self.config.rounds:
                 # FedLoRU: the accumulated low-rank update joins the frozen weights
                 # and training restarts from a fresh LoRA.
-                merged, _ = self.global_lora()
-                self._fold_everywhere({m: f.delta() for m, f in merged.items()})
+                glob = self.global_model()
+                scale = glob.alpha / glob.rank
+                self._fold_everywhere({m: scale * (glob.B[m] @ glob.A[m]) for m in glob.A})
                 self.state = self.strategy.init_state(
-                    self._initial(stable_seed(self.config.seed, f"reinit:{self.round}")), self._clients())
+                    self._initial(stable_seed(self.config.seed, "reinit", self.round)), self._clients())
                 entry.note = "global LoRA merged into the base and re-initialised (FedLoRU)"
         self.history.append(entry)
         self.retries = 0
         self.round += 1
         self.phase = "done" if self.round >= self.config.rounds else "running"
-        if self.on_round_end is not None:
-            self.on_round_end(self, entry)
+        log.warning("round %d closed: %d of %d uploads%s (%.1fs)", entry.round, len(entry.uploaded),
+                    len(entry.selected), "" if entry.aggregated else f", {entry.note}", entry.seconds)
         if self.phase == "done":
             log.info("federation finished after %d rounds", self.round)
         else:
             self._start(now)
+        return entry
 
     def _deltas_for(self, member: Member) -> dict[str, torch.Tensor]:
         """Sum of the client-side frozen-weight updates a client has not applied
@@ -346,18 +377,17 @@ class Coordinator:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def global_lora(self) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
-        """The global LoRA at the largest rank over every module, and the head:
-        what a client holding the whole model would download. Factors a
-        method keeps on the clients (FedSA-LoRA's B) are zero here."""
-        info = ClientInfo("__global__", self.r_max, self.alpha)
-        download = self.strategy.download(self.state, info, self.round)
-        out = {}
+    def global_model(self) -> GlobalModel:
+        """The strategy's global model with both factors of every module the
+        federation trains: zeros where the method keeps a factor on the
+        clients (FedSA-LoRA's B) or keeps no global value."""
+        glob = self.strategy.export(self.state)
+        r = glob.rank
+        A, B = {}, {}
         for m, (d_out, d_in) in sorted(self.shapes.items()):
-            A = download.A.get(m, torch.zeros(self.r_max, d_in))
-            B = download.B.get(m, torch.zeros(d_out, A.shape[0]))
-            out[m] = Factors(A, B, download.alpha)
-        return out, dict(download.extra)
+            A[m] = glob.A.get(m, torch.zeros(r, d_in))
+            B[m] = glob.B.get(m, torch.zeros(d_out, r))
+        return GlobalModel(A, B, r, glob.alpha, dict(glob.head))
 
     def snapshot(self) -> dict:
         """Everything needed to resume after the round just closed."""

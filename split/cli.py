@@ -1,4 +1,10 @@
-"""The ``fedsplit`` command: server, client and demo."""
+"""The ``fedsplit`` command: server, client and demo.
+
+This module is the composition root: the one module that imports both sides.
+Each subcommand imports its side when it runs, so a device that runs
+``fedsplit client`` never imports server code, and a server never imports the
+client runtime.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,12 @@ import logging
 import signal
 import sys
 import warnings
+
+import torch
+
+from split.lora import LoraSpec
+from split.partition import Cut
+from split.wire import Limits
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -19,9 +31,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING")
 
 
-def _lora_spec(args):
-    from split.lora import LoraSpec
-
+def _lora_spec(args) -> LoraSpec:
     targets = tuple(t for t in args.targets.split(",") if t) if args.targets else None
     return LoraSpec(args.rank, args.alpha, args.lora_dropout, targets)
 
@@ -50,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-lora", choices=["per-client", "shared"], default="per-client",
                    help="one server-side LoRA per client (aggregated in rounds) or one shared by all")
     f = s.add_argument_group("federation (rounds of several clients; on when --strategy is given)")
-    f.add_argument("--strategy", default=None, help="fedit, ffa, rolora, fedsa, flexlora, flora, fedex, "
-                   "lorafair, hetlora, rbla, fedinc, layermean")
+    f.add_argument("--strategy", default=None,
+                   help="aggregation method: fedit, flexlora, hetlora, ... (every method: docs/algorithms.md)")
     f.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the strategy (repeatable), e.g. lam=0.01")
     f.add_argument("--rounds", type=int, default=3)
@@ -95,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--client-index", type=int, default=0, help="this client's share")
     g.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid")
     g.add_argument("--partition-alpha", type=float, default=0.5, help="Dirichlet concentration")
-    g.add_argument("--layers", default=None, help="comma-separated blocks whose LoRA this client trains")
+    g.add_argument("--blocks", default=None, help="comma-separated blocks whose LoRA this client trains")
     g.add_argument("--eval-rounds", action="store_true", help="evaluate the global model every round")
     g.add_argument("--personal", action="store_true",
                    help="FedDPA: train a personal adapter beside the global one; report both accuracies "
@@ -141,26 +151,26 @@ def main(argv=None) -> int:
         return 2
 
 
-def _server(args) -> int:
-    from edge.train import set_threads
-    from server.service import BackboneServer, ServerConfig
-    from split.partition import Cut
-    from split.wire import Limits
+def _set_threads(threads: int | None) -> None:
+    """Use ``threads`` intra-op threads (None: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
 
-    set_threads(args.threads)
+
+def _server(args) -> int:
+    from server.rounds import FederationConfig
+    from server.service import BackboneServer, ServerConfig
+
+    _set_threads(args.threads)
     limit = int(args.max_message_mb * (1 << 20))
     federation = None
     if args.strategy:
-        from server.rounds import FederationConfig
-
         federation = FederationConfig(
             strategy=args.strategy, strategy_options=_options(args.strategy_option), rounds=args.rounds,
             fraction=args.fraction, min_clients=args.min_clients, min_uploads=args.min_uploads,
             short_round=args.short_round, deadline=args.deadline, local_steps=args.local_steps,
             local_epochs=args.local_epochs,
             client_init=args.client_init, init=args.init, reinit_every=args.reinit_every, seed=args.seed)
-    elif args.resume:
-        raise ValueError("--resume continues a federation: give its --strategy too")
     config = ServerConfig(model=args.model, cut=Cut.parse(args.cut), bind=args.bind, task=args.task,
                           num_labels=args.num_labels, seed=args.seed, dropout=not args.no_dropout,
                           session_timeout=args.session_timeout,
@@ -179,33 +189,41 @@ def _server(args) -> int:
         return 0
     # A federation ends once its last round closed and every client has left.
     fed = server.coordinator
-    server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions))
+    server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.by_client))
     return 0
 
 
 def _options(pairs: list[str]) -> dict:
-    """``["lam=0.01", "weighting=uniform"]`` -> {"lam": 0.01, "weighting": "uniform"}."""
+    """``["lam=0.01", "weighting=uniform", "resend_frozen=false"]`` ->
+    {"lam": 0.01, "weighting": "uniform", "resend_frozen": False}."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ValueError(f"--strategy-option expects KEY=VALUE, got {pair!r}")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        out[key] = value
+        if key in out:
+            raise ValueError(f"--strategy-option {key} is given twice")
+        out[key] = _option_value(value)
     return out
+
+
+def _option_value(text: str):
+    """An option's value: a bool for true/false, else an int, a float or the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
 
 
 def _client(args) -> int:
     from edge.client import ClientConfig
-    from edge.train import TrainOptions, run_client, set_threads, write_summary
-    from split.partition import Cut
+    from edge.train import TrainOptions, run_client, write_summary
 
-    set_threads(args.threads)
+    _set_threads(args.threads)
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut) if args.cut else None,
                           task=args.task, lora=_lora_spec(args), lr=args.lr, head_lr=args.head_lr,
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
@@ -218,7 +236,7 @@ def _client(args) -> int:
                            progress=not args.no_progress, partition=args.partition,
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
-                           layers=[int(x) for x in args.layers.split(",")] if args.layers else None)
+                           blocks=_blocks(args.blocks))
     summary = run_client(config, options)
     write_summary(summary, args.summary_json)
     if "rounds" in summary:
@@ -229,6 +247,16 @@ def _client(args) -> int:
     print(f"accuracy {summary.get('accuracy_before', float('nan')):.3f} -> {summary['accuracy_after']:.3f} "
           f"after {summary['steps']} steps; adapter saved to {summary.get('adapter')}")
     return 0
+
+
+def _blocks(text: str | None) -> list[int] | None:
+    """``"0,3,5"`` -> [0, 3, 5]."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--blocks expects comma-separated block indices such as 0,3,5, got {text!r}") from None
 
 
 if __name__ == "__main__":

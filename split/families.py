@@ -32,6 +32,9 @@ class Family:
     rotary:      True when blocks need position ids (rotary embeddings), which
                  then cross the wire.
     lora_targets: default LoRA target module names (attention query and value).
+    conv1d:      True when linear weights are stored in x out (transformers'
+                 ``Conv1D``, GPT-2): the one place fedsplit learns a weight's
+                 orientation (peft's ``fan_in_fan_out``).
     """
 
     name: str
@@ -45,6 +48,7 @@ class Family:
     heads: dict[str, tuple[str, ...]]
     rotary: bool
     lora_targets: tuple[str, ...]
+    conv1d: bool = False
 
     def head_modules(self, task: str) -> tuple[str, ...]:
         """Task-model paths of the head for ``task`` (clear error if unsupported)."""
@@ -75,6 +79,7 @@ FAMILIES: tuple[Family, ...] = (
         heads={"classification": ("score",), "causal-lm": ("lm_head",)},
         rotary=False,
         lora_targets=("c_attn",),
+        conv1d=True,
     ),
     Family(
         name="llama",

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 
 from .families import Family
-from .partition import stable_seed
+from .seeds import stable_seed
 
 PEFT_PREFIX = "base_model.model."
 _TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -45,18 +45,18 @@ class LoraSpec:
         return list(self.targets or family.lora_targets)
 
     def peft_config(self, family: Family, modules_to_save: list[str] | None, task: str,
-                    layers: list[int] | None = None) -> LoraConfig:
-        """The peft LoraConfig for this spec on ``family``; ``layers`` limits
+                    blocks: list[int] | None = None) -> LoraConfig:
+        """The peft LoraConfig for this spec on ``family``; ``blocks`` limits
         LoRA to those block indices."""
         return LoraConfig(
-            layers_to_transform=layers,
-            layers_pattern=family.blocks.rsplit(".", 1)[-1] if layers is not None else None,
+            layers_to_transform=blocks,
+            layers_pattern=family.blocks.rsplit(".", 1)[-1] if blocks is not None else None,
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=self.target_modules(family),
             modules_to_save=modules_to_save or None,
-            fan_in_fan_out=family.name == "gpt2",  # GPT-2's Conv1D stores weights as in x out
+            fan_in_fan_out=family.conv1d,
             task_type=_TASK_TYPES[task],
         )
 
@@ -87,10 +87,10 @@ def init_lora(model: PeftModel, adapter: str, seed: int) -> None:
 
 def attach_lora(model, spec: LoraSpec, family: Family, task: str, seed: int,
                 modules_to_save: list[str] | None = None, adapter: str = "default",
-                layers: list[int] | None = None) -> PeftModel:
+                blocks: list[int] | None = None) -> PeftModel:
     """Wrap ``model`` (or add an adapter to a PeftModel) and initialise it;
-    ``layers`` limits LoRA to those blocks."""
-    config = spec.peft_config(family, modules_to_save, task, layers)
+    ``blocks`` limits LoRA to those blocks."""
+    config = spec.peft_config(family, modules_to_save, task, blocks)
     if isinstance(model, PeftModel):
         model.add_adapter(adapter, config)
     else:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from server.launch import running_server
+from split.launch import running_server
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta")
 VOCAB = 96
@@ -87,6 +88,27 @@ def random_batch(seed: int, vocab: int, batch: int = 4, max_len: int = 12, num_l
 
 
 @contextlib.contextmanager
+def threaded_server(model, cut: str = "1,1", **config):
+    """A ``BackboneServer`` in this process, serving from a thread on a free
+    loopback port; yields (endpoint, server). For tests where a separate
+    process is not the point (it saves the process start-up)."""
+    from server.service import BackboneServer, ServerConfig
+    from split.partition import Cut
+
+    server = BackboneServer(ServerConfig(model=str(model), cut=Cut.parse(cut), bind="tcp://127.0.0.1:*", **config))
+    endpoint = server.bind()
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop.is_set,), kwargs={"poll_ms": 20}, daemon=True)
+    thread.start()
+    try:
+        yield endpoint, server
+    finally:
+        stop.set()
+        thread.join(10)
+        server.socket.close(linger=0)
+
+
+@contextlib.contextmanager
 def server_process(model, cut: str = "1,1", *extra: str):
     """A real ``fedsplit server`` process on a free loopback port; yields its endpoint."""
     with running_server(model, cut, *extra) as endpoint:
@@ -94,7 +116,7 @@ def server_process(model, cut: str = "1,1", *extra: str):
 
 
 def status(endpoint: str) -> dict:
-    from edge.client import Connection
+    from split.transport import Connection
     from split.wire import Message
 
     conn = Connection(endpoint, "probe", timeout=10.0)

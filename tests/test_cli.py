@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import server_process
-from server.launch import child_env, fedsplit_command, free_port
+from split.launch import child_env, fedsplit_command, free_port
 
 
 def run(*args, timeout=300):

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from server.launch import child_env, free_port, start_server, stop, wait_ready
+from split.launch import child_env, free_port, start_server, stop, wait_ready
 from split.partition import load_config
 
 HERE = Path(__file__).resolve().parent

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server.launch import child_env
+from split.launch import child_env
 
 MEASURE = textwrap.dedent("""
     import json, sys

@@ -39,16 +39,17 @@ def test_personal_adapter_trains_locally_and_is_never_uploaded(tiny_models):
         assert set(runner.personal_accuracy) == {"global", "personalised"}
         # Uploads carry the global adapter's factors only: the personal one's differ.
         (args, _), = uploads[-1:]
-        uploaded_A = args[2]
+        uploaded_A = args[1].A
+        assert uploaded_A
         for name, a in uploaded_A.items():
             mine = dict(client.model.named_parameters())[f"base_model.model.{name}.lora_A.local.weight"]
             assert not torch.equal(a, mine)
         with torch.no_grad():
             client.model.eval()
             both = client.predict(train[0])
-            runner._active(["default"])
+            runner.personal.use_global()
             alone = client.predict(train[0])
-            runner._both_adapters()
+            runner.personal.use_both()
         assert not torch.allclose(both, alone)
         client.close()
     finally:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.rounds import Coordinator, FederationConfig, initial_factors
-from server.strategies.base import ClientInfo, StrategyError
+from server.rounds import Coordinator, FederationConfig, FederationError, initial_factors
+from server.strategies.base import ClientInfo
+from split.protocol import UploadPayload
 
 CLIENT_MODULE = "model.layers.0.self_attn.q_proj"
 SERVER_MODULE = "model.layers.1.self_attn.q_proj"
@@ -49,9 +50,10 @@ def coordinator(n=3, **kw):
 
 
 def upload(coord, client, value=1.0, rank=4):
-    coord.upload(client, coord.round, {CLIENT_MODULE: torch.full((rank, 5), value)},
-                 {CLIENT_MODULE: torch.full((6, rank), value)}, {"classifier.weight": torch.full((3, 6), value)},
-                 coord.members[client].info.num_samples, rank)
+    coord.upload(client, UploadPayload(coord.round, coord.members[client].info.num_samples, rank,
+                                       A={CLIENT_MODULE: torch.full((rank, 5), value)},
+                                       B={CLIENT_MODULE: torch.full((6, rank), value)},
+                                       head={"classifier.weight": torch.full((3, 6), value)}))
 
 
 def test_round_runs_once_enough_clients_joined_and_aggregates_both_sides():
@@ -59,9 +61,9 @@ def test_round_runs_once_enough_clients_joined_and_aggregates_both_sides():
     assert coord.phase == "waiting"
     coord.tick(0.0)
     assert coord.phase == "running" and coord.selected == ["c0", "c1"]
-    status, download, _, r = coord.poll("c0")
-    assert (status, r) == ("train", 0)
-    assert set(download.A) == {CLIENT_MODULE}  # the server-side part went to the server
+    offer = coord.poll("c0")
+    assert (offer.status, offer.round) == ("train", 0)
+    assert set(offer.A) == {CLIENT_MODULE}  # the server-side part went to the server
     assert SERVER_MODULE in {m for m in coord.shapes}
     coord.poll("c1")
     upload(coord, "c0", 1.0)
@@ -69,10 +71,10 @@ def test_round_runs_once_enough_clients_joined_and_aggregates_both_sides():
     coord.tick(1.0)
     assert coord.round == 1 and coord.history[0].aggregated
     # FedIT with p = (1/3, 2/3): A_client = 1/3 * 1 + 2/3 * 4 = 3
-    _, download, _, _ = coord.poll("c0")
-    assert torch.allclose(download.A[CLIENT_MODULE], torch.full((4, 5), 3.0))
-    assert torch.allclose(download.extra["classifier.weight"], torch.full((3, 6), 3.0))
-    assert torch.allclose(server.adapters["c0"][0], coord.global_lora()[0][SERVER_MODULE].A)
+    offer = coord.poll("c0")
+    assert torch.allclose(offer.A[CLIENT_MODULE], torch.full((4, 5), 3.0))
+    assert torch.allclose(offer.head["classifier.weight"], torch.full((3, 6), 3.0))
+    assert torch.allclose(server.adapters["c0"][0], coord.global_model().A[SERVER_MODULE])
 
 
 def test_fraction_samples_deterministically():
@@ -82,7 +84,7 @@ def test_fraction_samples_deterministically():
     b.tick(0.0)
     assert len(a.selected) == 2 and a.selected == b.selected
     waiting = next(c for c in a.members if c not in a.selected)
-    assert a.poll(waiting)[0] == "wait"
+    assert a.poll(waiting).status == "wait"
 
 
 def test_a_client_missing_the_deadline_is_left_out():
@@ -96,8 +98,8 @@ def test_a_client_missing_the_deadline_is_left_out():
     assert coord.round == 0  # still waiting for c2
     coord.tick(11.0)
     assert coord.round == 1 and coord.history[0].uploaded == ["c0", "c1"]
-    with pytest.raises(StrategyError, match="round 0 is closed"):
-        coord.upload("c2", 0, {}, {}, {}, 30, 4)
+    with pytest.raises(FederationError, match="round 0 is closed"):
+        coord.upload("c2", UploadPayload(0, 30, 4))
 
 
 @pytest.mark.parametrize("policy, retried", [("skip", False), ("retry", True)])
@@ -116,16 +118,17 @@ def test_short_rounds_are_skipped_or_retried(policy, retried):
 def test_client_initialisation_modes(init, fresh, keeps_own):
     coord, server = coordinator(2, client_init=init)
     coord.tick(0.0)
-    first = coord.poll("c0")[1]
-    assert set(first.A) == {CLIENT_MODULE} and not first.fresh  # round 0 starts from the global LoRA
+    first = coord.poll("c0")
+    assert set(first.A) == {CLIENT_MODULE} and first.fresh_seed is None  # round 0 starts from the global LoRA
     coord.poll("c1")
     upload(coord, "c0")
     upload(coord, "c1")
     coord.tick(1.0)
-    second = coord.poll("c0")[1]
-    assert second.fresh == fresh
+    second = coord.poll("c0")
+    assert (second.fresh_seed is not None) == fresh
     assert (second.A == {}) == keeps_own
-    assert (server.loads[-2][2] is not None) == fresh  # the server-side adapter is re-drawn too
+    # The server-side adapter is re-drawn too, from the very seed the client gets.
+    assert server.loads[-2][2] == second.fresh_seed
 
 
 def test_frozen_weight_updates_reach_each_client_once():
@@ -137,19 +140,19 @@ def test_frozen_weight_updates_reach_each_client_once():
     upload(coord, "c1", 3.0)
     coord.tick(1.0)
     assert SERVER_MODULE in server.folded
-    _, _, deltas, _ = coord.poll("c0")
-    assert set(deltas) == {CLIENT_MODULE}
+    assert set(coord.poll("c0").deltas) == {CLIENT_MODULE}
     assert set(coord.merged) == {CLIENT_MODULE, SERVER_MODULE}
-    assert coord.poll("c0")[0] == "wait" and coord.poll("c0")[2] == {}
+    again = coord.poll("c0")
+    assert again.status == "wait" and again.deltas == {}
 
 
 def test_unknown_or_unselected_clients_are_refused():
     coord, _ = coordinator(2)
-    with pytest.raises(StrategyError, match="has not joined"):
+    with pytest.raises(FederationError, match="has not joined"):
         coord.poll("nobody")
     coord.tick(0.0)
-    with pytest.raises(StrategyError, match="was not selected"):
-        coord.upload("c0", 0, {}, {}, {}, 1, 4)
+    with pytest.raises(FederationError, match="was not selected"):
+        coord.upload("c0", UploadPayload(0, 1, 4))
 
 
 def test_initial_factors_match_the_client_side_draw():
@@ -189,13 +192,13 @@ def test_svd_initialisation_keeps_the_pretrained_function():
     coord = Coordinator(FederationConfig(min_clients=1, init="svd"), server)
     coord.join("c0", ClientInfo("c0", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)})
     coord.tick(0.0)
-    glob, _ = coord.global_lora()
+    glob = coord.global_model()
     for m in (CLIENT_MODULE, SERVER_MODULE):
         # frozen weight + what was folded into it + the adapter's update == pretrained weight
-        assert torch.allclose(coord.merged[m] + glob[m].delta(), torch.zeros(6, 5), atol=1e-5)
+        update = glob.alpha / glob.rank * glob.B[m] @ glob.A[m]
+        assert torch.allclose(coord.merged[m] + update, torch.zeros(6, 5), atol=1e-5)
     assert torch.allclose(server.folded[SERVER_MODULE], coord.merged[SERVER_MODULE])
-    _, _, deltas, _ = coord.poll("c0")
-    assert set(deltas) == {CLIENT_MODULE}
+    assert set(coord.poll("c0").deltas) == {CLIENT_MODULE}
 
 
 def test_gaussian_initialisation_draws_normal_a():
@@ -212,8 +215,48 @@ def test_fedloru_merges_and_restarts_every_tau_rounds():
     upload(coord, "c1", 4.0)
     coord.tick(1.0)
     assert "FedLoRU" in coord.history[0].note
-    glob, _ = coord.global_lora()
-    assert all(torch.count_nonzero(f.B) == 0 for f in glob.values())  # a fresh LoRA
+    glob = coord.global_model()
+    assert all(torch.count_nonzero(b) == 0 for b in glob.B.values())  # a fresh LoRA
     # B = 3 everywhere before the merge, A = 3 (client side): s B A = 2 * 3 * 3 * 4 = 72 per entry
     assert torch.allclose(coord.merged[CLIENT_MODULE], torch.full((6, 5), 72.0))
     assert SERVER_MODULE in server.folded
+
+
+@pytest.mark.parametrize("strategy", ["flora", "flexlora", "fedinc"])
+def test_the_run_seed_reaches_the_strategy(strategy):
+    for seed in (0, 7):
+        coord, _ = coordinator(2, strategy=strategy, seed=seed)
+        assert coord.strategy.seed == seed
+
+
+def test_the_run_seed_changes_what_a_seeded_method_draws():
+    # FLoRA hands every client a fresh A drawn from the strategy's seed: with
+    # the run's seed ignored, --seed 1 and --seed 2 would draw the same A.
+    def fresh_a(seed):
+        coord, _ = coordinator(2, strategy="flora", seed=seed)
+        coord.tick(0.0)
+        return coord.poll("c0").A[CLIENT_MODULE]
+
+    assert torch.equal(fresh_a(1), fresh_a(1))
+    assert not torch.equal(fresh_a(1), fresh_a(2))
+
+
+def test_a_seed_among_the_strategy_options_is_refused():
+    with pytest.raises(ValueError, match="--seed"):
+        FederationConfig(strategy="flora", strategy_options={"seed": 3})
+
+
+def test_a_fresh_lora_is_one_draw_per_round_for_every_client():
+    coord, server = coordinator(2, client_init="re", rounds=3)
+    coord.tick(0.0)
+    for c in ("c0", "c1"):
+        coord.poll(c)
+        upload(coord, c)
+    coord.tick(1.0)
+    seeds = {c: coord.poll(c).fresh_seed for c in ("c0", "c1")}
+    assert seeds["c0"] == seeds["c1"] is not None
+    assert {load[2] for load in server.loads[-2:]} == {seeds["c0"]}  # the server-side halves draw the same
+    for c in ("c0", "c1"):
+        upload(coord, c)
+    coord.tick(2.0)
+    assert coord.poll("c0").fresh_seed not in (None, seeds["c0"])  # a new draw in the next round

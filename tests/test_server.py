@@ -1,5 +1,8 @@
 """The server under bad input and lost clients (invariant 5, session lifetime),
-and the client's errors when the server is missing or refuses it."""
+and the client's errors when the server is missing or refuses it.
+
+The server runs in this process (a serving thread) unless a separate process
+is the point: only the client that dies is a process of its own."""
 
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ import pytest
 import torch
 import zmq
 
-from conftest import VOCAB, random_batch, server_process, status
+from conftest import VOCAB, random_batch, status, threaded_server
 from edge.client import ClientConfig, ServerRefused, ServerUnavailable, SplitClient
-from server.launch import child_env, free_port
+from split.launch import child_env, free_port
 from split.lora import LoraSpec
 from split.partition import Cut
-from split.wire import Message, decode
+from split.wire import Limits, Message, decode
 
 TIMEOUT = 3.0
 
@@ -26,8 +29,9 @@ TIMEOUT = 3.0
 @pytest.fixture(scope="module")
 def bert_server(tiny_models):
     path = tiny_models("bert")
-    with server_process(path, "1,1", "--num-labels", "3", "--session-timeout", str(TIMEOUT),
-                        "--max-message-mb", "1") as endpoint:
+    limit = 1 << 20
+    with threaded_server(path, "1,1", num_labels=3, session_timeout=TIMEOUT,
+                         limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit)) as (endpoint, _):
         yield path, endpoint
 
 
@@ -53,7 +57,6 @@ def _header(**kw) -> bytes:
     return msgpack.packb(base)
 
 
-@pytest.mark.slow
 def test_malformed_messages_get_errors_and_others_keep_training(bert_server):
     path, endpoint = bert_server
     good = client_for(path, endpoint)
@@ -148,7 +151,6 @@ def test_unreachable_server_fails_fast_with_a_clear_message(tiny_models):
     assert time.monotonic() - start < 10
 
 
-@pytest.mark.slow
 def test_server_refuses_mismatched_model_and_bad_cut(bert_server, tiny_models):
     path, endpoint = bert_server
     with pytest.raises(ServerRefused, match="model mismatch"):
@@ -159,7 +161,6 @@ def test_server_refuses_mismatched_model_and_bad_cut(bert_server, tiny_models):
         SplitClient(ClientConfig(server=endpoint, model=str(path), num_labels=3, cut=Cut(2, 2)))
 
 
-@pytest.mark.slow
 def test_client_with_a_deeper_cut_uses_only_its_server_blocks(bert_server):
     path, endpoint = bert_server
     client = client_for(path, endpoint, cut=Cut(2, 1))
@@ -174,10 +175,9 @@ def test_client_with_a_deeper_cut_uses_only_its_server_blocks(bert_server):
         client.close()
 
 
-@pytest.mark.slow
 def test_shared_server_lora_is_trained_by_every_client(tiny_models):
     path = tiny_models("bert")
-    with server_process(path, "1,1", "--num-labels", "3", "--server-lora", "shared") as endpoint:
+    with threaded_server(path, "1,1", num_labels=3, server_lora="shared") as (endpoint, _):
         a = client_for(path, endpoint, client_id="a")
         b = client_for(path, endpoint, client_id="b")
         try:

@@ -1,11 +1,12 @@
-"""The interface every aggregation strategy implements.
+"""The contract every aggregation strategy implements.
 
 A strategy is pure: it receives the uploads of one round (LoRA factors keyed by
 whole-model module name, each client's rank, block set and sample count) and its
-own state, and returns the new state, what each client downloads next, and any
-change to the frozen weights. It does no I/O and never touches a model.
+own state, and returns the new state, what each client downloads next, the
+global model, and any change to the frozen weights. It does no I/O and never
+touches a model. Each method's rule is in docs/algorithms.md.
 
-Conventions (../shared/reference/fedlora-algorithms.md):
+Conventions:
 
 - A is ``lora_A`` (r x d_in), B is ``lora_B`` (d_out x r), the update is
   ``s * B @ A`` with ``s = alpha / r``.
@@ -13,18 +14,26 @@ Conventions (../shared/reference/fedlora-algorithms.md):
   into a layer's own weight (Conv1D stores in x out) is the caller's job.
 - Module names are whole-model names without the peft prefix, e.g.
   ``bert.encoder.layer.3.attention.self.query``; a module's block index is
-  ``block_of(name)``.
+  ``split.families.block_of(name)``.
+- The head is the non-LoRA trainables the clients share (a new classification
+  head), by plain parameter name.
+
+A subclass with a ``name`` registers itself: the registry, the CLI's
+``--strategy`` choices and the lists of methods that accept mixed ranks or
+block subsets all derive from the class attributes.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-
 TRAIN_BOTH, TRAIN_A, TRAIN_B = "both", "A", "B"
+
+REGISTRY: dict[str, type["Strategy"]] = {}
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class ClientInfo:
     client: str
     rank: int
     alpha: float
-    layers: frozenset[int] | None = None  # None: every block the client's LoRA covers
+    blocks: frozenset[int] | None = None  # blocks whose LoRA the client trains; None: all
     num_samples: int = 1
 
 
@@ -67,8 +76,8 @@ class Upload:
     factors: dict[str, Factors]  # only the modules it trained
     num_samples: int
     rank: int
-    layers: frozenset[int] | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # non-LoRA trainables (a head)
+    blocks: frozenset[int] | None = None
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,8 +87,9 @@ class Download:
     ``A`` / ``B`` hold the factors to load, at the client's rank; a module or a
     factor that is absent keeps the client's own value (FedSA-LoRA's local B).
     ``fresh`` re-initialises the client's LoRA (A random from the round's seed,
-    B = 0) before anything is loaded (FLoRA). ``options`` carries client-side
-    training settings of the method (HetLoRA's rank regulariser).
+    B = 0) before anything is loaded (FLoRA). ``options`` carries the client
+    half of a method's settings (HetLoRA's rank regulariser); the client runs
+    that half itself.
     """
 
     A: dict[str, torch.Tensor]
@@ -89,7 +99,21 @@ class Download:
     trainable: str = TRAIN_BOTH  # which factors the client trains: "both", "A" or "B"
     fresh: bool = False
     options: dict = field(default_factory=dict)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class GlobalModel:
+    """The global LoRA as one whole-model adapter at ``rank``: factors of every
+    module the strategy keeps a global value for, and the shared head. A factor
+    a method keeps on the clients (FedSA-LoRA's B) is absent; the adapter
+    written from it holds zeros there."""
+
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,44 +129,47 @@ class StrategyError(ValueError):
     """A strategy cannot handle what it was given (the message names one that can)."""
 
 
-def weights(uploads: list[Upload]) -> list[float]:
-    """Sample-count weights p_k = n_k / sum n_j."""
-    total = sum(u.num_samples for u in uploads)
-    if total <= 0:
-        raise StrategyError("uploads carry no samples: every num_samples is 0")
-    return [u.num_samples / total for u in uploads]
-
-
-
-
-def average_extra(uploads: list[Upload]) -> dict[str, torch.Tensor]:
-    """Sample-weighted mean of the non-LoRA trainables (a classification head)."""
-    names = set().union(*(u.extra for u in uploads)) if uploads else set()
-    out = {}
-    for name in names:
-        have = [u for u in uploads if name in u.extra]
-        w = weights(have)
-        out[name] = sum(wk * u.extra[name] for wk, u in zip(w, have))
-    return out
+def methods_with(capability: str) -> list[str]:
+    """Registered method names whose class sets ``capability`` (an attribute
+    such as ``heterogeneous_ranks`` or ``block_subsets``), sorted."""
+    return sorted(name for name, cls in REGISTRY.items() if getattr(cls, capability))
 
 
 class Strategy(ABC):
-    """One aggregation method."""
+    """One aggregation method.
 
-    name: str = ""
-    heterogeneous_ranks: bool = False  # clients may train different ranks
-    layer_subsets: bool = False  # clients may train different block sets
+    Every strategy takes ``seed`` (the coordinator passes the run's ``--seed``);
+    methods that draw nothing keep it only for a uniform constructor.
+    """
+
+    name: ClassVar[str] = ""
+    heterogeneous_ranks: ClassVar[bool] = False  # clients may train different ranks
+    block_subsets: ClassVar[bool] = False  # clients may train different block sets
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+                raise TypeError(f"two strategies are called {cls.name!r}")
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
 
     def check(self, clients: list[ClientInfo]) -> None:
         """Refuse client sets the method does not define, naming methods that do."""
         if not self.heterogeneous_ranks and len({c.rank for c in clients}) > 1:
             raise StrategyError(
                 f"{self.name} needs one LoRA rank for every client (got ranks "
-                f"{sorted({c.rank for c in clients})}); use hetlora, flexlora, flora or rbla for mixed ranks")
-        if not self.layer_subsets and any(c.layers is not None for c in clients):
-            raise StrategyError(
-                f"{self.name} needs every client to train every block; use layermean (FedRA, Fed-piLot), "
-                "hetlora, rbla or fedinc for clients with layer subsets")
+                f"{sorted({c.rank for c in clients})}); use {', '.join(methods_with('heterogeneous_ranks'))} "
+                "for mixed ranks")
+        if not self.block_subsets and any(c.blocks is not None for c in clients):
+            self.refuse_block_subsets("every client must train every block")
+
+    def refuse_block_subsets(self, what: str) -> None:
+        """Raise the error for a block subset this method cannot take."""
+        raise StrategyError(f"{self.name}: {what}; use {', '.join(methods_with('block_subsets'))} "
+                            "(FedRA, Fed-piLot layer allocation) for clients that train block subsets")
 
     @abstractmethod
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
@@ -155,3 +182,9 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Combine one round's uploads."""
+
+    @abstractmethod
+    def export(self, state: dict) -> GlobalModel:
+        """The global model the state stands for, for checkpoints: the LoRA a
+        client holding every block at the run's largest rank would use, with
+        zeros where a method keeps a factor on the clients."""

@@ -4,14 +4,14 @@
     round: clients train B_k; server B <- sum_k p_k B_k; A never changes
 
 Since A is the same everywhere, averaging is exact:
-(sum p_k B_k) A == sum p_k (B_k A) (fedlora-algorithms.md, sections 6 and 14.3).
+(sum p_k B_k) A == sum p_k (B_k A) (docs/algorithms.md#ffa).
 
 ``FrozenFactorStrategy`` is the common machinery of the methods that, in a
 given round, train one factor while the other stays frozen and shared. RoLoRA
 (rolora.py) is the same machinery with the trained factor alternating by round.
 
 State layout:
-    {"rank", "alpha", "A", "B", "extra"} as in FedIT, plus
+    the slot layout (common.py), plus
     "updated": {"A": int, "B": int}   # last round each factor was aggregated (-1: never)
     "held": {client: int}             # last round each client uploaded in
 """
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-from .base import (TRAIN_B, ClientInfo, Download, Factors, RoundResult, Strategy, Upload, weights)
-from .fedit import (FACTOR_NAMES, check_client, check_uploads, clone, clone_tree, client_modules,
-                    initial_state, mean_factor, merge_extra)
+from .base import TRAIN_B, ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, Upload
+from .common import (FACTOR_NAMES, check_client, check_uploads, clone, clone_tree, client_modules, export_slots,
+                     initial_state, mean_factor, merge_head, weights)
 
 
 class FrozenFactorStrategy(Strategy):
@@ -38,13 +38,12 @@ class FrozenFactorStrategy(Strategy):
     known to hold its current global value: the client uploaded in round u,
     the factor was frozen in round u, and the factor has not been aggregated
     since. Downloads then carry about r*d_out (FFA-LoRA), or one factor per
-    round (RoLoRA), as in section 14.9 of the notes. That saving assumes that
+    round (RoLoRA). That saving assumes that
     clients keep their LoRA between rounds.
     """
 
     def __init__(self, seed: int = 0, resend_frozen: bool = True):
-        # No randomness is needed; ``seed`` is accepted for a uniform constructor.
-        self.seed = seed
+        super().__init__(seed)
         self.resend_frozen = bool(resend_frozen)
 
     @abstractmethod
@@ -67,13 +66,13 @@ class FrozenFactorStrategy(Strategy):
         """The shared factors of the client's modules. The client trains only
         ``trained(round_index)``."""
         check_client(self, state, client)
-        modules = client_modules(state, client)
+        modules = client_modules(state["A"], client)
         send = {f: self.resend_frozen or not self._holds(state, client.client, f) for f in FACTOR_NAMES}
         return Download(
             A={m: clone(state["A"][m]) for m in modules} if send["A"] else {},
             B={m: clone(state["B"][m]) for m in modules} if send["B"] else {},
             rank=state["rank"], alpha=state["alpha"], trainable=self.trained(round_index),
-            extra=clone_tree(state["extra"]))
+            head=clone_tree(state["head"]))
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Average the factor trained this round with weights p_k. The frozen
@@ -83,17 +82,20 @@ class FrozenFactorStrategy(Strategy):
         p = weights(uploads)
         new = clone_tree(state)
         new[factor] = mean_factor(state, uploads, factor, p)
-        new["extra"] = merge_extra(self, state, uploads)
+        new["head"] = merge_head(self, state, uploads)
         new["updated"][factor] = round_index
         new["held"].update({u.client: round_index for u in uploads})
         return RoundResult(state=new)
+
+    def export(self, state: dict) -> GlobalModel:
+        """The shared A and B and the head."""
+        return export_slots(state)
 
 
 class FFALoRA(FrozenFactorStrategy):
     """FFA-LoRA: freeze the shared initial A and aggregate B <- sum_k p_k B_k.
 
-    Options: ``seed`` (unused, since the method is deterministic) and
-    ``resend_frozen`` (see ``FrozenFactorStrategy``).
+    Options: ``resend_frozen`` (see ``FrozenFactorStrategy``).
     """
 
     name = "ffa"

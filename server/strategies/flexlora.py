@@ -1,6 +1,5 @@
-"""FlexLoRA: heterogeneous ranks through an SVD of the aggregated full-size update.
-
-Per module and round (fedlora-algorithms.md, section 4):
+"""FlexLoRA: heterogeneous ranks through an SVD of the aggregated full-size
+update (docs/algorithms.md#flexlora). Per module and round:
 
     ΔW_g = sum_k p_k (alpha_k / r_k) B_k A_k          (replaces the global LoRA; W0 untouched)
     ΔW_g = U Σ Vᵀ,   a client of rank r downloads
@@ -15,119 +14,36 @@ round, by the cheapest exact route (``truncated_svd``): through QR factors of
 the stacked client factors when their total rank is small, otherwise from the
 dense ΔW_g.
 
-This module also holds the checks that FLoRA (the other heterogeneous-rank
-method here) shares: initial-LoRA and upload validation for mixed ranks.
-
 State layout (every value can be checkpointed):
     {"alpha": float, "ranks": [int], "keep": int,
      "shapes": {module: [d_out, d_in]},
      "global": {module: {"US": d_out x t, "S": t, "Vh": t x d_in}},   # ΔW_g = US @ Vh
-     "extra": {name: tensor}}
+     "head": {name: tensor}}
 """
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
-from split.families import block_of
+from split.seeds import generator
 
-from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError,
-                   Upload, weights)
-from .fedit import clone_tree, merge_extra
+from .base import TRAIN_BOTH, ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError, Upload
+from .common import (acc_dtype, check_hetero_uploads, client_modules, clone_tree, initial_shapes,
+                     merge_head, module_uploads, stacked)
 
 ROUTES = ("auto", "factors", "gram", "svd")
 
 
-# ---------------------------------------------------------------- shared checks (FlexLoRA, FLoRA)
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32, so that half-precision uploads do not lose precision in sums."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def generator(*parts) -> torch.Generator:
-    """A CPU generator seeded from ``parts`` (stable across processes, unlike hash())."""
-    key = ":".join(str(p) for p in parts).encode()
-    return torch.Generator().manual_seed(zlib.crc32(key))
-
-
-def check_initial(strategy: Strategy, initial: dict[str, Factors]) -> tuple[float, dict[str, list[int]]]:
-    """Validate an initial LoRA for a mixed-rank method: returns its one alpha
-    and the module shapes ``{module: [d_out, d_in]}``."""
+def initial_alpha_shapes(strategy: Strategy, initial: dict[str, Factors]) -> tuple[float, dict[str, list[int]]]:
+    """The one alpha and the module shapes ``{module: [d_out, d_in]}`` of an
+    initial LoRA for a method that keeps ΔW rather than slots (FlexLoRA, FLoRA)."""
     if not initial:
         raise StrategyError(f"{strategy.name}: the initial LoRA has no modules")
+    shapes = initial_shapes(strategy, initial)
     alphas = sorted({float(f.alpha) for f in initial.values()})
     if len(alphas) > 1:
         raise StrategyError(f"{strategy.name}: the initial LoRA mixes alphas {alphas} across modules")
-    shapes = {}
-    for module, f in initial.items():
-        if f.A.dim() != 2 or f.B.dim() != 2 or f.B.shape[1] != f.A.shape[0]:
-            raise StrategyError(
-                f"{strategy.name}: initial factors of {module} have shapes A {tuple(f.A.shape)}, "
-                f"B {tuple(f.B.shape)}; expected A r x d_in and B d_out x r")
-        shapes[module] = [int(f.B.shape[0]), int(f.A.shape[1])]
     return alphas[0], shapes
-
-
-def check_hetero_uploads(strategy: Strategy, shapes: dict[str, list[int]], uploads: list[Upload]) -> None:
-    """Refuse uploads a mixed-rank method cannot combine: none at all, duplicates,
-    layer subsets, unknown modules, shapes that do not match the module or the
-    upload's declared rank."""
-    if not uploads:
-        raise StrategyError(f"{strategy.name}: no uploads to aggregate")
-    names = [u.client for u in uploads]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise StrategyError(f"{strategy.name}: more than one upload from client(s) {dupes}")
-    for u in uploads:
-        who = f"{strategy.name}: upload from client {u.client!r}"
-        if u.num_samples < 0:
-            raise StrategyError(f"{who} has a negative sample count {u.num_samples}")
-        if u.rank < 1:
-            raise StrategyError(f"{who} has rank {u.rank}; ranks start at 1")
-        if u.layers is not None and not strategy.layer_subsets:
-            raise StrategyError(f"{who} trained only blocks {sorted(u.layers)}; use layermean (FedRA, "
-                                "Fed-piLot) for clients with layer subsets")
-        unknown = sorted(set(u.factors) - set(shapes))
-        if unknown:
-            raise StrategyError(f"{who} names unknown module(s) {unknown}")
-        for module, f in u.factors.items():
-            d_out, d_in = shapes[module]
-            if (f.A.dim() != 2 or f.B.dim() != 2 or tuple(f.A.shape) != (u.rank, d_in)
-                    or tuple(f.B.shape) != (d_out, u.rank)):
-                raise StrategyError(
-                    f"{who}: {module} has A {tuple(f.A.shape)} and B {tuple(f.B.shape)}; expected "
-                    f"A {(u.rank, d_in)} and B {(d_out, u.rank)} for its rank {u.rank}")
-
-
-def modules_for(shapes: dict, client: ClientInfo) -> list[str]:
-    """The modules a client holds: all when ``client.layers`` is None, else those
-    in its blocks (modules outside every block go to every client)."""
-    if client.layers is None:
-        return list(shapes)
-    return [m for m in shapes if block_of(m) is None or block_of(m) in client.layers]
-
-
-def module_uploads(uploads: list[Upload], module: str) -> tuple[list[float], list[Factors]]:
-    """The uploads that trained ``module``, with sample weights renormalised over them."""
-    have = [u for u in uploads if module in u.factors]
-    if not have:
-        return [], []
-    return weights(have), [u.factors[module] for u in have]
-
-
-def stacked(ws: list[float], factors: list[Factors], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``L = [w_1 s_1 B_1, ..., w_K s_K B_K]`` (d_out x Σr) and ``R = [A_1; ...; A_K]``
-    (Σr x d_in), so that ``L @ R = Σ w_k s_k B_k A_k``. New tensors; inputs untouched."""
-    # One cat and one column scaling rather than K small products: with many
-    # clients the per-op overhead otherwise rivals the matmul that follows.
-    col = torch.tensor([w * f.scale for w, f in zip(ws, factors)], dtype=dtype)
-    col = col.repeat_interleave(torch.tensor([f.rank for f in factors]))
-    L = torch.cat([f.B.detach() for f in factors], dim=1).to(dtype) * col.to(factors[0].B.device)
-    R = torch.cat([f.A.detach() for f in factors], dim=0).to(dtype)
-    return L, R
 
 
 # ---------------------------------------------------------------- truncated SVD of L @ R
@@ -209,10 +125,10 @@ def svd_entry(L: torch.Tensor, R: torch.Tensor, keep: int, gen: torch.Generator,
     U, S, Vh = truncated_svd(L, R, keep, route)
     t = min(keep, R.shape[1])
     if S.shape[0] < t:
-        extra = t - S.shape[0]
-        Vh = torch.cat([Vh, _orthonormal_rows(Vh, extra, gen)], dim=0)
-        U = torch.cat([U, U.new_zeros(U.shape[0], extra)], dim=1)
-        S = torch.cat([S, S.new_zeros(extra)])
+        missing = t - S.shape[0]
+        Vh = torch.cat([Vh, _orthonormal_rows(Vh, missing, gen)], dim=0)
+        U = torch.cat([U, U.new_zeros(U.shape[0], missing)], dim=1)
+        S = torch.cat([S, S.new_zeros(missing)])
     return {"US": U * S, "S": S, "Vh": Vh.contiguous()}
 
 
@@ -234,16 +150,16 @@ class FlexLoRA(Strategy):
     heterogeneous_ranks = True
 
     def __init__(self, seed: int = 0, route: str = "auto"):
+        super().__init__(seed)
         if route not in ROUTES:
             raise StrategyError(f"{self.name}: route must be one of {ROUTES}, got {route!r}")
-        self.seed = seed
         self.route = route
 
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
         """State holding the initial global LoRA as an SVD (or, when its B is zero,
         as its own A rows, so that round-0 clients start from the usual random A)."""
         self.check(clients)
-        alpha, shapes = check_initial(self, initial)
+        alpha, shapes = initial_alpha_shapes(self, initial)
         ranks = sorted({int(c.rank) for c in clients} | {f.rank for f in initial.values()})
         keep = max(ranks)
         glob = {}
@@ -257,7 +173,7 @@ class FlexLoRA(Strategy):
             else:
                 L, R = stacked([1.0], [f], dtype)
                 glob[module] = svd_entry(L, R, keep, generator(self.seed, "svd", "init", module), self.route)
-        return {"alpha": alpha, "ranks": ranks, "keep": keep, "shapes": shapes, "global": glob, "extra": {}}
+        return {"alpha": alpha, "ranks": ranks, "keep": keep, "shapes": shapes, "global": glob, "head": {}}
 
     def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
         """B = U_r Σ_r / (alpha / r) and A = V_rᵀ of every module the client holds."""
@@ -265,21 +181,32 @@ class FlexLoRA(Strategy):
         r = int(client.rank)
         if r < 1:
             raise StrategyError(f"{self.name}: client {client.client!r} has rank {r}; ranks start at 1")
+        A, B = self._factors(state, client_modules(state["shapes"], client), r, "download", round_index)
+        return Download(A=A, B=B, rank=r, alpha=state["alpha"], trainable=TRAIN_BOTH,
+                        head=clone_tree(state["head"]))
+
+    def export(self, state: dict) -> GlobalModel:
+        """The best rank-``keep`` approximation of ΔW_g as LoRA factors, and the head."""
+        keep = int(state["keep"])
+        A, B = self._factors(state, state["shapes"], keep, "export")
+        return GlobalModel(A=A, B=B, rank=keep, alpha=state["alpha"], head=clone_tree(state["head"]))
+
+    def _factors(self, state: dict, modules, r: int, *draw) -> tuple[dict, dict]:
+        """Rank-``r`` factors of ``modules``; rows beyond the stored SVD are
+        orthonormal completions drawn from (seed, ``draw``, module) with B = 0."""
         scale = state["alpha"] / r
         A, B = {}, {}
-        for module in modules_for(state["shapes"], client):
+        for module in modules:
             entry = state["global"][module]
             US, Vh = entry["US"], entry["Vh"]
             have = Vh.shape[0]
             if r > have:
-                extra = r - have
-                gen = generator(self.seed, "download", round_index, module)
-                Vh = torch.cat([Vh, _orthonormal_rows(Vh, extra, gen)])
-                US = torch.cat([US, US.new_zeros(US.shape[0], extra)], dim=1)
+                missing = r - have
+                Vh = torch.cat([Vh, _orthonormal_rows(Vh, missing, generator(self.seed, *draw, module))])
+                US = torch.cat([US, US.new_zeros(US.shape[0], missing)], dim=1)
             A[module] = Vh[:r].clone()
             B[module] = US[:, :r] / scale
-        return Download(A=A, B=B, rank=r, alpha=state["alpha"], trainable=TRAIN_BOTH,
-                        extra=clone_tree(state["extra"]))
+        return A, B
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """ΔW_g = Σ p_k s_k B_k A_k per module, kept as its top-``keep`` SVD.
@@ -295,6 +222,5 @@ class FlexLoRA(Strategy):
             dtype = acc_dtype(factors[0].A.dtype)
             L, R = stacked(ws, factors, dtype)
             glob[module] = svd_entry(L, R, keep, generator(self.seed, "svd", round_index, module), self.route)
-        new = {**state, "ranks": ranks, "keep": keep, "global": glob,
-               "extra": merge_extra(self, state, uploads)}
+        new = {**state, "ranks": ranks, "keep": keep, "global": glob, "head": merge_head(self, state, uploads)}
         return RoundResult(state=clone_tree(new))

@@ -1,6 +1,5 @@
-"""FLoRA: stacking aggregation, merged into the frozen weights every round.
-
-Per module and round (fedlora-algorithms.md, section 5):
+"""FLoRA: stacking aggregation, merged into the frozen weights every round
+(docs/algorithms.md#flora). Per module and round:
 
     A_stack = [p_1 A_1; ...; p_K A_K]              (Σ r_k x d_in)
     B_stack = [s_1 B_1, ..., s_K B_K]              (d_out x Σ r_k, each client's own s_k = alpha_k / r_k)
@@ -17,7 +16,7 @@ State layout (every value can be checkpointed):
      "stacked_rank": int,                 # Σ r_k over the last round's uploads
      "stacked_ranks": {module: int},      # per module (uploads that trained it)
      "download_floats": int,              # Σ over modules of stacked rank x (d_in + d_out)
-     "extra": {name: tensor}}
+     "head": {name: tensor}}
 """
 
 from __future__ import annotations
@@ -26,9 +25,12 @@ import math
 
 import torch
 
-from .base import TRAIN_BOTH, ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError, Upload
-from .fedit import clone_tree, merge_extra
-from .flexlora import acc_dtype, check_hetero_uploads, check_initial, generator, module_uploads, modules_for
+from split.seeds import generator
+
+from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError,
+                   Upload)
+from .common import acc_dtype, check_hetero_uploads, client_modules, clone_tree, merge_head, module_uploads
+from .flexlora import initial_alpha_shapes
 
 
 def stack_factors(ws: list[float], factors: list[Factors], dtype: torch.dtype | None = None
@@ -56,14 +58,11 @@ class FLoRA(Strategy):
     name = "flora"
     heterogeneous_ranks = True
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
-
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
         """State with the module shapes; the initial LoRA must be zero (B = 0),
         since FLoRA clients always start from a fresh LoRA on the merged base."""
         self.check(clients)
-        alpha, shapes = check_initial(self, initial)
+        alpha, shapes = initial_alpha_shapes(self, initial)
         nonzero = sorted(m for m, f in initial.items() if bool(torch.any(f.B != 0)))
         if nonzero:
             raise StrategyError(
@@ -71,7 +70,7 @@ class FLoRA(Strategy):
                 "zero, but FLoRA starts every round from a fresh LoRA on the merged base; merge it into the "
                 "base first, or use fedit or flexlora to start from it")
         return {"alpha": alpha, "shapes": shapes, "stacked_rank": 0,
-                "stacked_ranks": {m: 0 for m in shapes}, "download_floats": 0, "extra": {}}
+                "stacked_ranks": {m: 0 for m in shapes}, "download_floats": 0, "head": {}}
 
     def download(self, state: dict, client: ClientInfo, round_index: int) -> Download:
         """A fresh LoRA at the client's rank: A Kaiming-uniform from the seed, B = 0."""
@@ -80,7 +79,7 @@ class FLoRA(Strategy):
         if r < 1:
             raise StrategyError(f"{self.name}: client {client.client!r} has rank {r}; ranks start at 1")
         A, B = {}, {}
-        for module in modules_for(state["shapes"], client):
+        for module in client_modules(state["shapes"], client):
             d_out, d_in = state["shapes"][module]
             a = torch.empty(r, d_in)
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5),
@@ -88,7 +87,7 @@ class FLoRA(Strategy):
             A[module] = a
             B[module] = torch.zeros(d_out, r)
         return Download(A=A, B=B, rank=r, alpha=state["alpha"], trainable=TRAIN_BOTH, fresh=True,
-                        extra=clone_tree(state["extra"]))
+                        head=clone_tree(state["head"]))
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """base_deltas[m] = B_stack @ A_stack = Σ p_k s_k B_k A_k (d_out x d_in)."""
@@ -104,5 +103,14 @@ class FLoRA(Strategy):
                "stacked_rank": sum(int(u.rank) for u in uploads),
                "stacked_ranks": ranks,
                "download_floats": sum(ranks[m] * (d_out + d_in) for m, (d_out, d_in) in state["shapes"].items()),
-               "extra": merge_extra(self, state, uploads)}
+               "head": merge_head(self, state, uploads)}
         return RoundResult(state=clone_tree(new), base_deltas=deltas)
+
+    def export(self, state: dict) -> GlobalModel:
+        """Zero factors: every round's update is already in the frozen weights
+        (the checkpoint's base delta), and the next round starts from a fresh
+        LoRA that adds nothing. The head is the averaged one."""
+        shapes = state["shapes"]
+        return GlobalModel(A={m: torch.zeros(1, d_in) for m, (_, d_in) in shapes.items()},
+                           B={m: torch.zeros(d_out, 1) for m, (d_out, _) in shapes.items()},
+                           rank=1, alpha=state["alpha"], head=clone_tree(state["head"]))

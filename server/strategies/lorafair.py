@@ -1,6 +1,5 @@
-"""LoRA-FAIR: FedAvg of A and B plus a server-side correction of B.
-
-Per module and round (fedlora-algorithms.md, section 10), with one rank:
+"""LoRA-FAIR: FedAvg of A and B plus a server-side correction of B
+(docs/algorithms.md#lorafair). Per module and round, with one rank:
 
     Ā = Σ p_k A_k,   B̄ = Σ p_k B_k,   ΔW = Σ p_k B_k A_k   (the ideal update)
     ΔB* = argmin_ΔB  1 − cos(vec ΔW, vec((B̄ + ΔB) Ā)) + λ ||ΔB||_F
@@ -19,9 +18,8 @@ scale (the step lr divided by the root mean of Adam's second moment). With
 that, λ at or above the cosine's gradient norm gives ΔB = 0 exactly (FedIT),
 and λ = 0 is plain Adam on the cosine.
 
-State layout: the FedIT layout (``fedit.py``) plus the cosine reached:
-    {"rank", "alpha", "A": {module: Ā}, "B": {module: B̄'}, "extra": {...},
-     "cosine": {module: float}}      # cos(ΔW, B̄'Ā) of the last round
+State layout: FedIT's (A holds Ā, B holds B̄') plus the cosine reached:
+     "cosine": {module: float}      # cos(ΔW, B̄'Ā) of the last round
 """
 
 from __future__ import annotations
@@ -30,9 +28,10 @@ import math
 
 import torch
 
-from .base import ClientInfo, Factors, RoundResult, StrategyError, Upload, weights
-from .fedit import (FACTOR_NAMES, FedIT, check_uploads, clone_tree,
-                    initial_state, merge_extra, weighted_mean)
+from .base import ClientInfo, Factors, RoundResult, StrategyError, Upload
+from .common import (FACTOR_NAMES, check_uploads, clone_tree, initial_state, merge_head, stacked, weighted_mean,
+                     weights)
+from .fedit import FedIT
 
 
 def cosine(delta_w: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
@@ -104,15 +103,15 @@ class LoRAFAIR(FedIT):
 
     Options: ``lam`` (λ, default 0.01), ``steps`` and ``lr`` of the Adam solve
     (``lr`` is Adam's absolute step: each ΔB entry moves by about ``lr`` per
-    step), ``seed`` (accepted for a uniform constructor; the solve is
-    deterministic and draws nothing).
+    step). The solve is deterministic and draws nothing.
     """
 
     name = "lorafair"
 
     def __init__(self, lam: float = 0.01, steps: int = 100, lr: float = 1e-4, seed: int = 0):
+        super().__init__(seed)
         _check_options(lam, steps, lr)
-        self.lam, self.steps, self.lr, self.seed = float(lam), int(steps), float(lr), seed
+        self.lam, self.steps, self.lr = float(lam), int(steps), float(lr)
 
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
         """State holding a copy of the initial LoRA at the one rank."""
@@ -132,10 +131,9 @@ class LoRAFAIR(FedIT):
             dtype = torch.promote_types(state["B"][m].dtype, torch.float32)
             A_bar = weighted_mean([f.A for f in factors], p, state["A"][m].to(dtype))
             B_bar = weighted_mean([f.B for f in factors], p, state["B"][m].to(dtype))
-            # ΔW = Σ p_k B_k A_k as one stacked product (every client has the same scale).
-            L = torch.cat([f.B.detach() for f in factors], dim=1).to(dtype)
-            L = L * torch.tensor(p, dtype=dtype).repeat_interleave(state["rank"]).to(L.device)
-            delta_w = L @ torch.cat([f.A.detach() for f in factors], dim=0).to(dtype)
+            # s ΔW as one stacked product; the cosine is blind to the common scale s.
+            L, R = stacked(p, factors, dtype)
+            delta_w = L @ R
             bars[m] = (A_bar, B_bar)
             # Only d_out x r quantities are needed from here on: C = ΔW Āᵀ, G = ĀĀᵀ, ||ΔW||.
             problems[m] = (delta_w @ A_bar.T, A_bar @ A_bar.T, delta_w.norm())
@@ -158,5 +156,5 @@ class LoRAFAIR(FedIT):
             Bp = new["B"][m].to(C.dtype)
             den = norm_w * ((Bp @ G) * Bp).sum().clamp_min(0).sqrt()
             new["cosine"][m] = float((C * Bp).sum() / den) if den > 0 else 0.0
-        new["extra"] = merge_extra(self, state, uploads)
+        new["head"] = merge_head(self, state, uploads)
         return RoundResult(state=new)

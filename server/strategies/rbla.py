@@ -1,6 +1,5 @@
-"""RBLA: rank-based LoRA aggregation, each rank slot averaged over its owners only.
-
-(fedlora-algorithms.md, section 11.) Every client's A_k (r_k x d_in) and B_k
+"""RBLA: rank-based LoRA aggregation, each rank slot averaged over its owners
+only (docs/algorithms.md#rbla). Every client's A_k (r_k x d_in) and B_k
 (d_out x r_k) is padded to r_max, and each slot i is averaged only over the
 clients that own it (r_k > i), with the sample weights renormalised per slot:
 
@@ -11,37 +10,29 @@ and client k downloads A_g[:r_k], B_g[:, :r_k]. With equal ranks this is
 FedIT (sum p_k A_k, sum p_k B_k); unlike zero-padding, the high-rank slots are
 not diluted by the clients that lack them.
 
-Choices the notes leave open: a slot that no upload owns keeps its previous
+Choices the paper leaves open: a slot that no upload owns keeps its previous
 value (its average is 0/0), and each module is averaged over the uploads that
 contain it, so clients may hold block subsets. Factors are averaged as they
 are, without the alpha/r scale; every client trains with the state's alpha.
 
-State layout: as HetLoRA's without "ranks" (hetlora.py):
-    {"rank": r_max, "alpha": float, "A": {module: r_max x d_in},
-     "B": {module: d_out x r_max}, "extra": {name: tensor}}
+State: the slot layout (common.py) at r_max.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import ClientInfo, Download, Factors, RoundResult, Strategy, Upload, weights
-from .fedit import acc_dtype, clone_tree, download_slots, merge_extra, uploads_by_module
-from .hetlora import check_hetero_client, check_hetero_uploads, hetero_initial_state
+from .base import ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, Upload
+from .common import (acc_dtype, check_hetero_client, check_hetero_uploads, clone_tree, download_slots,
+                     export_slots, hetero_initial_state, merge_head, slot_shapes, uploads_by_module, weights)
 
 
 class RBLA(Strategy):
-    """Rank-slot-wise weighted mean over the clients that own each slot.
-
-    Options: ``seed`` is unused, since the method is deterministic.
-    """
+    """Rank-slot-wise weighted mean over the clients that own each slot."""
 
     name = "rbla"
     heterogeneous_ranks = True
-    layer_subsets = True
-
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    block_subsets = True
 
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
         """The initial LoRA at r_max (the largest rank of the run)."""
@@ -55,12 +46,12 @@ class RBLA(Strategy):
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Per module and rank slot, the sample-weighted mean over the uploads
         that own the slot; unowned slots and untrained modules keep their value."""
-        check_hetero_uploads(self, state, uploads, same_alpha=True)
+        check_hetero_uploads(self, slot_shapes(state), uploads, r_max=state["rank"], alpha=state["alpha"])
         new = clone_tree(state)
         r_max = state["rank"]
-        for m, have in uploads_by_module(state, uploads):  # a module nobody trained keeps its value
+        for m, have in uploads_by_module(state["A"], uploads):  # a module nobody trained keeps its value
             A_old, B_old = state["A"][m], state["B"][m]
-            dtype, dev = acc_dtype(A_old), A_old.device
+            dtype, dev = acc_dtype(A_old.dtype), A_old.device
             p = weights(have)
             A_sum = torch.zeros((r_max, A_old.shape[1]), dtype=dtype, device=dev)
             B_sum = torch.zeros((B_old.shape[0], r_max), dtype=dtype, device=dev)
@@ -80,5 +71,9 @@ class RBLA(Strategy):
             B_new = torch.where(owned[None, :], B_sum / denom[None, :], B_old.to(dtype))
             new["A"][m] = A_new.to(A_old.dtype)
             new["B"][m] = B_new.to(B_old.dtype)
-        new["extra"] = merge_extra(self, state, uploads)
+        new["head"] = merge_head(self, state, uploads)
         return RoundResult(state=new)
+
+    def export(self, state: dict) -> GlobalModel:
+        """A_g and B_g at r_max, and the head."""
+        return export_slots(state)

@@ -4,8 +4,7 @@
     odd round:  B frozen (shared), clients train A_k;  server A <- sum_k p_k A_k
 
 In every round the frozen factor is identical on all clients, so the mean of
-the products equals the product of the means (fedlora-algorithms.md, sections
-8 and 14.3). The notes' uniform 1/N mean is the special case of equal sample
+the products equals the product of the means (docs/algorithms.md#rolora). The notes' uniform 1/N mean is the special case of equal sample
 counts. The state, the download and the aggregation are those of FFA-LoRA
 (``FrozenFactorStrategy``); only the trained factor changes with the round.
 """
@@ -19,9 +18,8 @@ from .ffa import FrozenFactorStrategy
 class RoLoRA(FrozenFactorStrategy):
     """Alternating LoRA: B trains in even rounds and A in odd rounds.
 
-    Only the trained factor is aggregated (weights p_k). Options: ``seed``
-    (unused, since the method is deterministic) and ``resend_frozen`` (see
-    ``FrozenFactorStrategy``).
+    Only the trained factor is aggregated (weights p_k). Options:
+    ``resend_frozen`` (see ``FrozenFactorStrategy``).
     """
 
     name = "rolora"

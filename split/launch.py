@@ -1,4 +1,5 @@
-"""Start ``fedsplit server`` as a separate process on loopback and wait for it."""
+"""Start fedsplit processes on loopback: free ports, the command line, the
+environment, and a server process that is waited for until it answers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .transport import Connection, ServerUnavailable
+from .wire import Message
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +47,6 @@ def start_server(model, cut: str, endpoint: str, *extra: str, output=subprocess.
 
 def wait_ready(endpoint: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     """Block until the server at ``endpoint`` answers a status request."""
-    from edge.client import Connection, ServerUnavailable
-    from split.wire import Message
-
     deadline = time.monotonic() + timeout
     conn = Connection(endpoint, "probe", timeout=1.0)
     try:

@@ -1,4 +1,5 @@
-"""Non-IID partitioners: split a labelled dataset among clients.
+"""Each client's share of a labelled dataset: IID, Dirichlet or shard splits
+(the non-IID settings of federated-learning experiments).
 
 All are deterministic for a seed (a private ``random.Random``) and return, per
 client, the sorted indices of its samples.
@@ -72,8 +73,8 @@ def shards(labels: list, clients: int, shards_per_client: int = 2, seed: int = 0
             for k in range(clients)]
 
 
-def partition(labels: list, clients: int, scheme: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
-              shards_per_client: int = 2) -> list[list[int]]:
+def client_shares(labels: list, clients: int, scheme: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
+                  shards_per_client: int = 2) -> list[list[int]]:
     """Dispatch on ``scheme``: "iid", "dirichlet" or "shards"."""
     if scheme == "iid":
         return iid(labels, clients, seed)

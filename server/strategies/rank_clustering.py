@@ -1,6 +1,5 @@
-"""Rank clustering (FedInc-style): k-means over the clients' rank-1 components.
-
-Client k's update of a module is a sum of rank-1 components,
+"""Rank clustering (FedInc-style): k-means over the clients' rank-1 components
+(docs/algorithms.md#fedinc). Client k's update of a module is a sum of rank-1 components,
 
     s_k B_k A_k = sum_j (s_k b_kj) a_kj^T,   b_kj = B_k[:, j],  a_kj = A_k[j, :],  s_k = alpha_k / r_k,
 
@@ -29,8 +28,8 @@ sign-invariant: d(x, c) = min(||x - c||, ||x + c||).
   slot. The centroid of balanced pairs is a pair, b~_c a~_c^T; if the
   members agree it is their common component exactly.
 
-k-means: k-means++ seeding drawn from a ``torch.Generator`` seeded from
-(``seed``, round, module), then at most ``iterations`` Lloyd steps (stopping
+k-means: k-means++ seeding drawn from ``split.seeds.generator(seed, round,
+module)``, then at most ``iterations`` Lloyd steps (stopping
 early once the assignment is stable), so clusters are deterministic for a
 seed. Seeding stops early when every point coincides with a chosen centre, so
 duplicates (clients sending the same component) share one cluster. Points,
@@ -55,20 +54,18 @@ used through its own scale s_k.
 Each module is clustered over the uploads that contain it (clients may hold
 block subsets); a module nobody uploaded keeps its value.
 
-State layout: as HetLoRA's without "ranks" (hetlora.py):
-    {"rank": r_max, "alpha": float, "A": {module: r_max x d_in},
-     "B": {module: d_out x r_max}, "extra": {name: tensor}}
+State: the slot layout (common.py) at r_max.
 """
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
-from .base import ClientInfo, Download, Factors, RoundResult, Strategy, StrategyError, Upload, weights
-from .fedit import clone_tree, download_slots, merge_extra, uploads_by_module
-from .hetlora import check_hetero_client, check_hetero_uploads, hetero_initial_state
+from split.seeds import generator
+
+from .base import ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError, Upload
+from .common import (check_hetero_client, check_hetero_uploads, clone_tree, download_slots, export_slots,
+                     hetero_initial_state, merge_head, slot_shapes, uploads_by_module, weights)
 
 # Relative squared distance below which a point counts as a chosen centre in the
 # seeding (float64 rounding is ~1e-15; components this close are one component).
@@ -170,12 +167,12 @@ class RankClustering(Strategy):
 
     name = "fedinc"
     heterogeneous_ranks = True
-    layer_subsets = True
+    block_subsets = True
 
     def __init__(self, seed: int = 0, iterations: int = 10):
+        super().__init__(seed)
         if int(iterations) < 1:
             raise StrategyError(f"fedinc: iterations must be at least 1, got {iterations}")
-        self.seed = int(seed)
         self.iterations = int(iterations)
 
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
@@ -191,19 +188,18 @@ class RankClustering(Strategy):
         download.B = {m: B * factor for m, B in download.B.items()}
         return download
 
-    def _generator(self, round_index: int, module: str) -> torch.Generator:
-        # crc32, not hash(): Python salts str hashes per process.
-        seed = (self.seed * 1_000_003 + round_index * 7_919 + zlib.crc32(module.encode())) % (2**63)
-        return torch.Generator().manual_seed(seed)
-
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Cluster each module's uploaded components; centroids become the slots."""
-        check_hetero_uploads(self, state, uploads, same_alpha=False)
+        check_hetero_uploads(self, slot_shapes(state), uploads, r_max=state["rank"])
         new = clone_tree(state)
-        for m, have in uploads_by_module(state, uploads):
+        for m, have in uploads_by_module(state["A"], uploads):
             new["A"][m], new["B"][m] = self._module(state, m, have, round_index)
-        new["extra"] = merge_extra(self, state, uploads)
+        new["head"] = merge_head(self, state, uploads)
         return RoundResult(state=new)
+
+    def export(self, state: dict) -> GlobalModel:
+        """The slots at r_max (their update is the sum of the centroids), and the head."""
+        return export_slots(state)
 
     def _module(self, state: dict, m: str, have: list[Upload], round_index: int):
         A_old, B_old = state["A"][m], state["B"][m]
@@ -217,7 +213,7 @@ class RankClustering(Strategy):
         a = torch.cat([u.factors[m].A.detach().cpu().double() for u in have], dim=0)
         w = torch.cat([torch.full((u.factors[m].rank,), pk, dtype=torch.float64) for pk, u in zip(p, have)])
         X = balanced_points(b, a)
-        assign, sign, C = sign_invariant_kmeans(X, w, r_max, self._generator(round_index, m), self.iterations)
+        assign, sign, C = sign_invariant_kmeans(X, w, r_max, generator(self.seed, "kmeans", round_index, m), self.iterations)
         k = C.shape[0]
         tot = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w)
         raw_a = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w * torch.linalg.vector_norm(a, dim=1))

@@ -1,4 +1,4 @@
-"""Non-IID partitioners."""
+"""Client shares of a dataset (non-IID partitioners)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ from collections import Counter
 
 import pytest
 
-from edge.partition_data import dirichlet, iid, label_table, partition, shards
+from edge.client_shares import client_shares, dirichlet, iid, label_table, shards
 
 LABELS = [i % 5 for i in range(500)]
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
 def test_every_sample_goes_to_exactly_one_client_and_seeds_repeat(scheme):
-    parts = partition(LABELS, 4, scheme, alpha=0.5, seed=3)
+    parts = client_shares(LABELS, 4, scheme, alpha=0.5, seed=3)
     flat = sorted(i for p in parts for i in p)
     assert flat == list(range(len(LABELS)))
-    assert parts == partition(LABELS, 4, scheme, alpha=0.5, seed=3)
-    assert parts != partition(LABELS, 4, scheme, alpha=0.5, seed=4)
+    assert parts == client_shares(LABELS, 4, scheme, alpha=0.5, seed=3)
+    assert parts != client_shares(LABELS, 4, scheme, alpha=0.5, seed=4)
 
 
 def test_iid_is_even_and_balanced():
@@ -47,6 +47,6 @@ def test_errors_and_table():
     with pytest.raises(ValueError, match="cannot be split among"):
         iid([0, 1], 3)
     with pytest.raises(ValueError, match="unknown partition scheme"):
-        partition(LABELS, 2, "zipf")
+        client_shares(LABELS, 2, "zipf")
     table = label_table(LABELS, iid(LABELS, 2))
     assert table.row_count == 2 and len(table.columns) == 7

@@ -1,0 +1,136 @@
+"""Forward and backward on the backbone for one client's step; no sockets.
+
+A training forward keeps the autograd graph (the injected input and the
+output) in the session until that step's backward arrives. The server runs
+only the blocks the client's cut leaves to it: hosted blocks the client keeps
+itself become passthroughs for the duration of the call.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from split.families import get_module, join, set_module
+from split.partition import Cut, Passthrough, Segment
+
+from .sessions import SHARED, RequestError, Session, Sessions
+
+
+class BackboneCompute:
+    """The backbone's share of a split step, on behalf of a session."""
+
+    def __init__(self, segment: Segment, sessions: Sessions, max_pending: int = 8):
+        self.segment = segment
+        self.sessions = sessions
+        self.max_pending = max_pending
+        self.width = segment.config.get_text_config().hidden_size
+
+    def _check_inputs(self, tensors: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        hidden, mask = tensors.get("hidden"), tensors.get("attention_mask")
+        if hidden is None or mask is None:
+            raise RequestError("forward needs tensors 'hidden' and 'attention_mask'")
+        if hidden.dim() != 3 or hidden.shape[-1] != self.width or not hidden.is_floating_point():
+            raise RequestError(f"'hidden' must be a float tensor of shape (batch, tokens, {self.width}), "
+                               f"got {tuple(hidden.shape)} {hidden.dtype}")
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise RequestError(f"'attention_mask' must have shape {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
+        positions = tensors.get("position_ids")
+        if positions is not None and (positions.dim() != 2 or positions.shape[-1] != hidden.shape[1]):
+            raise RequestError(f"'position_ids' must have shape (batch or 1, {hidden.shape[1]})")
+        return hidden, mask, positions
+
+    def forward(self, session: Session, step: int, tensors: dict, train: bool) -> dict[str, torch.Tensor]:
+        """Run the client's server blocks (and, in a two-part split, norm, head
+        and loss) on the received hidden state; returns the reply tensors."""
+        hidden, mask, positions = self._check_inputs(tensors)
+        if train and len(session.graphs) >= self.max_pending:
+            raise RequestError(f"{len(session.graphs)} forwards are waiting for their backward; "
+                               "send the backward of earlier steps first")
+        if train and step in session.graphs:
+            raise RequestError(f"step {step} already has a forward waiting for its backward")
+        self.sessions.activate(session)
+        seg = self.segment
+        mask = mask.long()
+        h_in = hidden.to(torch.float32).detach().requires_grad_(train)
+        seg.injected.value = h_in
+        self.sessions.model.train(train)
+        kwargs = {"attention_mask": mask}
+        if positions is not None:
+            kwargs["position_ids"] = positions.long()
+        try:
+            with self._client_blocks(session.cut), torch.set_grad_enabled(train):
+                if session.cut.two_part:
+                    labels = tensors.get("labels")
+                    if labels is None:
+                        raise RequestError("a two-part forward needs 'labels'")
+                    out = seg.model(input_ids=self._dummy_ids(mask, pooled=True), labels=labels.long(), **kwargs)
+                    result = {"loss": out.loss.detach().reshape(1), "logits": out.logits.detach()}
+                    keep = out.loss
+                else:
+                    out = seg.base()(input_ids=self._dummy_ids(mask, pooled=False), **kwargs).last_hidden_state
+                    result = {"hidden": out.detach()}
+                    keep = out
+        finally:
+            seg.injected.value = None
+        if train:
+            session.graphs[step] = (h_in, keep)
+        return result
+
+    def backward(self, session: Session, step: int, grad: torch.Tensor | None) -> torch.Tensor:
+        """Backpropagate the client's gradient through the kept graph, step the
+        session's optimizer, and return the gradient at the cut."""
+        entry = session.graphs.pop(step, None)
+        if entry is None:
+            raise RequestError(f"no forward is waiting for a backward at step {step}")
+        h_in, out = entry
+        if grad is None:
+            raise RequestError("backward needs tensor 'grad'")
+        if grad.numel() != out.numel() or (out.dim() > 0 and tuple(grad.shape) != tuple(out.shape)):
+            raise RequestError(f"'grad' must have shape {tuple(out.shape) or (1,)}, got {tuple(grad.shape)}")
+        self.sessions.activate(session)
+        out.backward(grad.to(out.dtype).reshape(out.shape))
+        # A shared adapter may step only when no other client's graph still
+        # needs its current values; until then gradients accumulate.
+        if session.adapter != SHARED or not self.sessions.graphs_waiting():
+            session.optimizer.step()
+            session.optimizer.zero_grad(set_to_none=True)
+        session.steps += 1
+        return h_in.grad.detach()
+
+    @contextmanager
+    def _client_blocks(self, cut: Cut):
+        """Run only the client's server blocks: hosted blocks the client keeps
+        itself become passthroughs for the duration of the call."""
+        seg = self.segment
+        blocks = seg.blocks()
+        mine = set(cut.server_blocks(seg.num_layers))
+        saved = {}
+        for i in seg.cut.server_blocks(seg.num_layers):
+            if i not in mine:
+                saved[i] = blocks[i]
+                blocks[i] = Passthrough()
+        norm_path = join(seg.family.prefix, seg.family.norm) if seg.family.norm else None
+        norm = None
+        if norm_path and seg.cut.two_part and not cut.two_part:
+            norm = get_module(seg.model, norm_path)
+            set_module(seg.model, norm_path, torch.nn.Identity())
+        try:
+            yield
+        finally:
+            for i, block in saved.items():
+                blocks[i] = block
+            if norm is not None:
+                set_module(seg.model, norm_path, norm)
+
+    def _dummy_ids(self, mask: torch.Tensor, pooled: bool) -> torch.Tensor:
+        """Token ids for the server's forward: the injected embedding ignores them,
+        but a pooled classification head finds each sequence's last token by its
+        pad id, so padding positions carry the pad id."""
+        if not pooled:
+            return torch.zeros_like(mask)
+        cfg = self.segment.config
+        pad = cfg.pad_token_id or 0
+        other = (pad + 1) % cfg.get_text_config().vocab_size
+        return torch.where(mask.bool(), torch.full_like(mask, other), torch.full_like(mask, pad))

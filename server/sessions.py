@@ -1,0 +1,233 @@
+"""What the server holds for its clients: sessions, their server-side LoRA
+adapters and optimizers, and when they expire.
+
+All clients share one frozen backbone wrapped by peft; each client has its own
+named adapter on it (SplitFed-V1) or all train one shared adapter
+(SplitFed-V2). ``Sessions`` also implements the coordinator's ``ServerSide``:
+loading a round's LoRA into a client's adapter, collecting it, and folding
+updates into the frozen weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from split.lora import (LoraSpec, attach_lora, fold_delta, get_factors, init_lora, lora_layers, pad_rows,
+                        set_factors, set_trainable)
+from split.partition import Cut, Segment, checkpoint_name
+from split.protocol import OptimizerSettings
+from split.tensorfile import CheckpointIndex
+
+log = logging.getLogger(__name__)
+
+SHARED, IDLE = "shared", "idle"
+
+
+class RequestError(Exception):
+    """A well-formed request that cannot be served; its text goes back to the client."""
+
+
+@dataclass
+class Session:
+    """What the server holds for one client."""
+
+    client: str
+    routing_id: bytes
+    adapter: str
+    cut: Cut
+    spec: LoraSpec
+    optimizer_settings: OptimizerSettings
+    optimizer: torch.optim.Optimizer
+    params: list
+    last_seen: float
+    graphs: dict = field(default_factory=dict)  # step -> (input hidden state, output) awaiting backward
+    steps: int = 0
+
+    @property
+    def shared(self) -> bool:
+        return self.adapter == SHARED
+
+
+def make_optimizer(params: list, settings: OptimizerSettings) -> torch.optim.Optimizer:
+    """AdamW over a session's trainable server-side parameters."""
+    if not params:
+        raise RequestError("the requested LoRA targets match no module in the server's blocks")
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+class Sessions:
+    """The server's clients: one session each, keyed by client id."""
+
+    def __init__(self, segment: Segment, timeout: float, server_lora: str = "per-client", seed: int = 0):
+        if server_lora not in ("per-client", "shared"):
+            raise ValueError(f"server_lora must be 'per-client' or 'shared', got {server_lora!r}")
+        self.segment = segment
+        self.timeout = timeout
+        self.server_lora = server_lora
+        self.hosted = list(segment.cut.server_blocks(segment.num_layers))
+        # peft cannot add an adapter to a model whose adapters were all deleted,
+        # so a rank-1 adapter that is never activated keeps the wrapper alive.
+        self.model = attach_lora(segment.model, LoraSpec(rank=1), segment.family, segment.task, seed,
+                                 adapter=IDLE, blocks=self.hosted)
+        self.by_client: dict[str, Session] = {}
+        self._created = 0
+        self._shared: tuple[LoraSpec, list, torch.optim.Optimizer] | None = None
+        self._active: str | None = None
+
+    # ------------------------------------------------------------ lifetime
+
+    def open(self, client: str, routing_id: bytes, cut: Cut, spec: LoraSpec, seed: int,
+             settings: OptimizerSettings) -> Session:
+        """A new session for ``client`` with its adapter and optimizer; an old
+        session of the same id is dropped only once the new one exists."""
+        seg = self.segment
+        heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else None
+        if self.server_lora == "shared":
+            adapter, params, optimizer = self._shared_adapter(spec, heads, seed, settings)
+        else:
+            self._created += 1
+            adapter = f"client{self._created}"
+            self.model = attach_lora(self.model, spec, seg.family, seg.task, seed, modules_to_save=heads,
+                                     adapter=adapter, blocks=list(cut.server_blocks(seg.num_layers)))
+            params = [p for n, p in self.model.named_parameters() if f".{adapter}." in n]
+            try:
+                optimizer = make_optimizer(params, settings)
+            except RequestError:
+                self.model.delete_adapter(adapter)
+                raise
+        if client in self.by_client:
+            log.info("client %s registers again: its old session is dropped", client)
+            self.drop(client)
+        session = Session(client, routing_id, adapter, cut, spec, settings, optimizer, params, time.monotonic())
+        self.by_client[client] = session
+        self._active = None
+        log.info("client %s joined: cut %s, LoRA r=%d, %d server-side tensors", client, cut, spec.rank, len(params))
+        return session
+
+    def _shared_adapter(self, spec: LoraSpec, heads, seed: int, settings: OptimizerSettings):
+        """SplitFed-V2: the one server-side adapter, created by the first client."""
+        seg = self.segment
+        if self._shared is None:
+            self.model = attach_lora(self.model, spec, seg.family, seg.task, seed, modules_to_save=heads,
+                                     adapter=SHARED, blocks=self.hosted)
+            params = [p for n, p in self.model.named_parameters() if f".{SHARED}." in n]
+            self._shared = (spec, params, make_optimizer(params, settings))
+        shared_spec, params, optimizer = self._shared
+        if (spec.rank, spec.alpha, spec.targets) != (shared_spec.rank, shared_spec.alpha, shared_spec.targets):
+            raise RequestError(f"this server trains one shared server-side LoRA (rank {shared_spec.rank}, alpha "
+                               f"{shared_spec.alpha}); join with the same --rank, --alpha and --targets")
+        return SHARED, params, optimizer
+
+    def get(self, client: str, routing_id: bytes) -> Session:
+        """The session of ``client`` on this connection; refreshes its clock."""
+        session = self.by_client.get(client)
+        if session is None:
+            raise RequestError(f"unknown client {client!r}: send hello first (or the session expired)")
+        if session.routing_id != routing_id:
+            raise RequestError(f"client id {client!r} is registered from another connection")
+        session.last_seen = time.monotonic()
+        return session
+
+    def drop(self, client: str) -> None:
+        """Free a client's graphs, adapter and optimizer."""
+        session = self.by_client.pop(client)
+        session.graphs.clear()
+        if not session.shared:
+            session.optimizer.state.clear()
+            with warnings.catch_warnings():
+                # peft warns when the active adapter goes; activate() picks the next one.
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+                self.model.delete_adapter(session.adapter)
+        self._active = None
+        log.info("client %s left after %d steps", client, session.steps)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop sessions silent for longer than the timeout; returns their ids."""
+        now = time.monotonic() if now is None else now
+        gone = [c for c, s in self.by_client.items() if now - s.last_seen > self.timeout]
+        for client in gone:
+            log.warning("client %s silent for more than %.0fs: its state is freed", client, self.timeout)
+            self.drop(client)
+        return gone
+
+    def status(self) -> dict:
+        """Counts and ids, for the status op."""
+        return {"sessions": len(self.by_client),
+                "pending": sum(len(s.graphs) for s in self.by_client.values()),
+                "clients": sorted(self.by_client)}
+
+    def graphs_waiting(self) -> bool:
+        """Whether any client's forward still waits for its backward."""
+        return any(s.graphs for s in self.by_client.values())
+
+    def activate(self, session: Session) -> None:
+        """Route the backbone's LoRA layers through ``session``'s adapter."""
+        if self._active == session.adapter:
+            return
+        self.model.set_adapter(session.adapter)
+        # set_adapter makes every factor of the active adapter trainable and
+        # freezes the others; what trains is each session's own list (a graph
+        # another client still holds needs its parameters to keep requiring grad).
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(False)
+        for other in self.by_client.values():
+            for p in other.params:
+                p.requires_grad_(True)
+        self._active = session.adapter
+
+    def shared_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The shared server-side LoRA (empty without one): part of the global model as it is."""
+        return {} if self._shared is None else get_factors(self.model, SHARED)
+
+    # ------------------------------------------------------------ ServerSide, for the coordinator
+
+    def _federated(self, client: str) -> Session | None:
+        """A client's session whose adapter the federation aggregates (not the shared one)."""
+        session = self.by_client.get(client)
+        return None if session is None or session.shared else session
+
+    def modules_for(self, client: str) -> dict[str, tuple[int, int]]:
+        session = self._federated(client)
+        if session is None:
+            return {}
+        return {name: (layer.lora_B[session.adapter].weight.shape[0], layer.lora_A[session.adapter].weight.shape[1])
+                for name, layer in lora_layers(self.model, session.adapter).items()}
+
+    def load(self, client: str, A: dict, B: dict, trainable: str, fresh_seed: int | None, modules: set) -> None:
+        session = self._federated(client)
+        if session is None:
+            return
+        if fresh_seed is not None:
+            init_lora(self.model, session.adapter, fresh_seed)
+        rank = session.spec.rank  # a pruned (HetLoRA) rank fills the adapter's rank with zeros
+        set_factors(self.model, {m: pad_rows(a, rank) for m, a in A.items()},
+                    {m: pad_rows(b.T, rank).T for m, b in B.items()}, session.adapter)
+        session.params = set_trainable(self.model, trainable, session.adapter, modules)
+        session.optimizer = make_optimizer(session.params, session.optimizer_settings)
+        session.graphs.clear()
+        self._active = None
+
+    def collect(self, client: str) -> dict:
+        session = self._federated(client)
+        return {} if session is None else get_factors(self.model, session.adapter)
+
+    def base_weight(self, module: str) -> torch.Tensor:
+        """A module's pretrained weight (d_out x d_in), read from the checkpoint
+        whichever side owns the module; nothing else is loaded."""
+        seg = self.segment
+        index = CheckpointIndex(seg.path)
+        name = checkpoint_name(f"{module}.weight", seg.family.prefix, index)
+        if name is None:
+            raise ValueError(f"{seg.path}: no weight for LoRA module {module}")
+        weight = index.read(name, torch.float32)
+        return weight.T if seg.family.conv1d else weight
+
+    def fold(self, deltas: dict) -> None:
+        for module, delta in deltas.items():
+            fold_delta(self.model, module, delta)

@@ -1,0 +1,346 @@
+"""Typed payloads of the session and federation ops: one home for what a hello,
+a join, a round and an upload carry, and for what the server answers.
+
+Each payload turns into a ``Message`` (``to_message``) and back
+(``from_message``); both sides use the same classes, so a field is added in one
+place. ``from_message`` treats the message as hostile: every field is checked
+for type and range, and anything else raises ``ProtocolError`` (a
+``WireError``) naming the op, the field and what was expected.
+
+Tensors of a federation payload travel under prefixed names, one group per
+prefix: ``A:``/``B:`` LoRA factors, ``H:`` the shared head, ``D:`` updates to
+fold into frozen weights, each followed by the whole-model name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .lora import LoraSpec
+from .partition import Cut
+from .wire import Message, WireError
+
+FACTOR_A, FACTOR_B, HEAD, DELTA = "A:", "B:", "H:", "D:"
+PREFIXES = (FACTOR_A, FACTOR_B, HEAD, DELTA)
+TRAINABLE = ("both", "A", "B")
+ROUND_STATUS = ("wait", "train", "done")
+_MISSING = object()
+
+
+class ProtocolError(WireError):
+    """A message whose payload does not fit its op's schema."""
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _field(meta: dict, op: str, key: str, kind: str, default=_MISSING):
+    """``meta[key]`` checked against ``kind``: "int", "count" (int >= 0),
+    "positive" (int >= 1), "float", "str", "bool", "map" or "list"."""
+    value = meta.get(key, default)
+    if value is _MISSING:
+        raise ProtocolError(f"{op}: field {key!r} is missing")
+    if value is None and default is None:
+        return None
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "positive": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "map": lambda v: isinstance(v, dict),
+        "list": lambda v: isinstance(v, list),
+    }[kind]
+    if not ok(value):
+        raise ProtocolError(f"{op}: field {key!r} must be {_KINDS[kind]}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+_KINDS = {"int": "an integer", "count": "an integer >= 0", "positive": "an integer >= 1",
+          "float": "a finite number", "str": "a string", "bool": "true or false", "map": "a map",
+          "list": "a list"}
+
+
+def _choice(meta: dict, op: str, key: str, choices: tuple, default=_MISSING):
+    value = _field(meta, op, key, "str", default)
+    if value not in choices:
+        raise ProtocolError(f"{op}: field {key!r} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _int_pair(value, op: str, what: str) -> tuple[int, int]:
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ProtocolError(f"{op}: {what} must be a list of two integers >= 0, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _cut(value, op: str) -> Cut:
+    return Cut(*_int_pair(value, op, "'cut'"))
+
+
+def _blocks(meta: dict, op: str) -> frozenset[int] | None:
+    blocks = _field(meta, op, "blocks", "list", None)
+    if blocks is None:
+        return None
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+        raise ProtocolError(f"{op}: field 'blocks' must list block indices >= 0, got {blocks!r}")
+    return frozenset(blocks)
+
+
+def pack(**groups: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of several groups under their prefixes: ``pack(A={...}, B={...},
+    head={...}, delta={...})``."""
+    prefix = {"A": FACTOR_A, "B": FACTOR_B, "head": HEAD, "delta": DELTA}
+    out = {}
+    for group, tensors in groups.items():
+        out.update({prefix[group] + name: t for name, t in tensors.items()})
+    return out
+
+
+def unpack(tensors: dict[str, torch.Tensor], op: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The groups of ``pack``; refuses a name without a known prefix."""
+    groups: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PREFIXES}
+    for name, t in tensors.items():
+        prefix = name[:2]
+        if prefix not in groups or len(name) == 2:
+            raise ProtocolError(f"{op}: tensor {name!r} has no group prefix ({', '.join(PREFIXES)} then a name)")
+        groups[prefix][name[2:]] = t
+    return groups
+
+
+# ---------------------------------------------------------------- hello
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What both sides must agree on about the model."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+
+    def to_meta(self) -> dict:
+        return {"model_type": self.model_type, "num_layers": self.num_layers, "hidden_size": self.hidden_size}
+
+    @classmethod
+    def from_meta(cls, meta, op: str = "hello") -> "ModelInfo":
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"{op}: field 'model' must be a map, got {meta!r}")
+        return cls(_field(meta, op, "model_type", "str"), _field(meta, op, "num_layers", "positive"),
+                   _field(meta, op, "hidden_size", "positive"))
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The server-side optimizer a client asks for (AdamW)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise ValueError(f"optimizer: lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A client's registration: its model, cut (None: the server's), LoRA,
+    seed, task and server-side optimizer."""
+
+    model: ModelInfo
+    lora: LoraSpec
+    task: str
+    seed: int = 0
+    cut: Cut | None = None
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+
+    def to_message(self) -> Message:
+        meta = {"model": self.model.to_meta(), "lora": self.lora.to_dict(), "task": self.task, "seed": self.seed,
+                "optim": {"lr": self.optimizer.lr, "weight_decay": self.optimizer.weight_decay}}
+        if self.cut is not None:
+            meta["cut"] = [self.cut.front, self.cut.back]
+        return Message("hello", meta=meta)
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "Hello":
+        op, meta = "hello", msg.meta
+        lora = _field(meta, op, "lora", "map")
+        try:
+            spec = LoraSpec.from_dict(lora)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"hello: bad LoRA spec {lora!r}: {exc}") from None
+        optim = _field(meta, op, "optim", "map", {})
+        try:
+            settings = OptimizerSettings(_field(optim, op, "lr", "float", 1e-3),
+                                         _field(optim, op, "weight_decay", "float", 0.0))
+        except ValueError as exc:
+            raise ProtocolError(f"hello: {exc}") from None
+        cut = meta.get("cut")
+        return cls(model=ModelInfo.from_meta(_field(meta, op, "model", "map")), lora=spec,
+                   task=_field(meta, op, "task", "str"), seed=_field(meta, op, "seed", "int", 0),
+                   cut=None if cut is None else _cut(cut, op), optimizer=settings)
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """How a federation's rounds run, as a client needs to know it."""
+
+    strategy: str
+    rounds: int
+    local_steps: int
+    local_epochs: float = 0.0  # > 0: passes over the client's data instead of local_steps
+
+    def to_meta(self) -> dict:
+        return {"strategy": self.strategy, "rounds": self.rounds, "local_steps": self.local_steps,
+                "local_epochs": self.local_epochs}
+
+    @classmethod
+    def from_meta(cls, meta, op: str) -> "FederationSettings":
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"{op}: federation settings must be a map, got {meta!r}")
+        epochs = _field(meta, op, "local_epochs", "float", 0.0)
+        if epochs < 0:
+            raise ProtocolError(f"{op}: field 'local_epochs' must be >= 0, got {epochs}")
+        return cls(_field(meta, op, "strategy", "str"), _field(meta, op, "rounds", "positive"),
+                   _field(meta, op, "local_steps", "positive"), epochs)
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The server's answer to a hello."""
+
+    num_layers: int
+    server_cut: Cut
+    session_timeout: float
+    federation: FederationSettings | None = None  # None: plain split training
+
+    def to_message(self, client: str) -> Message:
+        return Message("ok", client, meta={
+            "num_layers": self.num_layers, "server_cut": [self.server_cut.front, self.server_cut.back],
+            "session_timeout": self.session_timeout,
+            "federation": None if self.federation is None else self.federation.to_meta()})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "Welcome":
+        op, meta = "hello reply", msg.meta
+        fed = meta.get("federation")
+        return cls(_field(meta, op, "num_layers", "positive"), _cut(_field(meta, op, "server_cut", "list"), op),
+                   _field(meta, op, "session_timeout", "float"),
+                   None if fed is None else FederationSettings.from_meta(fed, op))
+
+
+# ---------------------------------------------------------------- join
+
+
+@dataclass(frozen=True)
+class Join:
+    """A client joining the federation: its LoRA rank and alpha, sample count,
+    the blocks it trains (None: all), its profile, and its client-side LoRA
+    modules (whole-model name -> (d_out, d_in))."""
+
+    rank: int
+    alpha: float
+    num_samples: int
+    modules: dict[str, tuple[int, int]]
+    blocks: frozenset[int] | None = None
+    profile: str = ""
+
+    def to_message(self) -> Message:
+        return Message("join", meta={
+            "rank": self.rank, "alpha": self.alpha, "num_samples": self.num_samples,
+            "blocks": None if self.blocks is None else sorted(self.blocks), "profile": self.profile,
+            "modules": {m: [d_out, d_in] for m, (d_out, d_in) in self.modules.items()}})
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "Join":
+        op, meta = "join", msg.meta
+        modules = {str(m): _int_pair(v, op, f"module {m!r}") for m, v in _field(meta, op, "modules", "map").items()}
+        alpha = _field(meta, op, "alpha", "float")
+        if alpha <= 0:
+            raise ProtocolError(f"join: field 'alpha' must be > 0, got {alpha}")
+        return cls(_field(meta, op, "rank", "positive"), alpha, _field(meta, op, "num_samples", "count"), modules,
+                   _blocks(meta, op), _field(meta, op, "profile", "str", ""))
+
+
+# ---------------------------------------------------------------- round
+
+
+@dataclass
+class RoundOffer:
+    """The server's answer to a round poll.
+
+    ``status`` is "wait" (poll again), "train" (a round to train) or "done"
+    (the final global model). With "train" and "done" the offer carries the
+    download: factors to load (at ``rank``, after a fresh initialisation from
+    ``fresh_seed`` when that is not None), the head, which factors train, the
+    method's client-side ``options``; and, in any status, ``deltas`` to fold
+    into the frozen weights first.
+    """
+
+    status: str
+    round: int
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    B: dict[str, torch.Tensor] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    rank: int | None = None
+    alpha: float | None = None
+    trainable: str = "both"
+    fresh_seed: int | None = None
+    options: dict = field(default_factory=dict)
+
+    def to_message(self, client: str) -> Message:
+        meta = {"status": self.status, "round": self.round, "rank": self.rank, "alpha": self.alpha,
+                "trainable": self.trainable, "fresh_seed": self.fresh_seed, "options": self.options}
+        return Message("ok", client, meta=meta,
+                       tensors=pack(A=self.A, B=self.B, head=self.head, delta=self.deltas))
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "RoundOffer":
+        op, meta = "round reply", msg.meta
+        groups = unpack(msg.tensors, op)
+        status = _choice(meta, op, "status", ROUND_STATUS)
+        rank = _field(meta, op, "rank", "positive", None)
+        if status != "wait" and rank is None:
+            raise ProtocolError(f"{op}: a {status!r} offer needs field 'rank'")
+        return cls(status, _field(meta, op, "round", "count"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD],
+                   groups[DELTA], rank, _field(meta, op, "alpha", "float", None),
+                   _choice(meta, op, "trainable", TRAINABLE, "both"), _field(meta, op, "fresh_seed", "count", None),
+                   _field(meta, op, "options", "map", {}))
+
+
+# ---------------------------------------------------------------- upload
+
+
+@dataclass
+class UploadPayload:
+    """A client's upload for ``round``: its client-side factors (at ``rank``:
+    HetLoRA may have pruned it), its head and its sample count."""
+
+    round: int
+    num_samples: int
+    rank: int
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    B: dict[str, torch.Tensor] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_message(self) -> Message:
+        return Message("upload", meta={"round": self.round, "num_samples": self.num_samples, "rank": self.rank},
+                       tensors=pack(A=self.A, B=self.B, head=self.head))
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "UploadPayload":
+        op, meta = "upload", msg.meta
+        groups = unpack(msg.tensors, op)
+        if groups[DELTA]:
+            raise ProtocolError("upload: a client cannot send frozen-weight updates (D: tensors)")
+        if set(groups[FACTOR_A]) != set(groups[FACTOR_B]):
+            odd = sorted(set(groups[FACTOR_A]) ^ set(groups[FACTOR_B]))
+            raise ProtocolError(f"upload: modules {odd[:3]} have one LoRA factor but not the other")
+        return cls(_field(meta, op, "round", "count"), _field(meta, op, "num_samples", "count"),
+                   _field(meta, op, "rank", "positive"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD])
