@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification, GPT2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,8 +35,6 @@ SPEC = LoraSpec(rank=8, alpha=16.0)
 
 def gpt2_12x768(folder: Path) -> Path:
     """A random GPT-2 with 12 blocks of width 768 (the GPT-2 small shape)."""
-    from transformers import AutoModelForSequenceClassification, GPT2Config
-
     config = GPT2Config(n_embd=768, n_layer=12, n_head=12, pad_token_id=50256, num_labels=LABELS)
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
@@ -63,8 +62,6 @@ def timed_side_by_side(steps: dict, batches, warmup: int) -> dict[str, list[floa
 
 
 def monolithic_step(path: Path):
-    from transformers import AutoModelForSequenceClassification
-
     config = load_config(path, "classification", LABELS, dropout=True)
     fam = family_for(config)
     model = AutoModelForSequenceClassification.from_pretrained(path, config=config)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from rich.table import Table
+
 
 def _check(labels: list, clients: int) -> None:
     if clients < 1:
@@ -87,8 +89,6 @@ def client_shares(labels: list, clients: int, scheme: str = "dirichlet", alpha: 
 
 def label_table(labels: list, parts: list[list[int]]):
     """A rich Table of each client's label counts."""
-    from rich.table import Table
-
     names = sorted({labels[i] for p in parts for i in p}, key=str)
     table = Table(title="samples per client and label")
     table.add_column("client")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 MIN_DOCSTRING = 40
 NUM_CLASSES = 10
@@ -252,8 +253,6 @@ def collate(ids: list[list[int]], labels: list[int], pad_id: int) -> dict[str, t
 
 def load_tokenizer(model_path: Path):
     """The model's tokenizer, with a pad token (end-of-sequence where none is set)."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(model_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -144,7 +144,7 @@ class FederatedClient:
         epoch = 0
         while True:
             if hasattr(self.train, "epoch"):
-                yield from self.train.epoch(stable_seed(seed, f"{round_index}:{epoch}"))
+                yield from self.train.epoch(stable_seed(seed, round_index, epoch))
             else:  # a plain list of batches: rotate it by round
                 n = len(self.train)
                 yield from (self.train[(round_index * 7 + epoch * n + i) % n] for i in range(n))

@@ -6,6 +6,8 @@ import resource
 import sys
 from pathlib import Path
 
+import psutil
+
 _STATUS = Path("/proc/self/status")
 
 
@@ -24,8 +26,6 @@ def current_rss() -> int:
     kb = _status_kb("VmRSS")
     if kb is not None:
         return kb * 1024
-    import psutil
-
     return psutil.Process().memory_info().rss
 
 

@@ -272,7 +272,7 @@ class Coordinator:
             self.state = self.strategy.init_state(self._initial(self.config.seed), clients)
         names = sorted(self.members)
         k = max(1, math.ceil(self.config.fraction * len(names)))
-        rng = random.Random(stable_seed(self.config.seed, f"sample:{self.round}:{self.retries}"))
+        rng = random.Random(stable_seed(self.config.seed, "sample", self.round, self.retries))
         self.selected = sorted(rng.sample(names, k))
         self.undelivered = {c: self._download(self.members[c]) for c in self.selected}
         self.handed = set()

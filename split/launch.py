@@ -36,9 +36,9 @@ def child_env() -> dict:
     return env
 
 
-def start_server(model, cut: str, endpoint: str, *extra: str, output=subprocess.PIPE) -> subprocess.Popen:
+def start_server(model, cut: str, endpoint: str, *server_args: str, output=subprocess.PIPE) -> subprocess.Popen:
     """Start ``fedsplit server`` bound to ``endpoint``."""
-    args = ["server", "--cut", cut, "--bind", endpoint, *extra]
+    args = ["server", "--cut", cut, "--bind", endpoint, *server_args]
     if model is not None:
         args += ["--model", str(model)]
     return subprocess.Popen(fedsplit_command(*args), stdout=output, stderr=subprocess.STDOUT, text=True,
@@ -76,10 +76,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_server(model, cut: str = "1,1", *extra: str):
+def running_server(model, cut: str = "1,1", *server_args: str):
     """A ready ``fedsplit server`` process on a free loopback port; yields its endpoint."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    proc = start_server(model, cut, endpoint, *extra)
+    proc = start_server(model, cut, endpoint, *server_args)
     try:
         wait_ready(endpoint, proc)
         yield endpoint

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 
 from .families import Family
-from .seeds import stable_seed
+from .seeds import generator
 
 PEFT_PREFIX = "base_model.model."
 _TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -66,9 +66,18 @@ class LoraSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoraSpec":
-        targets = d.get("targets")
-        return cls(int(d["rank"]), float(d["alpha"]), float(d.get("dropout", 0.0)),
-                   tuple(targets) if targets else None)
+        """The spec of ``to_dict``; refuses values of the wrong type (ValueError)."""
+        rank, alpha = d["rank"], d["alpha"]
+        dropout, targets = d.get("dropout", 0.0), d.get("targets")
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ValueError(f"rank must be an integer, got {rank!r}")
+        for name, value in (("alpha", alpha), ("dropout", dropout)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if targets is not None and (not isinstance(targets, (list, tuple))
+                                    or not all(isinstance(t, str) and t for t in targets)):
+            raise ValueError(f"targets must be a list of module names, got {targets!r}")
+        return cls(rank, float(alpha), float(dropout), tuple(targets) if targets else None)
 
 
 def init_lora(model: PeftModel, adapter: str, seed: int) -> None:
@@ -79,7 +88,7 @@ def init_lora(model: PeftModel, adapter: str, seed: int) -> None:
         if lora_a is None or adapter not in lora_a:
             continue
         whole = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        gen = torch.Generator().manual_seed(stable_seed(seed, whole))
+        gen = generator(seed, whole)
         with torch.no_grad():
             torch.nn.init.kaiming_uniform_(lora_a[adapter].weight, a=math.sqrt(5), generator=gen)
             module.lora_B[adapter].weight.zero_()

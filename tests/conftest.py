@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config,
+                          LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig)
 
+from server.service import BackboneServer, ServerConfig
 from split.launch import running_server
+from split.partition import Cut, resolve_model_path
+from split.transport import Connection
+from split.wire import Message
 
 FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta")
 VOCAB = 96
@@ -17,9 +23,6 @@ VOCAB = 96
 
 def tiny_config(family: str, **overrides):
     """A 4-block, 32-wide random config of ``family``."""
-    from transformers import (BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config,
-                              RobertaConfig)
-
     common = dict(vocab_size=VOCAB, num_labels=3)
     decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
@@ -43,8 +46,6 @@ def tiny_config(family: str, **overrides):
 
 def save_tiny(family: str, folder: Path, task: str = "classification", seed: int = 0, **overrides) -> Path:
     """Save a random-initialised tiny ``family`` model as safetensors."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     torch.manual_seed(seed)
     cls.from_config(tiny_config(family, **overrides)).save_pretrained(folder, safe_serialization=True)
@@ -66,8 +67,6 @@ def tiny_models(tmp_path_factory):
 
 
 def minilm_path() -> Path:
-    from split.partition import resolve_model_path
-
     return resolve_model_path(None)
 
 
@@ -92,9 +91,6 @@ def threaded_server(model, cut: str = "1,1", **config):
     """A ``BackboneServer`` in this process, serving from a thread on a free
     loopback port; yields (endpoint, server). For tests where a separate
     process is not the point (it saves the process start-up)."""
-    from server.service import BackboneServer, ServerConfig
-    from split.partition import Cut
-
     server = BackboneServer(ServerConfig(model=str(model), cut=Cut.parse(cut), bind="tcp://127.0.0.1:*", **config))
     endpoint = server.bind()
     stop = threading.Event()
@@ -116,9 +112,6 @@ def server_process(model, cut: str = "1,1", *extra: str):
 
 
 def status(endpoint: str) -> dict:
-    from split.transport import Connection
-    from split.wire import Message
-
     conn = Connection(endpoint, "probe", timeout=10.0)
     try:
         return conn.request(Message("status")).meta

@@ -13,6 +13,7 @@ from edge.client import ClientConfig, SplitClient
 from split.families import family_for
 from split.lora import LoraSpec, adapter_state, attach_lora
 from split.partition import Cut, init_missing, load_config
+from split.tensorfile import CheckpointIndex
 
 STEPS = 20
 SPEC = LoraSpec(rank=4, alpha=8.0)
@@ -26,8 +27,6 @@ def monolithic(path, task, num_labels, seed=0):
     model = cls.from_pretrained(path, config=config)
     fam = family_for(config)
     heads = fam.trained_heads(task)
-    from split.tensorfile import CheckpointIndex
-
     index = CheckpointIndex(path)
     with torch.no_grad():
         for name, param in model.named_parameters():

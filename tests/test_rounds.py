@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
-from server.rounds import Coordinator, FederationConfig, FederationError, initial_factors
+from server.rounds import Coordinator, FederationConfig, FederationError, initial_factors, svd_factors
 from server.strategies.base import ClientInfo
+from split.lora import get_factors, init_lora
 from split.protocol import UploadPayload
 
 CLIENT_MODULE = "model.layers.0.self_attn.q_proj"
@@ -156,10 +158,6 @@ def test_unknown_or_unselected_clients_are_refused():
 
 
 def test_initial_factors_match_the_client_side_draw():
-    from peft import LoraConfig, get_peft_model
-
-    from split.lora import get_factors, init_lora
-
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(5, 6)), LoraConfig(r=4, target_modules=["0"]))
     init_lora(model, "default", 3)
     a, b = get_factors(model)["0"]
@@ -175,8 +173,6 @@ def test_config_errors():
 
 
 def test_svd_initialisation_keeps_the_pretrained_function():
-    from server.rounds import svd_factors
-
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(6, 5, generator=gen)
     f = svd_factors({"m": w}, 2, 8.0)["m"]
