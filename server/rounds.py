@@ -383,10 +383,11 @@ class Coordinator:
         clients (FedSA-LoRA's B) or keeps no global value."""
         glob = self.strategy.export(self.state)
         r = glob.rank
+        dtype = next(iter(glob.A.values())).dtype if glob.A else torch.float32
         A, B = {}, {}
         for m, (d_out, d_in) in sorted(self.shapes.items()):
-            A[m] = glob.A.get(m, torch.zeros(r, d_in))
-            B[m] = glob.B.get(m, torch.zeros(d_out, r))
+            A[m] = glob.A.get(m, torch.zeros(r, d_in, dtype=dtype))
+            B[m] = glob.B.get(m, torch.zeros(d_out, r, dtype=dtype))
         return GlobalModel(A, B, r, glob.alpha, dict(glob.head))
 
     def snapshot(self) -> dict:

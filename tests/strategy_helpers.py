@@ -5,24 +5,26 @@ A plain module, not a test file: the tests import it as ``strategy_helpers``
 
 Two setups:
 
-- equal ranks (FedIT, FFA-LoRA, RoLoRA, FedSA-LoRA, LayerMean): four clients
-  c0..c3 at rank ``R`` with sample counts ``COUNTS`` (weights ``P``), factors
-  drawn from an integer seed (``make_initial``, ``make_clients``,
-  ``make_uploads``);
-- mixed ranks (HetLoRA, RBLA, rank clustering): clients c2, c4, c8 of ranks
-  ``RANKS`` up to ``R_MAX``, factors drawn from a ``torch.Generator``
-  (``gen``, ``initial``, ``clients``, ``random_upload``, ``uploads``). Its
-  sizes are the ``MIXED_*`` constants, which those tests import under the
-  plain names (``MIXED_D_IN as D_IN``, ...).
+- equal ranks (the strategies without ``heterogeneous_ranks`` in
+  test_strategy_contract.py; FedIT, FFA-LoRA, RoLoRA, FedSA-LoRA, LayerMean
+  in their own files): four clients c0..c3 at rank ``R`` with sample counts
+  ``COUNTS`` (weights ``P``), factors drawn from an integer seed
+  (``make_initial``, ``make_clients``, ``make_uploads``);
+- mixed ranks (the strategies with ``heterogeneous_ranks`` in the contract;
+  HetLoRA, RBLA, rank clustering in their own files): clients c2, c4, c8 of
+  ranks ``RANKS`` up to ``R_MAX``, an initial LoRA with B = 0, factors drawn
+  from a ``torch.Generator`` (``gen``, ``initial``, ``clients``,
+  ``random_upload``, ``uploads``). Its sizes are the ``MIXED_*`` constants,
+  which those tests import under the plain names (``MIXED_D_IN as D_IN``, ...).
 
-And, for both: ``snapshot`` / ``assert_same`` to show that inputs are not
-mutated, ``reloaded`` for a checkpoint round trip, and ``assert_checkpointable``.
+And, for both: ``snapshot`` / ``assert_same`` to compare inputs and outputs to
+the bit, and ``reloaded`` for a checkpoint round trip.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import json
 
 import torch
 
@@ -87,33 +89,32 @@ def clients():
     return [ClientInfo(c, r, MIXED_ALPHA, num_samples=SAMPLES[c]) for c, r in RANKS.items()]
 
 
-def random_upload(g, client, rank, samples, modules=MIXED_MODULES, extra=None):
+def random_upload(g, client, rank, samples, modules=MIXED_MODULES, head=None):
     return Upload(client, random_factors(g, rank, modules, MIXED_D_IN, MIXED_D_OUT, MIXED_ALPHA), samples, rank,
-                  extra=extra or {})
+                  head=head or {})
 
 
-def uploads(g, extra=None):
-    """One random upload per client of RANKS; ``extra(client)``, if given, is
-    each upload's extra (drawn before that upload's factors)."""
-    return [random_upload(g, c, r, SAMPLES[c], extra=extra(c) if extra else None) for c, r in RANKS.items()]
+def uploads(g, head=None):
+    """One random upload per client of RANKS; ``head(client)``, if given, is
+    each upload's head (drawn before that upload's factors)."""
+    return [random_upload(g, c, r, SAMPLES[c], head=head(c) if head else None) for c, r in RANKS.items()]
 
 
 # ------------------------------------------------------------------ snapshots and checkpoints
 
 def snapshot(x):
-    """A plain nested copy of an input (tensors cloned) to compare against later."""
+    """A plain nested copy of an input or an output (tensors cloned, dataclasses
+    such as ``Upload``, ``ClientInfo`` or ``Download`` as dicts of their fields)
+    to compare against later."""
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
-    if isinstance(x, Factors):
-        return {"A": snapshot(x.A), "B": snapshot(x.B), "alpha": x.alpha}
-    if isinstance(x, Upload):
-        return {"client": x.client, "factors": snapshot(x.factors), "n": x.num_samples, "rank": x.rank,
-                "layers": x.layers, "extra": snapshot(x.extra)}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {"<type>": type(x).__name__, **{f.name: snapshot(getattr(x, f.name)) for f in dataclasses.fields(x)}}
     if isinstance(x, dict):
         return {k: snapshot(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [snapshot(v) for v in x]
-    return x
+    return x  # immutable: str, numbers, None, frozenset
 
 
 def assert_same(a, b):
@@ -138,56 +139,3 @@ def reloaded(state):
     torch.save(state, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
-
-
-def assert_checkpointable(state):
-    """Only tensors, dicts (string keys) of them, and JSON-plain values; survives torch.save/load."""
-    def walk(v):
-        if isinstance(v, torch.Tensor):
-            return
-        if isinstance(v, dict):
-            for k, x in v.items():
-                assert isinstance(k, str)
-                walk(x)
-            return
-        json.dumps(v)  # TypeError for anything not JSON-plain
-
-    assert isinstance(state, dict)
-    walk(state)
-    assert_same(snapshot(reloaded(state)), snapshot(state))
-
-
-# ------------------------------------------------------------------ mixed-rank rounds
-
-def assert_mixed_rounds_checkpointable(s, g, extra=None):
-    """The initial and the aggregated state of strategy ``s`` (mixed-rank setup,
-    ``uploads(g, extra)``) are checkpointable, and the next round from the
-    reloaded state equals the one from the state in memory."""
-    state = s.init_state(initial(g), clients())
-    assert_checkpointable(state)
-    ups = uploads(g, extra)
-    new = s.aggregate(state, ups, 0).state
-    assert_checkpointable(new)
-    assert_same(s.aggregate(reloaded(new), ups, 1).state, s.aggregate(new, ups, 1).state)
-
-
-def mixed_round_with_snapshots(s, g):
-    """One round of strategy ``s`` on the mixed-rank setup, each upload carrying
-    a random "head". Returns the new state and a check that the initial LoRA,
-    the state, the uploads and the new state are still as they were right
-    after the round."""
-    init = initial(g)
-    init_before = snapshot(init)
-    state = s.init_state(init, clients())
-    ups = uploads(g, lambda c: {"head": torch.randn(2, generator=g)})
-    state_before, ups_before = snapshot(state), snapshot(ups)
-    new = s.aggregate(state, ups, 0).state
-    new_before = snapshot(new)
-
-    def assert_unchanged():
-        assert_same(snapshot(init), init_before)
-        assert_same(snapshot(state), state_before)
-        assert_same(snapshot(ups), ups_before)
-        assert_same(snapshot(new), new_before)
-
-    return new, assert_unchanged

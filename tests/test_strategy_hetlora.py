@@ -1,8 +1,11 @@
-"""HetLoRA (server/strategies/hetlora.py): truncation, self-pruning, sparsity weights.
+"""HetLoRA's server half (server/strategies/hetlora.py): truncation, recorded
+pruned ranks, sparsity weights (docs/algorithms.md#hetlora).
 
-Identity 5 of fedlora-algorithms.md section 14: truncate(pad(X)) == X, the
-weights sum to 1, pruning only ever decreases a client's rank. Expected
-aggregates are recomputed here from dense products and explicit padding.
+truncate(pad(X)) == X, the weights sum to 1, a recorded rank only ever
+decreases. Expected aggregates are recomputed here from dense products and
+explicit padding. The client half (penalty, self-pruning) is tested in
+test_hetlora_client.py, the contract every strategy keeps in
+test_strategy_contract.py.
 """
 
 from __future__ import annotations
@@ -14,44 +17,34 @@ import torch
 
 from server.strategies import get_strategy
 from server.strategies.base import ClientInfo, Factors, StrategyError, Upload
+from server.strategies.hetlora import HetLoRA, sparsity_weights
 from split.families import block_of
-from server.strategies.hetlora import (HetLoRA, pad_factors, pruned_rank, rank_penalty, sparsity_weights,
-                                       tail_start, truncate_factors)
 
 from strategy_helpers import (MIXED_ALPHA as ALPHA, MIXED_D_IN as D_IN, MIXED_D_OUT as D_OUT,
-                              MIXED_MODULES as MODULES, R_MAX, RANKS, SAMPLES, assert_mixed_rounds_checkpointable,
-                              assert_same, clients, gen, initial, mixed_round_with_snapshots, random_upload,
-                              uploads)
+                              MIXED_MODULES as MODULES, R_MAX, RANKS, SAMPLES, assert_same, clients, gen, initial,
+                              random_upload, uploads)
 
 
-# ------------------------------------------------------------------ identity 5
+# ------------------------------------------------------------------ padding and weights
 
 @pytest.mark.parametrize("rank", [1, 2, 4, 8])
-def test_truncate_of_pad_is_identity(rank):
+def test_truncate_of_pad_is_identity_through_the_state(rank):
+    """One client at rank r: aggregate (weight 1) pads to r_max, download
+    truncates back, and gives X back."""
     g = gen(rank)
-    A, B = torch.randn(rank, D_IN, generator=g), torch.randn(D_OUT, rank, generator=g)
-    A_pad, B_pad = pad_factors(A, B, R_MAX)
-    assert A_pad.shape == (R_MAX, D_IN) and B_pad.shape == (D_OUT, R_MAX)
-    assert torch.count_nonzero(A_pad[rank:]) == 0 and torch.count_nonzero(B_pad[:, rank:]) == 0
-    A_back, B_back = truncate_factors(A_pad, B_pad, rank)
-    assert torch.equal(A_back, A) and torch.equal(B_back, B)
-
-
-def test_single_upload_round_trips_through_the_state():
-    """One client at rank 4: aggregate (weight 1) then download gives X back."""
-    g = gen(1)
     s = HetLoRA()
     init = initial(g)
-    state = s.init_state(init, [ClientInfo("c4", 4, ALPHA)])
-    up = random_upload(g, "c4", 4, 7)
+    state = s.init_state(init, [ClientInfo("c", rank, ALPHA)])
+    up = random_upload(g, "c", rank, 7)
     new = s.aggregate(state, [up], 0).state
-    d = s.download(new, ClientInfo("c4", 4, ALPHA), 1)
-    assert d.rank == 4
+    d = s.download(new, ClientInfo("c", rank, ALPHA), 1)
+    assert d.rank == rank
     for m in MODULES:
+        assert new["A"][m].shape == (R_MAX, D_IN) and new["B"][m].shape == (D_OUT, R_MAX)
         assert torch.equal(d.A[m], up.factors[m].A) and torch.equal(d.B[m], up.factors[m].B)
         # Unowned slots: B zero as padding gives, A kept from before so the slot can train.
-        assert torch.count_nonzero(new["B"][m][:, 4:]) == 0
-        assert torch.equal(new["A"][m][4:], init[m].A[4:])
+        assert torch.count_nonzero(new["B"][m][:, rank:]) == 0
+        assert torch.equal(new["A"][m][rank:], init[m].A[rank:])
 
 
 def test_sparsity_weights_sum_to_one_and_follow_product_norms():
@@ -64,22 +57,6 @@ def test_sparsity_weights_sum_to_one_and_follow_product_norms():
     for wk, n in zip(w, dense):
         assert math.isclose(wk, n / sum(dense), rel_tol=1e-9)
     assert sparsity_weights([(A, torch.zeros_like(B)) for A, B in pairs]) is None
-
-
-def test_pruned_rank_only_decreases():
-    for gamma in (0.5, 0.9, 0.99):
-        for r in range(1, 65):
-            assert pruned_rank(r, gamma, 1.0, 2.0) == r  # tail grew: keep
-            assert pruned_rank(r, gamma, 1.0, 1.0) == r  # no shrink: keep
-            p = pruned_rank(r, gamma, 2.0, 1.0)
-            assert p >= 1 and p <= r and (p < r or r == 1)
-            assert p == max(1, math.floor(gamma * r + 1e-9))
-    r, seq = 64, []
-    for _ in range(200):
-        r = pruned_rank(r, 0.9, 1.0, 0.5)
-        seq.append(r)
-    assert all(b <= a for a, b in zip(seq, seq[1:])) and seq[-1] == 1
-    assert tail_start(100, 0.29) == 29  # not 28 from 0.29 * 100 = 28.999...
 
 
 # ------------------------------------------------------------------ aggregation
@@ -146,13 +123,12 @@ def test_pruned_upload_is_recorded_and_ranks_never_grow():
 
 # ------------------------------------------------------------------ downloads
 
-def test_download_respects_rank_layers_and_options():
+def test_download_respects_rank_blocks_and_options():
     g = gen(6)
     s = get_strategy("hetlora", lam=0.05, gamma=0.75)
-    assert isinstance(s, HetLoRA) and s.heterogeneous_ranks
     state = s.init_state(initial(g), clients())
     state = s.aggregate(state, uploads(g), 0).state
-    c = ClientInfo("c2", 2, ALPHA, layers=frozenset({1}))
+    c = ClientInfo("c2", 2, ALPHA, blocks=frozenset({1}))
     d = s.download(state, c, 1)
     want = [m for m in MODULES if block_of(m) in (1, None)]
     assert sorted(d.A) == sorted(want) == sorted(d.B)
@@ -165,7 +141,7 @@ def test_download_respects_rank_layers_and_options():
     assert HetLoRA().download(state, c, 1).options == {"hetlora_lambda": 1e-3, "hetlora_gamma": 0.99}
 
 
-def test_extra_is_averaged_and_downloaded():
+def test_head_is_averaged_and_downloaded():
     g = gen(7)
     s = HetLoRA()
     state = s.init_state(initial(g), clients())
@@ -174,63 +150,38 @@ def test_extra_is_averaged_and_downloaded():
     new = s.aggregate(state, ups, 0).state
     total = sum(SAMPLES.values())
     expected = sum(SAMPLES[c] / total * heads[c] for c in RANKS)
-    torch.testing.assert_close(new["extra"]["head.weight"], expected)
+    torch.testing.assert_close(new["head"]["head.weight"], expected)
     d = s.download(new, ClientInfo("c2", 2, ALPHA), 1)
-    torch.testing.assert_close(d.extra["head.weight"], expected)
-
-
-def test_state_is_checkpointable():
-    assert_mixed_rounds_checkpointable(HetLoRA(), gen(8), lambda c: {"head.bias": torch.ones(3)})
-
-
-def test_inputs_are_not_mutated():
-    s = HetLoRA()
-    new, assert_unchanged = mixed_round_with_snapshots(s, gen(9))
-    d = s.download(new, ClientInfo("c8", 8, ALPHA), 1)
-    d.A[MODULES[0]].add_(1.0)  # a caller editing its download must not reach the state
-    s.download(new, ClientInfo("c8", 8, ALPHA), 1)
-    assert_unchanged()
-    assert not torch.equal(new["A"][MODULES[0]], d.A[MODULES[0]])
+    torch.testing.assert_close(d.head["head.weight"], expected)
 
 
 def test_refusals_name_the_problem():
     g = gen(10)
     s = HetLoRA()
-    with pytest.raises(StrategyError, match="rank 9"):
+    with pytest.raises(StrategyError, match="client 'big' trains rank 9, outside 1..8"):
         s.init_state(initial(g), [ClientInfo("big", 9, ALPHA)])
     state = s.init_state(initial(g), clients())
-    bad_module = Upload("c2", {"model.layers.9.mlp": Factors(torch.zeros(2, D_IN), torch.zeros(D_OUT, 2), ALPHA)}, 1, 2)
-    with pytest.raises(StrategyError, match="unknown module"):
-        s.aggregate(state, [bad_module], 0)
     up = random_upload(g, "c2", 2, 1)
-    with pytest.raises(StrategyError, match="alpha"):
+    with pytest.raises(StrategyError, match=f"was trained with alpha 3.0 but this run uses alpha {ALPHA}"):
         s.aggregate(state, [Upload("c2", {m: Factors(f.A, f.B, 3.0) for m, f in up.factors.items()}, 1, 2)], 0)
-    with pytest.raises(StrategyError, match="says rank"):
-        s.aggregate(state, [Upload("c2", up.factors, 1, 3)], 0)
-    with pytest.raises(StrategyError, match="no uploads"):
-        s.aggregate(state, [], 0)
-    with pytest.raises(StrategyError):
-        HetLoRA(gamma=1.5)
+    with pytest.raises(StrategyError, match="client 'c9' has rank 9, outside 1..8"):
+        s.aggregate(state, [random_upload(g, "c9", 9, 1)], 0)
 
 
-# ------------------------------------------------------------------ client penalty
+@pytest.mark.parametrize("options, message", [
+    (dict(gamma=1.5), r"gamma must lie in \(0, 1\), got 1.5"),
+    (dict(hetlora_gamma=0.0), r"gamma must lie in \(0, 1\), got 0.0"),
+    (dict(lam=-1.0), "lambda must be non-negative, got -1.0"),
+])
+def test_refuses_bad_options(options, message):
+    with pytest.raises(StrategyError, match=message):
+        HetLoRA(**options)
 
-def test_rank_penalty_value_and_gradient_reach_the_tail_only():
-    g = gen(11)
-    A = torch.randn(8, D_IN, generator=g, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(D_OUT, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    pen = rank_penalty(A, B, 8, 0.5)  # tail = slots 4..7
-    expected = torch.linalg.matrix_norm(B.detach()[:, 4:]) * torch.linalg.matrix_norm(A.detach()[4:])
-    torch.testing.assert_close(pen.detach(), expected)
-    pen.backward()
-    assert torch.count_nonzero(A.grad[:4]) == 0 and torch.count_nonzero(B.grad[:, :4]) == 0
-    assert torch.all(A.grad[4:].abs().sum(dim=1) > 0) and torch.all(B.grad[:, 4:].abs().sum(dim=0) > 0)
-    # Default gamma 0.99 at rank 8: tail is the last slot only.
-    A.grad = B.grad = None
-    rank_penalty(A, B, 8, 0.99).backward()
-    assert torch.count_nonzero(A.grad[:7]) == 0 and torch.count_nonzero(A.grad[7]) > 0
-    # At B = 0 (round start) the gradient is finite, not NaN.
-    A0 = A.detach().clone().requires_grad_(True)
-    B0 = torch.zeros(D_OUT, 8, dtype=torch.float64, requires_grad=True)
-    rank_penalty(A0, B0, 8, 0.5).backward()
-    assert torch.isfinite(A0.grad).all() and torch.isfinite(B0.grad).all()
+
+def test_options_have_one_spelling_at_a_time():
+    assert HetLoRA(hetlora_lambda=0.1, hetlora_gamma=0.5).lam == 0.1
+    assert (HetLoRA().lam, HetLoRA().gamma) == (1e-3, 0.99)
+    with pytest.raises(StrategyError, match="not both"):
+        HetLoRA(lam=0.1, hetlora_lambda=0.2)
+    with pytest.raises(StrategyError, match="has no option foo"):
+        get_strategy("hetlora", foo=1)

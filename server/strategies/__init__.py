@@ -7,6 +7,8 @@ the classes themselves (``Strategy.name``, ``heterogeneous_ranks``,
 
 from __future__ import annotations
 
+import inspect
+
 # Imported for registration, in the order the CLI and the docs list the methods.
 from . import fedit, ffa, rolora, fedsa, flexlora, flora, fedex, lorafair, hetlora, rbla  # noqa: F401, I001
 from . import rank_clustering, layermean  # noqa: F401, I001
@@ -23,10 +25,13 @@ def get_strategy(name: str, **options) -> Strategy:
     key = name.lower().replace("-", "").replace("_", "")
     if key not in REGISTRY:
         raise StrategyError(f"unknown strategy {name!r}; known: {', '.join(REGISTRY)}")
-    try:
-        return REGISTRY[key](**options)
-    except TypeError as exc:  # an option the method does not have
-        raise StrategyError(f"{key}: bad strategy option ({exc}); see docs/algorithms.md#{key}") from None
+    cls = REGISTRY[key]
+    known = [p for p in inspect.signature(cls).parameters if p != "seed"]
+    unknown = sorted(set(options) - set(known) - {"seed"})
+    if unknown:
+        raise StrategyError(f"{key} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'} "
+                            f"(docs/algorithms.md#{key})")
+    return cls(**options)
 
 
 __all__ = ["REGISTRY", "Strategy", "StrategyError", "get_strategy", "methods_with", "strategy_names"]

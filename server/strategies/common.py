@@ -262,25 +262,6 @@ def download_slots(state: dict, client: ClientInfo, rank: int, **fields) -> Down
         head=clone_tree(state["head"]), **fields)
 
 
-def pad_factors(A: torch.Tensor, B: torch.Tensor, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """New tensors A (r_max x d_in) and B (d_out x r_max): the pair zero-padded to r_max."""
-    r = A.shape[0]
-    if r > r_max or B.shape[1] != r:
-        raise StrategyError(f"cannot pad A {tuple(A.shape)}, B {tuple(B.shape)} to rank {r_max}")
-    A_pad = A.new_zeros((r_max, A.shape[1]))
-    B_pad = B.new_zeros((B.shape[0], r_max))
-    A_pad[:r] = A
-    B_pad[:, :r] = B
-    return A_pad, B_pad
-
-
-def truncate_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of the first ``rank`` slots: A[:rank, :], B[:, :rank]."""
-    if rank < 1 or rank > A.shape[0] or rank > B.shape[1]:
-        raise StrategyError(f"cannot truncate A {tuple(A.shape)}, B {tuple(B.shape)} to rank {rank}")
-    return clone(A[:rank]), clone(B[:, :rank])
-
-
 # ----------------------------------------------------------------- uploads
 
 def outside_blocks(upload: Upload) -> list[str]:

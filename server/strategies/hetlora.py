@@ -77,12 +77,13 @@ class HetLoRA(Strategy):
     heterogeneous_ranks = True
     block_subsets = True
 
-    def __init__(self, lam: float = DEFAULT_LAMBDA, gamma: float = DEFAULT_GAMMA, seed: int = 0, *,
+    def __init__(self, lam: float | None = None, gamma: float | None = None, seed: int = 0, *,
                  hetlora_lambda: float | None = None, hetlora_gamma: float | None = None):
-        if hetlora_lambda is not None:
-            lam = hetlora_lambda
-        if hetlora_gamma is not None:
-            gamma = hetlora_gamma
+        for short, long in ((lam, hetlora_lambda), (gamma, hetlora_gamma)):
+            if short is not None and long is not None:
+                raise StrategyError("hetlora: give lam/gamma or hetlora_lambda/hetlora_gamma, not both")
+        lam = next((v for v in (lam, hetlora_lambda) if v is not None), DEFAULT_LAMBDA)
+        gamma = next((v for v in (gamma, hetlora_gamma) if v is not None), DEFAULT_GAMMA)
         super().__init__(seed)
         if not float(lam) >= 0.0:
             raise StrategyError(f"hetlora: lambda must be non-negative, got {lam}")
