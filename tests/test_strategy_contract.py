@@ -38,6 +38,7 @@ import torch
 from server.checkpoint import flatten, unflatten
 from server.strategies import REGISTRY, StrategyError, get_strategy, methods_with, strategy_names
 from server.strategies.base import TRAIN_B, ClientInfo, Factors, Strategy, Upload
+from server.strategies.common import merge_head
 from split.families import block_of
 
 from strategy_helpers import (ALPHA, D_IN, D_OUT, HEAD, MIXED_ALPHA, MIXED_D_IN, MIXED_D_OUT, MIXED_MODULES,
@@ -528,3 +529,36 @@ def test_seed_matters_exactly_where_the_method_draws(name):
     else:
         # The seed is kept for a uniform constructor only: the method draws nothing.
         assert_same(run(name, 0, torch_seed=0), run(name, 1, torch_seed=0))
+
+
+# ------------------------------------------------------------------ the head
+
+@pytest.mark.parametrize("name", NAMES)
+def test_head_is_averaged_downloaded_and_kept(name):
+    su = setup(name)
+    s = su.strategy
+    state = s.init_state(su.initial, su.clients)
+    ups = su.uploads()
+    for u in ups:
+        u.num_samples = 10  # equal counts: sample and uniform weighting agree on the plain mean
+    new = s.aggregate(state, ups, 0).state
+    if not s.export(new).head:
+        # A method whose clients keep their heads (FedSA-LoRA) sends none.
+        assert all(s.download(new, c, 1).head == {} for c in su.clients)
+        return
+    expected = sum(u.head[HEAD] for u in ups) / len(ups)
+    torch.testing.assert_close(s.export(new).head[HEAD], expected)
+    for c in su.clients:
+        torch.testing.assert_close(s.download(new, c, 1).head[HEAD], expected)
+    # A round in which nobody sends a head keeps the last one.
+    headless = [dataclasses.replace(u, head={}) for u in su.uploads(2)]
+    torch.testing.assert_close(s.export(s.aggregate(new, headless, 1).state).head[HEAD], expected)
+
+
+def test_merge_head_weights_by_samples_or_uniformly_over_the_uploads_that_carry_each_tensor():
+    s = get_strategy("fedit")
+    ups = [Upload("a", {}, 1, R, head={"w": torch.tensor([4.0]), "b": torch.tensor([1.0])}),
+           Upload("b", {}, 3, R, head={"w": torch.tensor([8.0])})]
+    merged = merge_head(s, {"head": {"old": torch.tensor([5.0])}}, ups)
+    assert merged == {"old": torch.tensor([5.0]), "w": torch.tensor([7.0]), "b": torch.tensor([1.0])}  # 1/4*4 + 3/4*8
+    assert merge_head(s, {"head": {}}, ups, uniform=True)["w"] == torch.tensor([6.0])

@@ -122,18 +122,6 @@ def test_download_is_fresh_at_the_clients_rank():
     assert not torch.equal(other_client.A[MODULES[0]], first.A[MODULES[0]])
 
 
-def test_head_is_averaged_and_downloaded():
-    g = torch.Generator().manual_seed(3)
-    s = FLoRA()
-    ups = make_round(g, [1, 3], [2.0, 6.0], [1, 1])
-    ups[0].head["head"] = torch.tensor([1.0, 3.0])
-    ups[1].head["head"] = torch.tensor([3.0, 5.0])
-    state = s.aggregate(s.init_state(zero_initial(), [ClientInfo("c0", 1, 2.0), ClientInfo("c1", 3, 6.0)]), ups,
-                        0).state
-    assert state["stacked_rank"] == 4
-    assert torch.allclose(s.download(state, ClientInfo("c0", 1, 2.0), 1).head["head"], torch.tensor([2.0, 4.0]))
-
-
 def test_init_refuses_a_nonzero_initial_lora():
     g = torch.Generator().manual_seed(4)
     nonzero = {m: rand_factors(g, 2, 4.0) for m in MODULES}

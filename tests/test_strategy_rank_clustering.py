@@ -237,19 +237,6 @@ def test_unchanged_client_keeps_the_update():
         torch.testing.assert_close(global_delta(new, m), global_delta(state, m), rtol=1e-9, atol=1e-9)
 
 
-def test_head_is_averaged_and_downloaded():
-    g = gen(80)
-    s = RankClustering()
-    state = s.init_state(initial(g), clients())
-    heads = {c: torch.randn(4, generator=g, dtype=torch.float64) for c in RANKS}
-    ups = uploads(g, lambda c: {"head": heads[c]})
-    new = s.aggregate(state, ups, 0).state
-    total = sum(SAMPLES.values())
-    expected = sum(SAMPLES[c] / total * heads[c] for c in RANKS)
-    torch.testing.assert_close(new["head"]["head"], expected)
-    torch.testing.assert_close(s.download(new, ClientInfo("c4", 4, ALPHA), 1).head["head"], expected)
-
-
 def test_refusals_name_the_problem():
     g = gen(110)
     with pytest.raises(StrategyError, match="client 'big' trains rank 9, outside 1..8"):

@@ -15,7 +15,7 @@ from server.strategies.base import ClientInfo, Factors, StrategyError, Upload
 from server.strategies.rbla import RBLA
 from split.families import block_of
 
-from strategy_helpers import (MIXED_ALPHA as ALPHA, MIXED_MODULES as MODULES, R_MAX, RANKS, SAMPLES, clients, gen,
+from strategy_helpers import (MIXED_ALPHA as ALPHA, MIXED_MODULES as MODULES, R_MAX, SAMPLES, clients, gen,
                               initial, random_upload, uploads)
 
 
@@ -129,22 +129,6 @@ def test_download_respects_rank_and_blocks():
         assert torch.equal(d.A[m], state["A"][m][:4]) and torch.equal(d.B[m], state["B"][m][:, :4])
     with pytest.raises(StrategyError, match="client 'big' trains rank 9, outside 1..8"):
         s.download(state, ClientInfo("big", 9, ALPHA), 1)
-
-
-def test_head_is_averaged_and_downloaded():
-    g = gen(7)
-    s = RBLA()
-    state = s.init_state(initial(g), clients())
-    heads = {c: torch.randn(3, generator=g, dtype=torch.float64) for c in RANKS}
-    ups = uploads(g, lambda c: {"head": heads[c]})
-    new = s.aggregate(state, ups, 0).state
-    total = sum(SAMPLES.values())
-    expected = sum(SAMPLES[c] / total * heads[c] for c in RANKS)
-    torch.testing.assert_close(new["head"]["head"], expected)
-    torch.testing.assert_close(s.download(new, ClientInfo("c2", 2, ALPHA), 1).head["head"], expected)
-    # A round without heads keeps the last one.
-    later = s.aggregate(new, uploads(g), 1).state
-    torch.testing.assert_close(later["head"]["head"], expected)
 
 
 def test_refusals_name_the_problem():

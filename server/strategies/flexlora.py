@@ -139,8 +139,8 @@ class FlexLoRA(Strategy):
     averages the full-size updates and hands each client the best approximation
     of that average at its own rank.
 
-    Options: ``seed`` seeds the completion rows (singular vectors of zero
-    singular values); ``route`` forces one SVD route (``truncated_svd``).
+    The run's seed drives the completion rows (singular vectors of zero
+    singular values). Option: ``route`` forces one SVD route (``truncated_svd``).
     A client whose rank exceeds every rank in use so far (``state["keep"]``)
     receives the best rank-keep approximation plus zero-valued directions
     until it has uploaded once.

@@ -161,8 +161,8 @@ class RankClustering(Strategy):
     """FedInc-style aggregation: k-means over all clients' rank-1 components,
     one global rank slot per cluster, slots ordered by cluster weight.
 
-    Options: ``seed`` (the k-means++ draws; default 0) and ``iterations``
-    (at most this many Lloyd steps; default 10).
+    The run's seed drives the k-means++ draws. Option: ``iterations`` (at most
+    this many Lloyd steps; default 10).
     """
 
     name = "fedinc"
