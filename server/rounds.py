@@ -249,7 +249,8 @@ class Coordinator:
 
     def tick(self, now: float | None = None) -> RoundLog | None:
         """Start or close rounds as the clock and the uploads say; returns the
-        round that closed, if one did (the caller checkpoints it)."""
+        round that closed, if one did (the caller checkpoints it); a round that
+        is retried has not closed."""
         now = time.monotonic() if now is None else now
         if self.phase == "waiting" and len(self.members) >= self.config.min_clients:
             self._start(now)
@@ -322,7 +323,9 @@ class Coordinator:
         download.B = {m: v for m, v in download.B.items() if m in client_side}
         return download
 
-    def _close(self, now: float) -> RoundLog:
+    def _close(self, now: float) -> RoundLog | None:
+        """Aggregate (or skip, or retry) the running round; returns its log
+        unless it is being retried (a retried round has not closed)."""
         uploaded = sorted(self.uploads)
         missed = sorted(set(self.selected) - set(uploaded))
         if missed:
@@ -334,7 +337,7 @@ class Coordinator:
                 entry.note = f"only {len(uploaded)} uploads; retried"
                 self.history.append(entry)
                 self._start(now)
-                return entry
+                return None
             entry.note = f"only {len(uploaded)} uploads (minimum {self.config.min_uploads}); skipped"
         else:
             result = self.strategy.aggregate(self.state, [self.uploads[c] for c in uploaded], self.round)

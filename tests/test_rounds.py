@@ -110,10 +110,12 @@ def test_short_rounds_are_skipped_or_retried(policy, retried):
     coord.tick(0.0)
     coord.poll("c0")
     upload(coord, "c0")
-    coord.tick(2.0)
+    closed = coord.tick(2.0)
     assert not coord.history[0].aggregated
     assert ("retried" in coord.history[0].note) == retried
     assert coord.round == (0 if retried else 1)
+    # A skipped round closed (and is checkpointed); a retried one has not.
+    assert (closed is None) == retried
 
 
 @pytest.mark.parametrize("init, fresh, keeps_own", [("avg", False, False), ("re", True, True), ("local", False, True)])
