@@ -27,6 +27,7 @@ from split.wire import Message
 
 log = logging.getLogger(__name__)
 
+
 class ServerRefused(ServerError):
     """The server refused to register this client."""
 

@@ -74,8 +74,8 @@ class BackboneServer:
         if config.resume:
             self._resume()
         # Ops that need no session get the routing id; the others get the caller's session.
-        self.open_ops: dict[str, Callable[[bytes, Message], Message]] = {"hello": self._hello,
-                                                                        "status": self._status}
+        self.open_ops: dict[str, Callable[[bytes, Message], Message]] = {
+            "hello": self._hello, "status": self._status}
         self.session_ops: dict[str, Callable[[Session, Message], Message]] = {
             "forward": self._forward, "backward": self._backward, "adapter": self._adapter, "bye": self._bye,
             "join": self._join, "round": self._round, "upload": self._upload}

@@ -213,7 +213,8 @@ class RankClustering(Strategy):
         a = torch.cat([u.factors[m].A.detach().cpu().double() for u in have], dim=0)
         w = torch.cat([torch.full((u.factors[m].rank,), pk, dtype=torch.float64) for pk, u in zip(p, have)])
         X = balanced_points(b, a)
-        assign, sign, C = sign_invariant_kmeans(X, w, r_max, generator(self.seed, "kmeans", round_index, m), self.iterations)
+        gen = generator(self.seed, "kmeans", round_index, m)
+        assign, sign, C = sign_invariant_kmeans(X, w, r_max, gen, self.iterations)
         k = C.shape[0]
         tot = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w)
         raw_a = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w * torch.linalg.vector_norm(a, dim=1))

@@ -4,8 +4,8 @@
     odd round:  B frozen (shared), clients train A_k;  server A <- sum_k p_k A_k
 
 In every round the frozen factor is identical on all clients, so the mean of
-the products equals the product of the means (docs/algorithms.md#rolora). The notes' uniform 1/N mean is the special case of equal sample
-counts. The state, the download and the aggregation are those of FFA-LoRA
+the products equals the product of the means (docs/algorithms.md#rolora).
+The paper's uniform 1/N mean is the special case of equal sample counts. The state, the download and the aggregation are those of FFA-LoRA
 (``FrozenFactorStrategy``); only the trained factor changes with the round.
 """
 
