@@ -350,8 +350,7 @@ class Coordinator:
                 # FedLoRU: the accumulated low-rank update joins the frozen weights
                 # and training restarts from a fresh LoRA.
                 glob = self.global_model()
-                scale = glob.alpha / glob.rank
-                self._fold_everywhere({m: scale * (glob.B[m] @ glob.A[m]) for m in glob.A})
+                self._fold_everywhere({m: Factors(glob.A[m], glob.B[m], glob.alpha).delta() for m in glob.A})
                 self.state = self.strategy.init_state(
                     self._initial(stable_seed(self.config.seed, "reinit", self.round)), self._clients())
                 entry.note = "global LoRA merged into the base and re-initialised (FedLoRU)"

@@ -14,6 +14,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -221,12 +222,16 @@ class Sessions:
         """A module's pretrained weight (d_out x d_in), read from the checkpoint
         whichever side owns the module; nothing else is loaded."""
         seg = self.segment
-        index = CheckpointIndex(seg.path)
-        name = checkpoint_name(f"{module}.weight", seg.family.prefix, index)
+        name = checkpoint_name(f"{module}.weight", seg.family.prefix, self._checkpoint)
         if name is None:
             raise ValueError(f"{seg.path}: no weight for LoRA module {module}")
-        weight = index.read(name, torch.float32)
+        weight = self._checkpoint.read(name, torch.float32)
         return weight.T if seg.family.conv1d else weight
+
+    @cached_property
+    def _checkpoint(self) -> CheckpointIndex:
+        """The checkpoint's tensor index, read once (SVD initialisation asks per module)."""
+        return CheckpointIndex(self.segment.path)
 
     def fold(self, deltas: dict) -> None:
         for module, delta in deltas.items():

@@ -45,24 +45,28 @@ def _field(meta: dict, op: str, key: str, kind: str, default=_MISSING):
         raise ProtocolError(f"{op}: field {key!r} is missing")
     if value is None and default is None:
         return None
-    ok = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "positive": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        "str": lambda v: isinstance(v, str),
-        "bool": lambda v: isinstance(v, bool),
-        "map": lambda v: isinstance(v, dict),
-        "list": lambda v: isinstance(v, list),
-    }[kind]
-    if not ok(value):
-        raise ProtocolError(f"{op}: field {key!r} must be {_KINDS[kind]}, got {value!r}")
+    accepts, what = _KINDS[kind]
+    if not accepts(value):
+        raise ProtocolError(f"{op}: field {key!r} must be {what}, got {value!r}")
     return float(value) if kind == "float" else value
 
 
-_KINDS = {"int": "an integer", "count": "an integer >= 0", "positive": "an integer >= 1",
-          "float": "a finite number", "str": "a string", "bool": "true or false", "map": "a map",
-          "list": "a list"}
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# kind -> (test, what the error says is expected)
+_KINDS = {
+    "int": (_integer, "an integer"),
+    "count": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "positive": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "map": (lambda v: isinstance(v, dict), "a map"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
 
 
 def _choice(meta: dict, op: str, key: str, choices: tuple, default=_MISSING):
@@ -73,8 +77,7 @@ def _choice(meta: dict, op: str, key: str, choices: tuple, default=_MISSING):
 
 
 def _int_pair(value, op: str, what: str) -> tuple[int, int]:
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+    if not isinstance(value, list) or len(value) != 2 or not all(_integer(v) and v >= 0 for v in value):
         raise ProtocolError(f"{op}: {what} must be a list of two integers >= 0, got {value!r}")
     return int(value[0]), int(value[1])
 
@@ -87,7 +90,7 @@ def _blocks(meta: dict, op: str) -> frozenset[int] | None:
     blocks = _field(meta, op, "blocks", "list", None)
     if blocks is None:
         return None
-    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+    if not all(_integer(b) and b >= 0 for b in blocks):
         raise ProtocolError(f"{op}: field 'blocks' must list block indices >= 0, got {blocks!r}")
     return frozenset(blocks)
 

@@ -139,18 +139,25 @@ def merge_head(strategy: Strategy, state: dict, uploads: list[Upload], uniform: 
 
 # ----------------------------------------------------------------- state
 
-def initial_rank_alpha(strategy: Strategy, initial: dict[str, Factors]) -> tuple[int, float]:
-    """The one rank and the one alpha of the initial LoRA; refuses an initial
-    LoRA with no modules, or one that mixes ranks or alphas across modules."""
+def initial_alpha(strategy: Strategy, initial: dict[str, Factors]) -> float:
+    """The one alpha of the initial LoRA; refuses an initial LoRA with no
+    modules, or one that mixes alphas across modules."""
     if not initial:
         raise StrategyError(f"{strategy.name}: the initial LoRA has no modules")
-    ranks = sorted({f.rank for f in initial.values()})
-    if len(ranks) > 1:
-        raise StrategyError(f"{strategy.name}: the initial LoRA mixes ranks {ranks} across modules")
     alphas = sorted({float(f.alpha) for f in initial.values()})
     if len(alphas) > 1:
         raise StrategyError(f"{strategy.name}: the initial LoRA mixes alphas {alphas} across modules")
-    return ranks[0], alphas[0]
+    return alphas[0]
+
+
+def initial_rank_alpha(strategy: Strategy, initial: dict[str, Factors]) -> tuple[int, float]:
+    """The one rank and the one alpha of the initial LoRA (``initial_alpha``),
+    refusing one that mixes ranks across modules."""
+    alpha = initial_alpha(strategy, initial)
+    ranks = sorted({f.rank for f in initial.values()})
+    if len(ranks) > 1:
+        raise StrategyError(f"{strategy.name}: the initial LoRA mixes ranks {ranks} across modules")
+    return ranks[0], alpha
 
 
 def initial_shapes(strategy: Strategy, initial: dict[str, Factors]) -> dict[str, list[int]]:

@@ -28,22 +28,10 @@ import torch
 from split.seeds import generator
 
 from .base import TRAIN_BOTH, ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError, Upload
-from .common import (acc_dtype, check_hetero_uploads, client_modules, clone_tree, initial_shapes,
+from .common import (acc_dtype, check_hetero_uploads, client_modules, clone_tree, initial_alpha, initial_shapes,
                      merge_head, module_uploads, stacked)
 
 ROUTES = ("auto", "factors", "gram", "svd")
-
-
-def initial_alpha_shapes(strategy: Strategy, initial: dict[str, Factors]) -> tuple[float, dict[str, list[int]]]:
-    """The one alpha and the module shapes ``{module: [d_out, d_in]}`` of an
-    initial LoRA for a method that keeps ΔW rather than slots (FlexLoRA, FLoRA)."""
-    if not initial:
-        raise StrategyError(f"{strategy.name}: the initial LoRA has no modules")
-    shapes = initial_shapes(strategy, initial)
-    alphas = sorted({float(f.alpha) for f in initial.values()})
-    if len(alphas) > 1:
-        raise StrategyError(f"{strategy.name}: the initial LoRA mixes alphas {alphas} across modules")
-    return alphas[0], shapes
 
 
 # ---------------------------------------------------------------- truncated SVD of L @ R
@@ -159,7 +147,7 @@ class FlexLoRA(Strategy):
         """State holding the initial global LoRA as an SVD (or, when its B is zero,
         as its own A rows, so that round-0 clients start from the usual random A)."""
         self.check(clients)
-        alpha, shapes = initial_alpha_shapes(self, initial)
+        alpha, shapes = initial_alpha(self, initial), initial_shapes(self, initial)
         ranks = sorted({int(c.rank) for c in clients} | {f.rank for f in initial.values()})
         keep = max(ranks)
         glob = {}

@@ -29,8 +29,8 @@ from split.seeds import generator
 
 from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError,
                    Upload)
-from .common import acc_dtype, check_hetero_uploads, client_modules, clone_tree, merge_head, module_uploads
-from .flexlora import initial_alpha_shapes
+from .common import (acc_dtype, check_hetero_uploads, client_modules, clone_tree, initial_alpha, initial_shapes,
+                     merge_head, module_uploads)
 
 
 def stack_factors(ws: list[float], factors: list[Factors], dtype: torch.dtype | None = None
@@ -62,7 +62,7 @@ class FLoRA(Strategy):
         """State with the module shapes; the initial LoRA must be zero (B = 0),
         since FLoRA clients always start from a fresh LoRA on the merged base."""
         self.check(clients)
-        alpha, shapes = initial_alpha_shapes(self, initial)
+        alpha, shapes = initial_alpha(self, initial), initial_shapes(self, initial)
         nonzero = sorted(m for m, f in initial.items() if bool(torch.any(f.B != 0)))
         if nonzero:
             raise StrategyError(
