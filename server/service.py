@@ -26,7 +26,7 @@ from split.wire import Limits, Message, WireError, decode, encode, error
 from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
 from .rounds import Coordinator, FederationConfig, FederationError
-from .sessions import RequestError, Session, Sessions
+from .sessions import RequestError, Session, Sessions, check_server_lora
 from .strategies.base import ClientInfo, StrategyError
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,7 @@ class ServerConfig:
     server_lora: str = "per-client"  # or "shared": one server-side adapter every client trains
 
     def __post_init__(self):
-        if self.server_lora not in ("per-client", "shared"):
-            raise ValueError(f"server_lora must be 'per-client' or 'shared', got {self.server_lora!r}")
+        check_server_lora(self.server_lora)  # before the model loads
         if self.resume and (self.federation is None or self.checkpoint_dir is None):
             raise ValueError("--resume continues a federation: give its --strategy and --checkpoint-dir")
 

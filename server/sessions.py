@@ -27,6 +27,13 @@ from split.tensorfile import CheckpointIndex
 log = logging.getLogger(__name__)
 
 SHARED, IDLE = "shared", "idle"
+SERVER_LORA = ("per-client", "shared")  # SplitFed-V1: one adapter per client; V2: one all clients train
+
+
+def check_server_lora(value: str) -> None:
+    """Refuse an unknown server-side LoRA mode."""
+    if value not in SERVER_LORA:
+        raise ValueError(f"server_lora must be one of {', '.join(SERVER_LORA)}, got {value!r}")
 
 
 class RequestError(Exception):
@@ -65,8 +72,7 @@ class Sessions:
     """The server's clients: one session each, keyed by client id."""
 
     def __init__(self, segment: Segment, timeout: float, server_lora: str = "per-client", seed: int = 0):
-        if server_lora not in ("per-client", "shared"):
-            raise ValueError(f"server_lora must be 'per-client' or 'shared', got {server_lora!r}")
+        check_server_lora(server_lora)
         self.segment = segment
         self.timeout = timeout
         self.server_lora = server_lora
