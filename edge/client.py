@@ -151,9 +151,9 @@ class SplitClient:
         fam = family_for(model_cfg)
         if cfg.cut is not None:
             cfg.cut.check(model_cfg.num_hidden_layers)
-        hello = Hello(ModelInfo(model_cfg.model_type, model_cfg.num_hidden_layers,
-                                model_cfg.get_text_config().hidden_size),
-                      cfg.lora, cfg.task, cfg.seed, cfg.cut, OptimizerSettings(cfg.lr, cfg.weight_decay))
+        hello = Hello(ModelInfo.of(path, model_cfg), cfg.lora, cfg.task, cfg.seed, cfg.cut,
+                      OptimizerSettings(cfg.lr, cfg.weight_decay),
+                      num_labels=cfg.num_labels if cfg.task == "classification" else None)
         try:
             welcome = Welcome.from_message(self.conn.request(hello.to_message(), timeout=cfg.connect_timeout))
         except ServerError as exc:

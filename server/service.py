@@ -67,6 +67,7 @@ class BackboneServer:
             config.model, SERVER, config.cut, task=config.task, num_labels=config.num_labels,
             seed=config.seed, dropout=config.dropout, attn_implementation=config.attn_implementation,
         )
+        self.model_info = ModelInfo.of(seg.path, seg.config)
         self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed)
         self.compute = BackboneCompute(seg, self.sessions, config.max_pending)
         self.coordinator = None if config.federation is None else Coordinator(config.federation, self.sessions)
@@ -150,10 +151,9 @@ class BackboneServer:
             raise RequestError("hello needs a client id")
         hello = Hello.from_message(msg)
         seg = self.segment
-        ours = ModelInfo(seg.config.model_type, seg.num_layers, seg.config.get_text_config().hidden_size)
-        if hello.model != ours:
-            raise RequestError(f"model mismatch: the server hosts {ours}, the client has {hello.model}; "
-                               "start both with the same --model")
+        mismatch = self.model_info.mismatch(hello.model)
+        if mismatch:
+            raise RequestError(mismatch)
         cut = hello.cut or seg.cut
         try:
             cut.check(seg.num_layers)
@@ -167,6 +167,10 @@ class BackboneServer:
             raise RequestError("a two-part split (back = 0) needs a server started with --cut K1,0")
         if cut.two_part and hello.task != seg.task:
             raise RequestError(f"the server's head is for task {seg.task!r}, the client asked {hello.task!r}")
+        if cut.two_part and seg.task == "classification" and hello.num_labels != seg.config.num_labels:
+            raise RequestError(
+                f"the server's classification head has {seg.config.num_labels} labels, the client's data has "
+                f"{hello.num_labels}; restart the server with --num-labels {hello.num_labels}")
         self.sessions.open(msg.client, routing_id, cut, hello.lora, hello.seed, hello.optimizer)
         fed = self.config.federation
         welcome = Welcome(seg.num_layers, seg.cut, self.config.session_timeout,

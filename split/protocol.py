@@ -15,10 +15,13 @@ fold into frozen weights, each followed by the whole-model name.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from .fingerprint import checkpoint_fingerprint
 from .lora import LoraSpec
 from .partition import Cut
 from .wire import Message, WireError
@@ -28,6 +31,8 @@ PREFIXES = (FACTOR_A, FACTOR_B, HEAD, DELTA)
 TRAINABLE = ("both", "A", "B")
 ROUND_STATUS = ("wait", "train", "done")
 _MISSING = object()
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_SOURCE = 512
 
 
 class ProtocolError(WireError):
@@ -121,21 +126,56 @@ def unpack(tensors: dict[str, torch.Tensor], op: str) -> dict[str, dict[str, tor
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What both sides must agree on about the model."""
+    """What both sides must agree on about the model: its type, depth, width
+    and checkpoint fingerprint (``split.fingerprint``). ``source`` names the
+    checkpoint for messages only."""
 
     model_type: str
     num_layers: int
     hidden_size: int
+    fingerprint: str
+    source: str = ""
 
     def to_meta(self) -> dict:
-        return {"model_type": self.model_type, "num_layers": self.num_layers, "hidden_size": self.hidden_size}
+        return {"model_type": self.model_type, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "fingerprint": self.fingerprint, "source": self.source}
 
     @classmethod
     def from_meta(cls, meta, op: str = "hello") -> "ModelInfo":
         if not isinstance(meta, dict):
             raise ProtocolError(f"{op}: field 'model' must be a map, got {meta!r}")
+        fingerprint = _field(meta, op, "fingerprint", "str")
+        if not _HEX64.fullmatch(fingerprint):
+            raise ProtocolError(f"{op}: field 'fingerprint' must be 64 hex digits, got {fingerprint[:80]!r}")
+        source = _field(meta, op, "source", "str", "")
+        if len(source) > MAX_SOURCE:
+            raise ProtocolError(f"{op}: field 'source' is longer than {MAX_SOURCE} characters")
         return cls(_field(meta, op, "model_type", "str"), _field(meta, op, "num_layers", "positive"),
-                   _field(meta, op, "hidden_size", "positive"))
+                   _field(meta, op, "hidden_size", "positive"), fingerprint, source)
+
+    @classmethod
+    def of(cls, folder, config) -> "ModelInfo":
+        """The description of the checkpoint in ``folder`` loaded with ``config``."""
+        folder = Path(folder)
+        return cls(config.model_type, config.num_hidden_layers, config.get_text_config().hidden_size,
+                   checkpoint_fingerprint(folder), f"{folder.parent.name}/{folder.name}")
+
+    def mismatch(self, other: "ModelInfo") -> str | None:
+        """Why a client with ``other`` cannot train through a server with this
+        model (None: they match)."""
+        mine = (self.model_type, self.num_layers, self.hidden_size)
+        theirs = (other.model_type, other.num_layers, other.hidden_size)
+        if mine != theirs:
+            return (f"model mismatch: the server hosts {self.source or 'a model'} "
+                    f"({self.model_type}, {self.num_layers} blocks, width {self.hidden_size}), the client has "
+                    f"{other.source or 'a model'} ({other.model_type}, {other.num_layers} blocks, width "
+                    f"{other.hidden_size}); start both with the same --model")
+        if self.fingerprint != other.fingerprint:
+            return (f"checkpoint mismatch: the server hosts {self.source or 'a checkpoint'} (fingerprint "
+                    f"{self.fingerprint[:12]}), the client has {other.source or 'a checkpoint'} (fingerprint "
+                    f"{other.fingerprint[:12]}): same architecture, different weights or config. "
+                    "Give both sides the same checkpoint files")
+        return None
 
 
 @dataclass(frozen=True)
@@ -153,7 +193,8 @@ class OptimizerSettings:
 @dataclass(frozen=True)
 class Hello:
     """A client's registration: its model, cut (None: the server's), LoRA,
-    seed, task and server-side optimizer."""
+    seed, task, server-side optimizer and, for classification, its number of
+    labels (a two-part server's head must have as many)."""
 
     model: ModelInfo
     lora: LoraSpec
@@ -161,12 +202,15 @@ class Hello:
     seed: int = 0
     cut: Cut | None = None
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    num_labels: int | None = None
 
     def to_message(self) -> Message:
         meta = {"model": self.model.to_meta(), "lora": self.lora.to_dict(), "task": self.task, "seed": self.seed,
                 "optim": {"lr": self.optimizer.lr, "weight_decay": self.optimizer.weight_decay}}
         if self.cut is not None:
             meta["cut"] = [self.cut.front, self.cut.back]
+        if self.num_labels is not None:
+            meta["num_labels"] = self.num_labels
         return Message("hello", meta=meta)
 
     @classmethod
@@ -186,7 +230,8 @@ class Hello:
         cut = meta.get("cut")
         return cls(model=ModelInfo.from_meta(_field(meta, op, "model", "map")), lora=spec,
                    task=_field(meta, op, "task", "str"), seed=_field(meta, op, "seed", "int", 0),
-                   cut=None if cut is None else _cut(cut, op), optimizer=settings)
+                   cut=None if cut is None else _cut(cut, op), optimizer=settings,
+                   num_labels=_field(meta, op, "num_labels", "positive", None))
 
 
 @dataclass(frozen=True)

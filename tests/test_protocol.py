@@ -15,6 +15,8 @@ from split.protocol import (FederationSettings, Hello, Join, ModelInfo, Optimize
 from split.wire import Message, decode, encode
 
 M = "model.layers.0.self_attn.q_proj"
+FP = "0123456789abcdef" * 4
+BERT = ModelInfo("bert", 6, 384, FP, "demo/model")
 
 
 def over_the_wire(msg: Message) -> Message:
@@ -22,11 +24,11 @@ def over_the_wire(msg: Message) -> Message:
 
 
 def test_hello_and_welcome_round_trip():
-    hello = Hello(ModelInfo("llama", 4, 32), LoraSpec(4, 8.0, 0.1, ("q_proj",)), "causal-lm", seed=-3,
+    hello = Hello(ModelInfo("llama", 4, 32, FP), LoraSpec(4, 8.0, 0.1, ("q_proj",)), "causal-lm", seed=-3,
                   cut=Cut(2, 1), optimizer=OptimizerSettings(5e-3, 0.01))
     assert Hello.from_message(over_the_wire(hello.to_message())) == hello
-    no_cut = Hello(ModelInfo("bert", 6, 384), LoraSpec(), "classification")
-    assert Hello.from_message(over_the_wire(no_cut.to_message())).cut is None
+    no_cut = Hello(BERT, LoraSpec(), "classification", num_labels=3)
+    assert Hello.from_message(over_the_wire(no_cut.to_message())) == no_cut
     for fed in (None, FederationSettings("hetlora", 3, 10, 0.5)):
         welcome = Welcome(6, Cut(1, 1), 120.0, fed)
         assert Welcome.from_message(over_the_wire(welcome.to_message("c"))) == welcome
@@ -59,12 +61,18 @@ def test_join_round_and_upload_round_trip():
     (UploadPayload(0, 1, 4), lambda m: m.tensors.update({"A:" + M: torch.zeros(4, 2)}), "one LoRA factor"),
     (UploadPayload(0, 1, 4), lambda m: m.tensors.update({"Q:" + M: torch.zeros(1)}), "no group prefix"),
     (UploadPayload(0, 1, 4), lambda m: m.tensors.update({"D:" + M: torch.zeros(1)}), "frozen-weight"),
-    (Hello(ModelInfo("bert", 6, 384), LoraSpec(), "classification"),
+    (Hello(BERT, LoraSpec(), "classification"),
      lambda m: m.meta.update(lora={"rank": 0, "alpha": 16}), "bad LoRA spec"),
-    (Hello(ModelInfo("bert", 6, 384), LoraSpec(), "classification"),
+    (Hello(BERT, LoraSpec(), "classification"),
      lambda m: m.meta.update(cut=[1, "1"]), "'cut'"),
-    (Hello(ModelInfo("bert", 6, 384), LoraSpec(), "classification"),
+    (Hello(BERT, LoraSpec(), "classification"),
      lambda m: m.meta["optim"].update(lr=-1.0), "lr must be > 0"),
+    (Hello(BERT, LoraSpec(), "classification"),
+     lambda m: m.meta["model"].update(fingerprint="x" * 64), "64 hex digits"),
+    (Hello(BERT, LoraSpec(), "classification"),
+     lambda m: m.meta["model"].pop("fingerprint"), "'fingerprint' is missing"),
+    (Hello(BERT, LoraSpec(), "classification", num_labels=3),
+     lambda m: m.meta.update(num_labels=0), "'num_labels' must be an integer >= 1"),
 ])
 def test_bad_fields_are_refused_by_name(payload, fix, message):
     msg = payload.to_message()
@@ -114,7 +122,7 @@ def test_hostile_payloads_raise_only_protocol_errors(meta, parser):
     ({"alpha": 16}, "rank"),
 ])
 def test_a_lora_spec_from_the_wire_is_checked(lora, message):
-    msg = Hello(ModelInfo("bert", 6, 384), LoraSpec(), "classification").to_message()
+    msg = Hello(BERT, LoraSpec(), "classification").to_message()
     msg.meta["lora"] = lora
     with pytest.raises(ProtocolError, match=message):
         Hello.from_message(msg)

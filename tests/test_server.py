@@ -6,6 +6,7 @@ is the point: only the client that dies is a process of its own."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import VOCAB, random_batch, status, threaded_server
+from conftest import VOCAB, random_batch, save_tiny, status, threaded_server
 from edge.client import ClientConfig, ServerRefused, ServerUnavailable, SplitClient
 from split.launch import child_env, free_port
 from split.lora import LoraSpec
@@ -159,6 +160,32 @@ def test_server_refuses_mismatched_model_and_bad_cut(bert_server, tiny_models):
         SplitClient(ClientConfig(server=endpoint, model=str(path), num_labels=3, cut=Cut(1, 0)))
     with pytest.raises(ValueError, match="leaves no block for the server"):
         SplitClient(ClientConfig(server=endpoint, model=str(path), num_labels=3, cut=Cut(2, 2)))
+
+
+def test_same_shape_checkpoint_with_other_weights_is_refused_naming_both(bert_server, tmp_path):
+    path, endpoint = bert_server
+    # A "fine-tuned variant": same config and shapes, other weights.
+    variant = save_tiny("bert", tmp_path / "variant", seed=1)
+    with pytest.raises(ServerRefused, match="checkpoint mismatch") as refused:
+        SplitClient(ClientConfig(server=endpoint, model=str(variant), num_labels=3))
+    assert f"{path.parent.name}/{path.name}" in str(refused.value)
+    assert f"{tmp_path.name}/variant" in str(refused.value)
+    # The same weights re-saved elsewhere are the same checkpoint.
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    client_for(copy, endpoint).close()
+
+
+def test_two_part_server_refuses_a_client_with_more_labels_than_its_head(tiny_models):
+    path = tiny_models("bert")
+    with threaded_server(path, "1,0", num_labels=3) as (endpoint, _):
+        with pytest.raises(ServerRefused, match="head has 3 labels, the client.s data has 8.*--num-labels 8"):
+            SplitClient(ClientConfig(server=endpoint, model=str(path), num_labels=8, cut=Cut(1, 0)))
+        client = SplitClient(ClientConfig(server=endpoint, model=str(path), num_labels=3, cut=Cut(1, 0)))
+        try:
+            assert client.train_step(random_batch(0, VOCAB, num_labels=3)) > 0
+        finally:
+            client.close()
 
 
 def test_client_with_a_deeper_cut_uses_only_its_server_blocks(bert_server):
