@@ -22,6 +22,7 @@ from split.families import family_for
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
 from split.partition import CLIENT, Cut, build_segment, load_config, resolve_model_path
 from split.protocol import Hello, ModelInfo, OptimizerSettings, Welcome
+from split.seeds import seeded_rng
 from split.transport import Connection, ServerError, ServerUnavailable
 from split.wire import Message
 
@@ -164,6 +165,7 @@ class SplitClient:
                                      seed=cfg.seed, dropout=cfg.dropout,
                                      attn_implementation=cfg.attn_implementation)
         self.family = fam
+        self.device = torch.device("cpu")
         self.link = BackboneLink(self.conn, fam.rotary)
         self.heads = [] if self.cut.two_part else fam.trained_heads(cfg.task)
         if not self.cut.two_part:
@@ -202,7 +204,8 @@ class SplitClient:
         """One optimizer step through the server; returns the task loss.
         ``penalty()``, if given, is a regulariser added to the loss."""
         self.model.train()
-        loss, _ = self._outputs(batch, with_labels=True)
+        with seeded_rng(self.device, self.config.seed, "dropout", "client", self.steps):
+            loss, _ = self._outputs(batch, with_labels=True)
         (loss + penalty() if penalty is not None else loss).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import torch
 
 from split.families import get_module, join, set_module
 from split.partition import Cut, Passthrough, Segment
+from split.seeds import seeded_rng
 
 from .sessions import SHARED, RequestError, Session, Sessions
 
@@ -60,7 +61,8 @@ class BackboneCompute:
         if positions is not None:
             kwargs["position_ids"] = positions.long()
         try:
-            with self._client_blocks(session.cut), torch.set_grad_enabled(train):
+            with self._client_blocks(session.cut), torch.set_grad_enabled(train), \
+                    seeded_rng(h_in.device, session.seed, "dropout", "server", step):
                 if session.cut.two_part:
                     labels = tensors.get("labels")
                     if labels is None:

@@ -55,6 +55,7 @@ class Session:
     last_seen: float
     graphs: dict = field(default_factory=dict)  # step -> (input hidden state, output) awaiting backward
     steps: int = 0
+    seed: int = 0  # the client's seed: its server-side dropout is drawn from it and the step
 
     @property
     def shared(self) -> bool:
@@ -110,7 +111,8 @@ class Sessions:
         if client in self.by_client:
             log.info("client %s registers again: its old session is dropped", client)
             self.drop(client)
-        session = Session(client, routing_id, adapter, cut, spec, settings, optimizer, params, time.monotonic())
+        session = Session(client, routing_id, adapter, cut, spec, settings, optimizer, params, time.monotonic(),
+                          seed=seed)
         self.by_client[client] = session
         self._active = None
         log.info("client %s joined: cut %s, LoRA r=%d, %d server-side tensors", client, cut, spec.rank, len(params))

@@ -10,6 +10,7 @@ run repeats the draws of an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 
 import torch
 
@@ -24,3 +25,16 @@ def stable_seed(seed: int, *names) -> int:
 def generator(seed: int, *names) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with ``stable_seed(seed, *names)``."""
     return torch.Generator().manual_seed(stable_seed(seed, *names))
+
+
+@contextmanager
+def seeded_rng(device: torch.device | str, seed: int, *names):
+    """Run the body with torch's global generator (CPU and, on a CUDA device,
+    that device's) seeded from ``stable_seed(seed, *names)``, and restore the
+    generators after. Dropout draws from the global generator; seeding it per
+    step makes a step's masks a function of the run's seed and the step alone,
+    whatever else ran in the process before."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(stable_seed(seed, *names))
+        yield
