@@ -240,12 +240,16 @@ class SplitClient:
         state.update(server)
         return state
 
-    def save_adapter(self, folder: str | Path) -> Path:
-        """Save one standard PEFT adapter for the whole model."""
+    def save_adapter(self, folder: str | Path, labels: list[str] | None = None, tokenizer=None) -> Path:
+        """Save one standard PEFT adapter for the whole model; with ``labels``
+        (class names in head order) and ``tokenizer``, the folder also names the
+        labels and holds the tokenizer (``split.lora.save_adapter``)."""
         fam = self.family
+        if labels is not None and len(labels) != self.config.num_labels:
+            raise ValueError(f"{len(labels)} label names for a head of {self.config.num_labels} labels")
         heads = fam.trained_heads(self.config.task)
         return save_adapter(folder, self.adapter_state(), self.config.lora, fam, self.config.task,
-                            str(self.segment.path), heads)
+                            str(self.segment.path), heads, labels=labels, tokenizer=tokenizer)
 
     def close(self, say_bye: bool = True) -> None:
         """Leave the server (freeing this client's state there) and close the socket."""

@@ -83,7 +83,7 @@ def run_client(config: ClientConfig, options: TrainOptions) -> dict:
         summary["first_loss"], summary["last_loss"] = losses[0], sum(losses[-20:]) / len(losses[-20:])
         summary["accuracy_after"] = client.evaluate(test)
         if options.adapter_out:
-            client.save_adapter(options.adapter_out)
+            client.save_adapter(options.adapter_out, labels=dataset.labels, tokenizer=tokenizer)
             summary["adapter"] = str(Path(options.adapter_out).resolve())
         summary["bytes_sent"] = client.conn.bytes_sent
         summary["bytes_received"] = client.conn.bytes_received

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from .families import Family
 from .seeds import generator
@@ -115,9 +116,15 @@ def adapter_state(model: PeftModel, adapter: str = "default") -> dict[str, torch
 
 
 def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraSpec, family: Family,
-                 task: str, base_model: str, modules_to_save: list[str]) -> Path:
+                 task: str, base_model: str, modules_to_save: list[str], labels: list[str] | None = None,
+                 tokenizer=None) -> Path:
     """Write a standard PEFT adapter folder (adapter_config.json +
-    adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads."""
+    adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads.
+
+    With ``labels`` (classification) the folder also gets the base model's
+    config.json with ``num_labels``, ``id2label`` and ``label2id``, where
+    transformers looks for label names; with ``tokenizer`` it gets the tokenizer
+    the adapter was trained with."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = spec.peft_config(family, modules_to_save, task)
@@ -125,6 +132,16 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraS
     config.save_pretrained(str(folder))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt"})
+    if labels is not None:
+        if task != "classification":
+            raise ValueError(f"labels name the classes of a classification head; task {task!r} has none")
+        model_config = AutoConfig.from_pretrained(base_model)
+        model_config.num_labels = len(labels)
+        model_config.id2label = dict(enumerate(labels))
+        model_config.label2id = {label: i for i, label in enumerate(labels)}
+        model_config.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
     return folder
 
 
