@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from split.devices import place, resolve_device, resolve_dtype
 from split.families import family_for
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
 from split.partition import CLIENT, Cut, build_segment, load_config, resolve_model_path
@@ -41,11 +42,12 @@ class _Remote(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, link, step):
         ctx.link, ctx.step = link, step
+        ctx.device, ctx.dtype = hidden.device, hidden.dtype
         return link.remote_forward(hidden, step, train=True)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.link.remote_backward(ctx.step, grad), None, None
+        return ctx.link.remote_backward(ctx.step, grad).to(ctx.device, ctx.dtype), None, None
 
 
 class BackboneLink:
@@ -78,10 +80,11 @@ class BackboneLink:
         if self.labels is not None:
             tensors["labels"] = self.labels
         reply = self.conn.request(Message("forward", step=step, meta={"train": train}, tensors=tensors))
+        # The reply is in the server's dtype; the client computes in its own.
         if "hidden" in reply.tensors:
-            return reply.tensors["hidden"]
-        self.logits = reply.tensors["logits"]
-        return reply.tensors["loss"].reshape(())
+            return reply.tensors["hidden"].to(hidden.device, hidden.dtype)
+        self.logits = reply.tensors["logits"].to(hidden.device, torch.float32)
+        return reply.tensors["loss"].reshape(()).to(hidden.device, torch.float32)
 
     def remote_backward(self, step: int, grad: torch.Tensor) -> torch.Tensor:
         reply = self.conn.request(Message("backward", step=step, tensors={"grad": grad.contiguous()}))
@@ -130,6 +133,12 @@ class ClientConfig:
     timeout: float = 120.0
     connect_timeout: float = 30.0
     attn_implementation: str | None = None
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
+    dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
+
+    def __post_init__(self):
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
 
 
 class SplitClient:
@@ -161,13 +170,14 @@ class SplitClient:
             raise ServerRefused(f"the server at {cfg.server} refused this client: {exc}") from None
         self.cut = cfg.cut or welcome.server_cut
         self.federation = welcome.federation  # None: plain split training
+        self.device = resolve_device(cfg.device)
         self.segment = build_segment(path, CLIENT, self.cut, task=cfg.task, num_labels=cfg.num_labels,
-                                     seed=cfg.seed, dropout=cfg.dropout,
+                                     seed=cfg.seed, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
                                      attn_implementation=cfg.attn_implementation)
         self.family = fam
-        self.device = torch.device("cpu")
         self.link = BackboneLink(self.conn, fam.rotary)
         self.heads = [] if self.cut.two_part else fam.trained_heads(cfg.task)
+        place(self.segment.model, self.device, self.heads)
         if not self.cut.two_part:
             self.segment.blocks()[self.cut.front] = RemoteBlock(self.link)
             self.segment.model.register_forward_pre_hook(self.link.capture_mask, with_kwargs=True)
@@ -185,6 +195,7 @@ class SplitClient:
 
     def _outputs(self, batch: dict, with_labels: bool):
         """Run the split forward; returns (loss or None, logits)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.get("labels") if with_labels else None
         if not self.cut.two_part:
             kwargs = {k: v for k, v in batch.items() if k != "labels"}
@@ -223,7 +234,7 @@ class SplitClient:
         """Accuracy over labelled batches."""
         correct = total = 0
         for batch in batches:
-            pred = self.predict(batch).argmax(-1)
+            pred = self.predict(batch).argmax(-1).cpu()
             correct += int((pred == batch["labels"]).sum())
             total += len(batch["labels"])
         return correct / max(total, 1)

@@ -1,4 +1,4 @@
-"""Measurements a client reports: peak memory and time."""
+"""Measurements a client reports: peak memory (process and CUDA) and time."""
 
 from __future__ import annotations
 
@@ -45,3 +45,13 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def cuda_peak(device) -> int | None:
+    """Peak bytes torch allocated on a CUDA ``device`` so far (None for other devices)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device)

@@ -22,10 +22,14 @@ from .sessions import SHARED, RequestError, Session, Sessions
 class BackboneCompute:
     """The backbone's share of a split step, on behalf of a session."""
 
-    def __init__(self, segment: Segment, sessions: Sessions, max_pending: int = 8):
+    def __init__(self, segment: Segment, sessions: Sessions, max_pending: int = 8,
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
         self.segment = segment
         self.sessions = sessions
         self.max_pending = max_pending
+        # Received tensors arrive as CPU bytes in the sender's dtype; they are
+        # moved to this device and the frozen weights' dtype here.
+        self.device, self.dtype = device, dtype
         self.width = segment.config.get_text_config().hidden_size
 
     def _check_inputs(self, tensors: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -53,21 +57,20 @@ class BackboneCompute:
             raise RequestError(f"step {step} already has a forward waiting for its backward")
         self.sessions.activate(session)
         seg = self.segment
-        mask = mask.long()
-        h_in = hidden.to(torch.float32).detach().requires_grad_(train)
+        mask = mask.to(self.device, torch.long)
+        h_in = hidden.to(self.device, self.dtype).detach().requires_grad_(train)
         seg.injected.value = h_in
         self.sessions.model.train(train)
         kwargs = {"attention_mask": mask}
         if positions is not None:
-            kwargs["position_ids"] = positions.long()
+            kwargs["position_ids"] = positions.to(self.device, torch.long)
         try:
             with self._client_blocks(session.cut), torch.set_grad_enabled(train), \
                     seeded_rng(h_in.device, session.seed, "dropout", "server", step):
                 if session.cut.two_part:
-                    labels = tensors.get("labels")
-                    if labels is None:
-                        raise RequestError("a two-part forward needs 'labels'")
-                    out = seg.model(input_ids=self._dummy_ids(mask, pooled=True), labels=labels.long(), **kwargs)
+                    labels = self._check_labels(tensors.get("labels"), hidden.shape[:2])
+                    out = seg.model(input_ids=self._dummy_ids(mask, pooled=True),
+                                    labels=labels.to(self.device, torch.long), **kwargs)
                     result = {"loss": out.loss.detach().reshape(1), "logits": out.logits.detach()}
                     keep = out.loss
                 else:
@@ -92,7 +95,7 @@ class BackboneCompute:
         if grad.numel() != out.numel() or (out.dim() > 0 and tuple(grad.shape) != tuple(out.shape)):
             raise RequestError(f"'grad' must have shape {tuple(out.shape) or (1,)}, got {tuple(grad.shape)}")
         self.sessions.activate(session)
-        out.backward(grad.to(out.dtype).reshape(out.shape))
+        out.backward(grad.to(out.device, out.dtype).reshape(out.shape))
         # A shared adapter may step only when no other client's graph still
         # needs its current values; until then gradients accumulate.
         if session.adapter != SHARED or not self.sessions.graphs_waiting():
@@ -100,6 +103,27 @@ class BackboneCompute:
             session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
         return h_in.grad.detach()
+
+    def _check_labels(self, labels: torch.Tensor | None, batch_tokens) -> torch.Tensor:
+        """The labels of a two-part forward, checked against the server's head:
+        class ids for classification, token ids or -100 for causal LM."""
+        if labels is None:
+            raise RequestError("a two-part forward needs 'labels'")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise RequestError(f"'labels' must be integers, got {labels.dtype}")
+        cfg, task = self.segment.config, self.segment.task
+        causal = task != "classification"
+        shape = tuple(batch_tokens) if causal else tuple(batch_tokens[:1])
+        high = cfg.get_text_config().vocab_size if causal else cfg.num_labels
+        if tuple(labels.shape) != shape:
+            raise RequestError(f"'labels' must have shape {shape}, got {tuple(labels.shape)}")
+        bad = (labels < 0) | (labels >= high)
+        if causal:
+            bad &= labels != -100  # positions the loss ignores
+        if bool(bad.any()):
+            raise RequestError(f"'labels' must lie in [0, {high})" + (" or be -100" if causal else "")
+                               + f" for this server's head, got {labels[bad][0].item()}")
+        return labels
 
     @contextmanager
     def _client_blocks(self, cut: Cut):

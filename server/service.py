@@ -17,6 +17,7 @@ from typing import Callable
 
 import zmq
 
+from split.devices import place, resolve_device, resolve_dtype
 from split.families import block_of
 from split.lora import adapter_state
 from split.partition import SERVER, Cut, build_segment
@@ -51,9 +52,13 @@ class ServerConfig:
     checkpoint_dir: str | None = None
     resume: bool = False  # continue from the newest round in checkpoint_dir
     server_lora: str = "per-client"  # or "shared": one server-side adapter every client trains
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
+    dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
 
     def __post_init__(self):
         check_server_lora(self.server_lora)  # before the model loads
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
         if self.resume and (self.federation is None or self.checkpoint_dir is None):
             raise ValueError("--resume continues a federation: give its --strategy and --checkpoint-dir")
 
@@ -63,13 +68,16 @@ class BackboneServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
         self.segment = seg = build_segment(
             config.model, SERVER, config.cut, task=config.task, num_labels=config.num_labels,
-            seed=config.seed, dropout=config.dropout, attn_implementation=config.attn_implementation,
+            seed=config.seed, dropout=config.dropout, dtype=dtype, attn_implementation=config.attn_implementation,
         )
+        heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else []
+        place(seg.model, self.device, heads)
         self.model_info = ModelInfo.of(seg.path, seg.config)
         self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed)
-        self.compute = BackboneCompute(seg, self.sessions, config.max_pending)
+        self.compute = BackboneCompute(seg, self.sessions, config.max_pending, self.device, dtype)
         self.coordinator = None if config.federation is None else Coordinator(config.federation, self.sessions)
         if config.resume:
             self._resume()

@@ -39,8 +39,9 @@ class RawCodec:
         return numel * torch.empty((), dtype=dtype).element_size()
 
     def encode(self, tensor: torch.Tensor) -> memoryview:
-        """A zero-copy view of a contiguous CPU tensor's bytes."""
-        flat = tensor.detach().contiguous().reshape(-1)
+        """The tensor's bytes: a zero-copy view of a contiguous CPU tensor; a
+        tensor on an accelerator is copied to the CPU first."""
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
         return memoryview(flat.view(torch.uint8).numpy())
 
     def decode(self, buffer, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

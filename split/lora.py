@@ -83,15 +83,19 @@ class LoraSpec:
 
 def init_lora(model: PeftModel, adapter: str, seed: int) -> None:
     """Initialise every LoRA pair of ``adapter``: A as peft does (Kaiming-uniform,
-    a = sqrt(5)) from a generator seeded by ``seed`` and the module's name; B = 0."""
+    a = sqrt(5)) from a generator seeded by ``seed`` and the module's name; B = 0.
+    A is drawn in float32 on the CPU and copied to the layer, so a module starts
+    the same on every device and side."""
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
         if lora_a is None or adapter not in lora_a:
             continue
         whole = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        gen = generator(seed, whole)
+        weight = lora_a[adapter].weight
+        drawn = torch.empty(weight.shape)
+        torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator(seed, whole))
         with torch.no_grad():
-            torch.nn.init.kaiming_uniform_(lora_a[adapter].weight, a=math.sqrt(5), generator=gen)
+            weight.copy_(drawn)
             module.lora_B[adapter].weight.zero_()
 
 
@@ -110,9 +114,9 @@ def attach_lora(model, spec: LoraSpec, family: Family, task: str, seed: int,
 
 
 def adapter_state(model: PeftModel, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's on-disk names (whole-model names)."""
+    """CPU copies of the adapter's tensors under PEFT's on-disk names (whole-model names)."""
     state = get_peft_model_state_dict(model, adapter_name=adapter)
-    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+    return {k: _cpu_copy(v).contiguous() for k, v in state.items()}
 
 
 def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraSpec, family: Family,
@@ -157,9 +161,13 @@ def lora_layers(model: PeftModel, adapter: str = "default") -> dict:
 
 def get_factors(model: PeftModel, adapter: str = "default",
                 modules=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of (A, B) per module: A = lora_A (r x d_in), B = lora_B (d_out x r)."""
-    return {name: (layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone())
+    """CPU copies of (A, B) per module: A = lora_A (r x d_in), B = lora_B (d_out x r)."""
+    return {name: (_cpu_copy(layer.lora_A[adapter].weight), _cpu_copy(layer.lora_B[adapter].weight))
             for name, layer in lora_layers(model, adapter).items() if modules is None or name in modules}
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
 
 
 def set_factors(model: PeftModel, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
