@@ -85,11 +85,13 @@ def adapter_tensors(glob: GlobalModel, shared: dict[str, tuple[torch.Tensor, tor
 
 def write_round(root: str | Path, round_index: int, glob: GlobalModel, family: Family, task: str,
                 base_model: str, base_delta: dict[str, torch.Tensor], coordinator: dict,
-                shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
+                shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                labels: tuple[str, ...] | None = None) -> Path:
     """Write ``root/round_{round_index}`` atomically; returns its path.
 
     ``glob`` must hold both factors of every module (zeros where a method
-    keeps a factor on the clients)."""
+    keeps a factor on the clients); ``labels`` (the clients' class names) name
+    the head's classes in the round's config.json."""
     root = Path(root)
     final = root / f"round_{round_index}"
     tmp = root / f"round_{round_index}.tmp"
@@ -99,7 +101,7 @@ def write_round(root: str | Path, round_index: int, glob: GlobalModel, family: F
     targets = sorted({m.rsplit(".", 1)[-1] for m in glob.A} | {m.rsplit(".", 1)[-1] for m in shared or {}})
     heads = sorted({name.rsplit(".", 1)[0] for name in glob.head})
     save_adapter(tmp, adapter_tensors(glob, shared or {}), LoraSpec(glob.rank, glob.alpha, targets=tuple(targets)),
-                 family, task, base_model, heads)
+                 family, task, base_model, heads, labels=None if labels is None else list(labels))
     if base_delta:
         save_file({k: v.contiguous() for k, v in base_delta.items()}, str(tmp / "base_delta.safetensors"))
     tree, tensors = flatten(coordinator)

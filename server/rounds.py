@@ -161,6 +161,11 @@ def svd_factors(weights: dict[str, torch.Tensor], rank: int, alpha: float) -> di
     return out
 
 
+def _preview(labels: tuple[str, ...], shown: int = 6) -> str:
+    head = ", ".join(labels[:shown])
+    return f"[{head}{', ...' if len(labels) > shown else ''}] ({len(labels)})"
+
+
 class Coordinator:
     """Runs the rounds of one federation."""
 
@@ -169,6 +174,7 @@ class Coordinator:
         self.server = server
         self.strategy = get_strategy(config.strategy, seed=config.seed, **config.strategy_options)
         self.members: dict[str, Member] = {}
+        self.labels: tuple[str, ...] | None = None  # class names in head order, from the first client naming them
         self.state: dict | None = None
         self.round = 0
         self.phase = "waiting"  # waiting -> running -> done
@@ -188,8 +194,18 @@ class Coordinator:
     # ---------------------------------------------------------------- messages
 
     def join(self, client: str, info: ClientInfo, modules: dict[str, tuple[int, int]],
-             profile: str = "") -> FederationSettings:
-        """Register a client; returns the federation's settings for it."""
+             profile: str = "", labels: tuple[str, ...] | None = None) -> FederationSettings:
+        """Register a client; returns the federation's settings for it. A
+        client that names its classes must name the same ones, in the same
+        order, as the clients before it: averaging heads whose row i means
+        different classes trains a wrong model."""
+        if labels is not None:
+            if self.labels is None:
+                self.labels = labels
+            elif labels != self.labels:
+                raise FederationError(
+                    f"client {client!r} has classes {_preview(labels)}, the federation has {_preview(self.labels)}; "
+                    "every client's data must show the same set of labels")
         if self.phase != "waiting" and self.members:
             ranks = {m.info.rank for m in self.members.values()} | {info.rank}
             if len(ranks) > 1 and not self.strategy.heterogeneous_ranks:
@@ -397,7 +413,8 @@ class Coordinator:
         return {"round": self.round, "phase": self.phase, "state": self.state, "deltas": self.deltas,
                 "merged": self.merged, "shapes": {m: list(v) for m, v in self.shapes.items()},
                 "r_max": self.r_max, "alpha": self.alpha, "strategy": self.strategy.name,
-                "history": [h.__dict__ for h in self.history]}
+                "history": [h.__dict__ for h in self.history],
+                "labels": None if self.labels is None else list(self.labels)}
 
     def restore(self, snap: dict) -> None:
         """Continue from a snapshot (its round has closed)."""
@@ -410,5 +427,6 @@ class Coordinator:
         self.shapes = {m: (int(v[0]), int(v[1])) for m, v in snap["shapes"].items()}
         self.r_max, self.alpha = int(snap["r_max"]), float(snap["alpha"])
         self.history = [RoundLog(**h) for h in snap["history"]]
+        self.labels = None if snap.get("labels") is None else tuple(snap["labels"])
         self.round = int(snap["round"])
         self.phase = "done" if self.round >= self.config.rounds else "waiting"

@@ -214,8 +214,10 @@ class BackboneServer:
         join = Join.from_message(msg)
         if join.rank != session.spec.rank:
             raise RequestError(f"join says rank {join.rank}, hello said {session.spec.rank}")
+        if join.labels is not None and self.segment.task != "classification":
+            raise RequestError(f"join names class labels, but this server trains {self.segment.task!r}")
         info = ClientInfo(session.client, join.rank, join.alpha, join.blocks, join.num_samples)
-        settings = self._federation().join(session.client, info, join.modules, join.profile)
+        settings = self._federation().join(session.client, info, join.modules, join.profile, join.labels)
         return Message("ok", msg.client, msg.step, meta=settings.to_meta())
 
     def _round(self, session: Session, msg: Message) -> Message:
@@ -230,7 +232,8 @@ class BackboneServer:
     def _checkpoint(self, round_index: int) -> None:
         coord, seg = self.coordinator, self.segment
         folder = write_round(self.config.checkpoint_dir, round_index, coord.global_model(), seg.family, seg.task,
-                             str(seg.path), coord.merged, coord.snapshot(), self.sessions.shared_factors())
+                             str(seg.path), coord.merged, coord.snapshot(), self.sessions.shared_factors(),
+                             labels=coord.labels)
         log.info("checkpoint %s", folder)
 
     def _resume(self) -> None:

@@ -33,6 +33,7 @@ ROUND_STATUS = ("wait", "train", "done")
 _MISSING = object()
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_SOURCE = 512
+MAX_LABELS = 100_000
 
 
 class ProtocolError(WireError):
@@ -98,6 +99,17 @@ def _blocks(meta: dict, op: str) -> frozenset[int] | None:
     if not all(_integer(b) and b >= 0 for b in blocks):
         raise ProtocolError(f"{op}: field 'blocks' must list block indices >= 0, got {blocks!r}")
     return frozenset(blocks)
+
+
+def _labels(meta: dict, op: str) -> tuple[str, ...] | None:
+    labels = _field(meta, op, "labels", "list", None)
+    if labels is None:
+        return None
+    if not labels or len(labels) > MAX_LABELS or len(set(map(str, labels))) != len(labels) or \
+            not all(isinstance(x, str) and 0 < len(x) <= MAX_SOURCE for x in labels):
+        raise ProtocolError(f"{op}: field 'labels' must list 1 to {MAX_LABELS} distinct non-empty names "
+                            f"of at most {MAX_SOURCE} characters")
+    return tuple(labels)
 
 
 def pack(**groups: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -288,8 +300,9 @@ class Welcome:
 @dataclass(frozen=True)
 class Join:
     """A client joining the federation: its LoRA rank and alpha, sample count,
-    the blocks it trains (None: all), its profile, and its client-side LoRA
-    modules (whole-model name -> (d_out, d_in))."""
+    the blocks it trains (None: all), its profile, its client-side LoRA
+    modules (whole-model name -> (d_out, d_in)) and, for classification, its
+    class names in head order (every client's head must mean the same classes)."""
 
     rank: int
     alpha: float
@@ -297,12 +310,14 @@ class Join:
     modules: dict[str, tuple[int, int]]
     blocks: frozenset[int] | None = None
     profile: str = ""
+    labels: tuple[str, ...] | None = None
 
     def to_message(self) -> Message:
         return Message("join", meta={
             "rank": self.rank, "alpha": self.alpha, "num_samples": self.num_samples,
             "blocks": None if self.blocks is None else sorted(self.blocks), "profile": self.profile,
-            "modules": {m: [d_out, d_in] for m, (d_out, d_in) in self.modules.items()}})
+            "modules": {m: [d_out, d_in] for m, (d_out, d_in) in self.modules.items()},
+            "labels": None if self.labels is None else list(self.labels)})
 
     @classmethod
     def from_message(cls, msg: Message) -> "Join":
@@ -312,7 +327,7 @@ class Join:
         if alpha <= 0:
             raise ProtocolError(f"join: field 'alpha' must be > 0, got {alpha}")
         return cls(_field(meta, op, "rank", "positive"), alpha, _field(meta, op, "num_samples", "count"), modules,
-                   _blocks(meta, op), _field(meta, op, "profile", "str", ""))
+                   _blocks(meta, op), _field(meta, op, "profile", "str", ""), _labels(meta, op))
 
 
 # ---------------------------------------------------------------- round

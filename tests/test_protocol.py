@@ -35,7 +35,7 @@ def test_hello_and_welcome_round_trip():
 
 
 def test_join_round_and_upload_round_trip():
-    join = Join(4, 8.0, 30, {M: (32, 32), "score": (3, 32)}, frozenset({0, 3}), "jetson")
+    join = Join(4, 8.0, 30, {M: (32, 32), "score": (3, 32)}, frozenset({0, 3}), "jetson", ("cat", "dog", "eel"))
     assert Join.from_message(over_the_wire(join.to_message())) == join
     a, b = torch.randn(4, 32), torch.randn(32, 4)
     offer = RoundOffer("train", 2, A={M: a}, B={M: b}, head={"score.weight": torch.ones(3, 32)},
@@ -58,6 +58,8 @@ def test_join_round_and_upload_round_trip():
     (Join(4, 8.0, 30, {M: (32, 32)}), lambda m: m.meta.update(blocks=[1, -2]), "block indices"),
     (Join(4, 8.0, 30, {M: (32, 32)}), lambda m: m.meta["modules"].update({M: [32]}), "two integers"),
     (Join(4, 8.0, 30, {M: (32, 32)}), lambda m: m.meta.pop("num_samples"), "'num_samples' is missing"),
+    (Join(4, 8.0, 30, {M: (32, 32)}), lambda m: m.meta.update(labels=["a", "a"]), "distinct non-empty names"),
+    (Join(4, 8.0, 30, {M: (32, 32)}), lambda m: m.meta.update(labels=["a", 3]), "distinct non-empty names"),
     (UploadPayload(0, 1, 4), lambda m: m.tensors.update({"A:" + M: torch.zeros(4, 2)}), "one LoRA factor"),
     (UploadPayload(0, 1, 4), lambda m: m.tensors.update({"Q:" + M: torch.zeros(1)}), "no group prefix"),
     (UploadPayload(0, 1, 4), lambda m: m.tensors.update({"D:" + M: torch.zeros(1)}), "frozen-weight"),

@@ -258,3 +258,18 @@ def test_a_fresh_lora_is_one_draw_per_round_for_every_client():
         upload(coord, c)
     coord.tick(2.0)
     assert coord.poll("c0").fresh_seed not in (None, seeds["c0"])  # a new draw in the next round
+
+
+def test_clients_with_other_classes_are_refused_and_the_classes_survive_a_restart():
+    coord, _ = coordinator(n=3)
+    names = ("cat", "dog", "eel")
+    coord.join("a", ClientInfo("a", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)}, labels=names)
+    coord.join("b", ClientInfo("b", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)}, labels=names)
+    # Same classes in another order: row 0 of the head would mean "dog" here.
+    with pytest.raises(FederationError, match=r"client 'x' has classes \[dog, cat, eel\].*\[cat, dog, eel\]"):
+        coord.join("x", ClientInfo("x", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)}, labels=("dog", "cat", "eel"))
+    with pytest.raises(FederationError, match="same set of labels"):
+        coord.join("y", ClientInfo("y", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)}, labels=("cat", "dog"))
+    restarted, _ = coordinator(n=3)
+    restarted.restore(coord.snapshot())
+    assert restarted.labels == names
