@@ -313,11 +313,13 @@ class Coordinator:
         client_side = set(member.modules)
         server_A = {m: v for m, v in download.A.items() if m not in client_side}
         server_B = {m: v for m, v in download.B.items() if m not in client_side}
+        # The final download loads too: a client that saves its adapter after the
+        # last round gets the global model's server-side half, not what it last trained.
+        modules = {m for m in self.server.modules_for(info.client)
+                   if info.blocks is None or block_of(m) in info.blocks}
+        seed = self._fresh_seed() if download.fresh else None
+        self.server.load(info.client, server_A, server_B, download.trainable, seed, modules)
         if not final:
-            modules = {m for m in self.server.modules_for(info.client)
-                       if info.blocks is None or block_of(m) in info.blocks}
-            seed = self._fresh_seed() if download.fresh else None
-            self.server.load(info.client, server_A, server_B, download.trainable, seed, modules)
             member.rounds += 1
         download.A = {m: v for m, v in download.A.items() if m in client_side}
         download.B = {m: v for m, v in download.B.items() if m in client_side}
