@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,12 @@ class ClientConfig:
     timeout: float = 120.0
     connect_timeout: float = 30.0
     attn_implementation: str | None = None
+
+    def __post_init__(self):
+        for name in ("lr", "head_lr", "timeout", "connect_timeout"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 class SplitClient:

@@ -38,6 +38,8 @@ class LoraSpec:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
