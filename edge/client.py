@@ -223,6 +223,13 @@ class SplitClient:
         _, logits = self._outputs(batch, with_labels=self.cut.two_part)
         return logits
 
+    @torch.no_grad()
+    def loss(self, batch: dict) -> float:
+        """The task loss of a labelled batch, in evaluation mode (no training)."""
+        self.model.eval()
+        loss, _ = self._outputs(batch, with_labels=True)
+        return float(loss)
+
     def evaluate(self, batches) -> float:
         """Accuracy over labelled batches."""
         correct = total = 0

@@ -117,12 +117,13 @@ def adapter_state(model: PeftModel, adapter: str = "default") -> dict[str, torch
 
 
 def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraSpec, family: Family,
-                 task: str, base_model: str, modules_to_save: list[str]) -> Path:
+                 task: str, base_model: str, modules_to_save: list[str], blocks: list[int] | None = None) -> Path:
     """Write a standard PEFT adapter folder (adapter_config.json +
-    adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads."""
+    adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads;
+    ``blocks`` limits the adapter to those blocks (None: every block)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = spec.peft_config(family, modules_to_save, task)
+    config = spec.peft_config(family, modules_to_save, task, blocks)
     config.base_model_name_or_path = str(base_model)
     config.save_pretrained(str(folder))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
