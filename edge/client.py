@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,10 @@ class ClientConfig:
     dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
 
     def __post_init__(self):
+        for name in ("lr", "head_lr", "timeout", "connect_timeout"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
 
@@ -229,6 +234,13 @@ class SplitClient:
         self.model.eval()
         _, logits = self._outputs(batch, with_labels=self.cut.two_part)
         return logits
+
+    @torch.no_grad()
+    def loss(self, batch: dict) -> float:
+        """The task loss of a labelled batch, in evaluation mode (no training)."""
+        self.model.eval()
+        loss, _ = self._outputs(batch, with_labels=True)
+        return float(loss)
 
     def evaluate(self, batches) -> float:
         """Accuracy over labelled batches."""

@@ -13,17 +13,17 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
+import io
 import json
 import os
 import random
 import sys
 import sysconfig
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 MIN_DOCSTRING = 40
 NUM_CLASSES = 10
@@ -34,6 +34,8 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages"}
 class Sample:
     text: str
     label: str
+    # "file:line" of a sample read from a user file, for error messages; not part of its identity.
+    where: str = field(default="", compare=False, repr=False)
 
 
 class DataError(ValueError):
@@ -43,15 +45,32 @@ class DataError(ValueError):
 # ---------------------------------------------------------------- user files
 
 
-def load_records(path: str | Path) -> list[Sample]:
-    """Samples from a JSONL or CSV file with ``text`` and ``label`` fields."""
-    path = Path(path)
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark (Excel's
+    "CSV UTF-8" and PowerShell write one). Other encodings are refused with the
+    line of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} cannot be decoded; the file "
+                        "is probably Latin-1 or Windows-1252): re-save it as UTF-8, e.g. 'CSV UTF-8' in Excel or "
+                        "encoding UTF-8 in your editor") from None
+
+
+def _rows(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, row) of each record of a JSONL or CSV file, each with the
+    non-empty ``fields``."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a data file")
+    wanted = " and ".join(repr(f) for f in fields)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -59,27 +78,39 @@ def load_records(path: str | Path) -> list[Sample]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: each line must be a JSON object with 'text' and 'label'")
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object with {wanted}")
             rows.append((lineno, row))
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = [(i, row) for i, row in enumerate(reader, 2)]
-            fields = reader.fieldnames or []
-        missing = [k for k in ("text", "label") if k not in fields]
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        rows = []
+        for row in reader:
+            rows.append((reader.line_num, row))
+        found = reader.fieldnames or []
+        missing = [k for k in fields if k not in found]
         if rows and missing:
-            raise DataError(f"{path}: the CSV header has no {' or '.join(missing)} column (found: {fields})")
+            raise DataError(f"{path}: the CSV header has no {' or '.join(missing)} column (found: {found})")
     else:
-        raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl or .csv with 'text' and 'label' fields")
+        raise DataError(f"{path}: unknown format {suffix!r}; use .jsonl or .csv with {wanted} fields")
     if not rows:
         raise DataError(f"{path}: the file holds no samples")
-    samples = []
     for lineno, row in rows:
-        for key in ("text", "label"):
+        for key in fields:
             if row.get(key) in (None, ""):
                 raise DataError(f"{path}:{lineno}: missing field {key!r}")
-        samples.append(Sample(str(row["text"]), str(row["label"])))
-    return samples
+    return rows
+
+
+def load_records(path: str | Path) -> list[Sample]:
+    """Samples from a JSONL or CSV file with ``text`` and ``label`` fields."""
+    path = Path(path)
+    return [Sample(str(row["text"]), str(row["label"]), f"{path}:{lineno}")
+            for lineno, row in _rows(path, ("text", "label"))]
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Texts from a JSONL or CSV file with a ``text`` field (language modelling;
+    other fields are ignored)."""
+    return [str(row["text"]) for _, row in _rows(Path(path), ("text",))]
 
 
 # ---------------------------------------------------------------- built-in task
@@ -147,7 +178,8 @@ def stdlib_docstrings() -> list[Sample]:
     samples = build_stdlib_docstrings(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(s.__dict__) + "\n" for s in samples), encoding="utf-8")
+    tmp.write_text("".join(json.dumps({"text": s.text, "label": s.label}) + "\n" for s in samples),
+                   encoding="utf-8")
     tmp.replace(path)
     return samples
 
@@ -177,31 +209,72 @@ class Dataset:
     train: list[Sample]
     test: list[Sample]
     labels: list[str]
+    held_out_from: str | None = None  # the test split was held out of this source (None: a test file)
 
     def label_id(self, label: str) -> int:
         return self.labels.index(label)
+
+
+BUILTIN = "the built-in task"
 
 
 def load_dataset(data: str | None, test_data: str | None = None, test_fraction: float = 0.2,
                  seed: int = 0) -> Dataset:
     """``data`` None or "builtin": the stdlib task. Otherwise a JSONL/CSV file,
     split by ``test_fraction`` unless ``test_data`` names the test file."""
+    held_out_from = None
     if data in (None, "", "builtin"):
+        if test_data:
+            raise DataError("--test-data needs --data: the built-in task brings its own test split")
         train, test = split_train_test(stdlib_docstrings(), test_fraction, seed)
+        held_out_from = BUILTIN
     else:
         samples = load_records(data)
         if test_data:
             train, test = samples, load_records(test_data)
         else:
             train, test = split_train_test(samples, test_fraction, seed)
+            held_out_from = str(data)
     labels = sorted({s.label for s in train})
-    unknown = sorted({s.label for s in test} - set(labels))
-    if unknown:
-        raise DataError(f"the test split has labels the training data never shows: {unknown[:5]}; "
-                        "add training samples for them or drop them from the test data")
+    unseen = [s for s in test if s.label not in set(labels)]
+    if unseen:
+        names = sorted({s.label for s in unseen})
+        raise DataError(f"{unseen[0].where or test_data}: test label {unseen[0].label!r} never appears in the "
+                        f"training data {data}; the test data has labels the training data never shows: "
+                        f"{names[:5]}; add training samples for them or drop them from {test_data}")
     if len(labels) < 2:
-        raise DataError(f"classification needs at least two labels, the training data has {labels}")
-    return Dataset(train, test, labels)
+        raise DataError(f"{data}: classification needs at least two labels, the training data has {labels}")
+    return Dataset(train, test, labels, held_out_from)
+
+
+@dataclass
+class TextDataset:
+    """Texts for language modelling: a train/test pair."""
+
+    train: list[str]
+    test: list[str]
+    held_out_from: str | None = None  # the test split was held out of this source (None: a test file)
+
+
+def load_text_dataset(data: str | None, test_data: str | None = None, test_fraction: float = 0.2,
+                      seed: int = 0) -> TextDataset:
+    """Texts of a JSONL/CSV file with a ``text`` field, split by
+    ``test_fraction`` (seeded) unless ``test_data`` names the test file."""
+    if data in (None, "", "builtin"):
+        raise DataError("--task causal-lm needs --data: a JSONL or CSV file with a 'text' field (the built-in "
+                        "task is classification only)")
+    texts = load_texts(data)
+    if test_data:
+        return TextDataset(texts, load_texts(test_data))
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_test = round(len(texts) * test_fraction)
+    if n_test == 0 or n_test == len(texts):
+        raise DataError(f"{data}: {len(texts)} texts are too few to hold out {test_fraction:.0%} for evaluation; "
+                        "add texts or give --test-data")
+    test = [texts[i] for i in order[:n_test]]
+    train = [texts[i] for i in order[n_test:]]
+    return TextDataset(train, test, str(data))
 
 
 # ---------------------------------------------------------------- batching
@@ -236,8 +309,10 @@ class Batches:
         if rng is not None:
             rng.shuffle(order)
         for start in range(0, len(order), self.batch_size):
-            yield collate([self.ids[i] for i in order[start:start + self.batch_size]],
-                          [self.labels[i] for i in order[start:start + self.batch_size]], self.pad_id)
+            yield self._collate(order[start:start + self.batch_size])
+
+    def _collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return collate([self.ids[i] for i in rows], [self.labels[i] for i in rows], self.pad_id)
 
 
 def collate(ids: list[list[int]], labels: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -250,10 +325,3 @@ def collate(ids: list[list[int]], labels: list[int], pad_id: int) -> dict[str, t
         mask[row, : len(seq)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
 
-
-def load_tokenizer(model_path: Path):
-    """The model's tokenizer, with a pad token (end-of-sequence where none is set)."""
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok

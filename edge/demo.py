@@ -41,6 +41,7 @@ class FederationRun:
     lr: float = 5e-3
     head_lr: float = 2e-2
     model: str | None = None
+    tokenizer: str | None = None  # None: the model folder's
     cut: str = "1,1"
     checkpoint_dir: str | None = None
     server_args: tuple[str, ...] = ()
@@ -67,13 +68,15 @@ def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
                    "--client-index", str(k), "--partition", "dirichlet", "--partition-alpha", str(run.alpha),
                    "--rank", str(ranks[k]), "--lr", str(run.lr), "--head-lr", str(run.head_lr), "--seed",
                    str(run.seed), "--summary-json", str(Path(tmp) / f"client{k}.json"), "--id", f"client{k}",
-                   "--connect-timeout", "300", "--no-progress", "--out", str(Path(tmp) / f"adapter{k}")]
+                   "--connect-timeout", "300", "--no-progress"]
             if k == 0:
                 cmd.append("--eval-rounds")
             if run.personal:
                 cmd.append("--personal")
             if run.model:
                 cmd += ["--model", run.model]
+            if run.tokenizer:
+                cmd += ["--tokenizer", run.tokenizer]
             clients.append(subprocess.Popen(fedsplit_command(*cmd), env=child_env(), stdout=subprocess.DEVNULL,
                                             stderr=open(Path(tmp) / f"client{k}.log", "w")))
         try:
@@ -96,8 +99,8 @@ def run_federated_demo(args) -> int:
     console = Console()
     run = FederationRun(strategy=args.strategy, clients=args.clients, rounds=args.rounds,
                         local_steps=args.local_steps, alpha=args.alpha,
-                        ranks=[int(r) for r in args.ranks.split(",")] if args.ranks else [args.rank],
-                        lr=args.lr, head_lr=args.head_lr, model=args.model, cut=args.cut, checkpoint_dir=args.out,
+                        ranks=args.ranks or [args.rank], lr=args.lr, head_lr=args.head_lr, model=args.model,
+                        tokenizer=args.tokenizer, cut=args.cut, checkpoint_dir=args.out,
                         personal=args.personal)
     console.print(f"[bold]fedsplit demo[/]: {run.clients} clients, {run.strategy}, {run.rounds} rounds of "
                   f"{run.local_steps} local steps, Dirichlet({run.alpha}) split of the built-in task, "
@@ -155,6 +158,8 @@ def run_split_demo(args) -> int:
             client_args += ["--steps", str(args.steps)]
         if args.model:
             client_args += ["--model", args.model]
+        if args.tokenizer:
+            client_args += ["--tokenizer", args.tokenizer]
         started = time.perf_counter()
         try:
             code = subprocess.call(fedsplit_command(*client_args), env=child_env())

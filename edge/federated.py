@@ -51,6 +51,7 @@ class FederatedOptions:
     max_wait: float = 3600.0
     personal: bool = False  # FedDPA: a second, local adapter that is trained but never uploaded
     personal_test: object | None = None  # batches of the client's own held-out data
+    labels: tuple[str, ...] | None = None  # class names in head order, checked against the other clients'
 
 
 def _head_name(param_name: str) -> str:
@@ -94,7 +95,7 @@ class FederatedClient:
         spec = self.client.config.lora
         blocks = None if self.options.blocks is None else frozenset(self.options.blocks)
         reply = self._request(Join(spec.rank, spec.alpha, self.num_samples, self.modules, blocks,
-                                   self.options.profile).to_message())
+                                   self.options.profile, self.options.labels).to_message())
         self.settings = FederationSettings.from_meta(reply.meta, "join reply")
         return self.settings
 

@@ -8,9 +8,11 @@ federation aggregates and what "global accuracy" measures.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from split.lora import init_lora, lora_layers
+from split.lora import adapter_state, init_lora, lora_layers, save_adapter
 from split.seeds import stable_seed
 
 GLOBAL, PERSONAL = "default", "local"
@@ -58,3 +60,17 @@ class PersonalAdapter:
         """Accuracy on the client's own held-out data with the global adapter
         alone and with global + personal adapters combined."""
         return {"global": self.evaluate_global(batches), "personalised": self.client.evaluate(batches)}
+
+    def save(self, folder: str | Path, labels: list[str] | None = None, tokenizer=None) -> Path:
+        """Save the personal adapter as a PEFT adapter of the client-side blocks
+        (it has no server-side part), with the head (and, if given, the label
+        names and tokenizer). FedDPA's personalised model is the global adapter
+        with this one added on top."""
+        client = self.client
+        cut, layers = client.cut, client.segment.num_layers
+        blocks = list(range(cut.front)) + list(range(layers - cut.back, layers))
+        # The head has one copy, shared by both adapters; it is saved with each so
+        # that either loads on its own (peft expects a classification head with any adapter).
+        return save_adapter(folder, adapter_state(client.model, PERSONAL), client.config.lora, client.family,
+                            client.config.task, str(client.segment.path), client.family.trained_heads(
+                                client.config.task), blocks, labels=labels, tokenizer=tokenizer)

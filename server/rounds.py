@@ -73,8 +73,10 @@ class FederationConfig:
             raise ValueError(f"local_epochs must be >= 0 (0: use local_steps), got {self.local_epochs}")
         if self.reinit_every < 0:
             raise ValueError(f"reinit_every must be >= 0 (0: never), got {self.reinit_every}")
-        if self.rounds < 1 or self.local_steps < 1 or self.min_clients < 1:
-            raise ValueError("rounds, local_steps and min_clients must be at least 1")
+        if self.rounds < 1 or self.local_steps < 1 or self.min_clients < 1 or self.min_uploads < 1:
+            raise ValueError("rounds, local_steps, min_clients and min_uploads must be at least 1")
+        if not (math.isfinite(self.deadline) and self.deadline > 0):
+            raise ValueError(f"the round deadline must be a finite number of seconds > 0, got {self.deadline}")
         if "seed" in self.strategy_options:
             raise ValueError("the strategy's seed is the run's seed: give --seed, not --strategy-option seed=...")
 
@@ -329,11 +331,13 @@ class Coordinator:
         client_side = set(member.modules)
         server_A = {m: v for m, v in download.A.items() if m not in client_side}
         server_B = {m: v for m, v in download.B.items() if m not in client_side}
+        # The final download loads too: a client that saves its adapter after the
+        # last round gets the global model's server-side half, not what it last trained.
+        modules = {m for m in self.server.modules_for(info.client)
+                   if info.blocks is None or block_of(m) in info.blocks}
+        seed = self._fresh_seed() if download.fresh else None
+        self.server.load(info.client, server_A, server_B, download.trainable, seed, modules)
         if not final:
-            modules = {m for m in self.server.modules_for(info.client)
-                       if info.blocks is None or block_of(m) in info.blocks}
-            seed = self._fresh_seed() if download.fresh else None
-            self.server.load(info.client, server_A, server_B, download.trainable, seed, modules)
             member.rounds += 1
         download.A = {m: v for m, v in download.A.items() if m in client_side}
         download.B = {m: v for m, v in download.B.items() if m in client_side}

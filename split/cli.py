@@ -13,22 +13,67 @@ import logging
 import signal
 import sys
 import warnings
+from importlib.metadata import version
 
 import torch
 
+from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
+                            positive_float, positive_int, positive_int_list)
+from split.devices import DTYPES, resolve_device
 from split.lora import LoraSpec
 from split.partition import Cut
 from split.wire import Limits
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+SINGLE_CLIENT_OUT = "fedsplit-adapter"  # where a single (non-federated) client saves without --out
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples in epilogs keep their line breaks; every option's help ends
+    with its default, unless the help already says it or there is none to show
+    (None, an off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        # Identity, not equality: a default of 0 or 0.0 equals False and is worth showing.
+        nothing = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if nothing or "%(default)" in text or "(default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _subparser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog=f"example:\n  {example}", formatter_class=HelpFormatter)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model folder or hub id (default: the built-in all-MiniLM-L6-v2)")
-    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
+                   help="classification: text,label data and a new head; causal-lm: next-token "
+                        "prediction on text (decoder families; README: supported models)")
+    p.add_argument("--device", default="cpu", type=device_name,
+                   help="where this side computes: cpu, cuda, cuda:N, mps, or auto (CUDA, else MPS, else CPU)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="precision of the frozen weights (LoRA and a trained head stay float32)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of LoRA initialisation, the new head, data order and every random draw")
     p.add_argument("--no-dropout", action="store_true", help="turn the model's dropout off")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                   help="logging level")
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device this machine has (resolved again where it is used)."""
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--device {text!r}: ").removeprefix(
+            f"--device {text}: ")) from None
+    return text
 
 
 def _lora_spec(args) -> LoraSpec:
@@ -37,26 +82,40 @@ def _lora_spec(args) -> LoraSpec:
 
 
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA scaling alpha (the update is alpha/r * BA)")
+    p.add_argument("--lora-dropout", type=dropout_rate, default=0.0, help="dropout on the LoRA input, in [0, 1)")
     p.add_argument("--targets", default=None, help="comma-separated LoRA target modules (default: attention q,v)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--head-lr", type=float, default=None, help="learning rate of the new head (default: --lr)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of the LoRA factors (AdamW)")
+    p.add_argument("--head-lr", type=positive_float, default=None,
+                   help="learning rate of the new head (default: --lr)")
+
+
+SERVER_EXAMPLE = "fedsplit server --cut 1,1 --bind tcp://*:5555 --strategy fedit --rounds 10 --min-clients 4"
+CLIENT_EXAMPLE = ("fedsplit client --server tcp://SERVER_HOST:5555 --data train.jsonl --test-data test.jsonl "
+                  "--epochs 3 --out my-adapter")
+DEMO_EXAMPLE = "fedsplit demo --clients 4 --strategy flexlora --ranks 4,8,16 --rounds 5"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsplit", description="Split LoRA fine-tuning over ZeroMQ.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``fedsplit`` argument parser: server, client and demo subcommands."""
+    parser = argparse.ArgumentParser(prog="fedsplit", description="Split LoRA fine-tuning over ZeroMQ.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedsplit')}",
+                        help="print the fedsplit version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, help="what to run")
 
-    s = sub.add_parser("server", help="host the backbone blocks for clients")
+    s = _subparser(sub, "server", "host the backbone blocks for clients", SERVER_EXAMPLE)
     _add_model_args(s)
     s.add_argument("--cut", default="1,1", help="K1,K2: the server hosts blocks [K1, L-K2) (K2=0: two-part)")
-    s.add_argument("--bind", default="tcp://*:5555")
-    s.add_argument("--num-labels", type=int, default=2, help="classes of the head (two-part split only)")
-    s.add_argument("--session-timeout", type=float, default=120.0,
+    s.add_argument("--bind", default="tcp://*:5555", help="ZeroMQ endpoint to listen on")
+    # One class has nothing to learn, and clients refuse data with fewer than two labels.
+    s.add_argument("--num-labels", type=int_at_least(2), default=2,
+                   help="classes of the head (two-part split only; at least 2)")
+    s.add_argument("--session-timeout", type=positive_float, default=120.0,
                    help="seconds of silence after which a client's state is freed")
-    s.add_argument("--max-message-mb", type=float, default=1024.0)
+    s.add_argument("--max-message-mb", type=positive_float, default=1024.0,
+                   help="largest message (and tensor) accepted, in MiB")
     s.add_argument("--server-lora", choices=["per-client", "shared"], default="per-client",
                    help="one server-side LoRA per client (aggregated in rounds) or one shared by all")
     f = s.add_argument_group("federation (rounds of several clients; on when --strategy is given)")
@@ -64,68 +123,89 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aggregation method: fedit, flexlora, hetlora, ... (every method: docs/algorithms.md)")
     f.add_argument("--strategy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the strategy (repeatable), e.g. lam=0.01")
-    f.add_argument("--rounds", type=int, default=3)
-    f.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
-    f.add_argument("--min-clients", type=int, default=2, help="clients to wait for before round 0")
-    f.add_argument("--min-uploads", type=int, default=1)
+    f.add_argument("--rounds", type=positive_int, default=3, help="rounds of the federation")
+    f.add_argument("--fraction", type=fraction, default=1.0, help="share of clients sampled per round, in (0, 1]")
+    f.add_argument("--min-clients", type=positive_int, default=2, help="clients to wait for before round 0")
+    f.add_argument("--min-uploads", type=positive_int, default=1,
+                   help="uploads a round needs to be aggregated (see --short-round)")
     f.add_argument("--short-round", choices=["skip", "retry"], default="skip",
                    help="what a round with fewer than --min-uploads uploads does")
-    f.add_argument("--deadline", type=float, default=600.0, help="seconds a round waits for uploads")
-    f.add_argument("--local-steps", type=int, default=10)
-    f.add_argument("--local-epochs", type=float, default=0.0,
+    f.add_argument("--deadline", type=positive_float, default=600.0, help="seconds a round waits for uploads")
+    f.add_argument("--local-steps", type=positive_int, default=10, help="training steps per client per round")
+    f.add_argument("--local-epochs", type=nonnegative_float, default=0.0,
                    help="> 0: each client trains this many passes over its own data instead of --local-steps")
     f.add_argument("--client-init", choices=["avg", "re", "local"], default="avg",
                    help="clients start each round from the global LoRA (avg), a fresh one (re) or their own (local)")
     f.add_argument("--init", choices=["kaiming", "gaussian", "svd"], default="kaiming",
                    help="global LoRA before round 0 (svd: FeDeRA, from the pretrained weights)")
-    f.add_argument("--reinit-every", type=int, default=0, metavar="TAU",
-                   help="FedLoRU: every TAU rounds merge the global LoRA into the base and start afresh")
+    f.add_argument("--reinit-every", type=nonnegative_int, default=0, metavar="TAU",
+                   help="FedLoRU: every TAU rounds merge the global LoRA into the base and start afresh (0: never)")
     f.add_argument("--checkpoint-dir", default=None, help="write round_N/ checkpoints here")
     f.add_argument("--resume", action="store_true", help="continue from the newest round in --checkpoint-dir")
 
-    c = sub.add_parser("client", help="train through a server on local data")
+    c = _subparser(sub, "client", "train through a server on local data", CLIENT_EXAMPLE)
     _add_model_args(c)
     _add_lora_args(c)
-    c.add_argument("--server", default="tcp://127.0.0.1:5555")
-    c.add_argument("--data", default="builtin", help="JSONL/CSV with text,label (default: built-in task)")
-    c.add_argument("--test-data", default=None)
+    c.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or hub id (default: the --model folder, which must then hold "
+                        "tokenizer files)")
+    c.add_argument("--server", default="tcp://127.0.0.1:5555", help="the server's ZeroMQ endpoint")
+    c.add_argument("--data", default=None,
+                   help="JSONL/CSV file: text,label for classification, text for causal-lm "
+                        "(default: the built-in classification task)")
+    c.add_argument("--test-data", default=None,
+                   help="JSONL/CSV test file (default: a stratified 20%% of --data is held out)")
     c.add_argument("--cut", default=None, help="K1,K2 (default: the server's)")
-    c.add_argument("--epochs", type=float, default=1.0)
-    c.add_argument("--steps", type=int, default=None, help="stop after this many steps")
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--max-length", type=int, default=64)
-    c.add_argument("--out", default="fedsplit-adapter", help="folder for the whole-model PEFT adapter")
+    c.add_argument("--epochs", type=positive_float, default=1.0,
+                   help="passes over the training data (single client; see --steps)")
+    c.add_argument("--steps", type=positive_int, default=None, help="stop after this many steps (overrides --epochs)")
+    c.add_argument("--batch-size", type=positive_int, default=16, help="training samples per step")
+    # Two tokens at least: a causal LM needs one to predict from and one to predict,
+    # a classifier's tokenizer adds its own special tokens.
+    c.add_argument("--max-length", type=int_at_least(2), default=64,
+                   help="tokens per sample; longer texts are truncated (at most the model's positions)")
+    c.add_argument("--out", default=None,
+                   help=f"folder for the whole-model PEFT adapter (default: {SINGLE_CLIENT_OUT} for a single "
+                        "client; a federated client saves only when --out is given, see README)")
     c.add_argument("--id", default="", help="client id (default: random)")
-    c.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any server reply")
-    c.add_argument("--connect-timeout", type=float, default=30.0)
-    c.add_argument("--no-progress", action="store_true")
-    c.add_argument("--summary-json", default=None)
+    c.add_argument("--timeout", type=positive_float, default=120.0, help="seconds to wait for any server reply")
+    c.add_argument("--connect-timeout", type=positive_float, default=30.0,
+                   help="seconds to wait for the server's first reply")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--summary-json", default=None, help="write the run's summary (metrics, bytes) to this file")
     g = c.add_argument_group("federation (when the server runs rounds)")
-    g.add_argument("--num-clients", type=int, default=1, help="clients the training data is split among")
-    g.add_argument("--client-index", type=int, default=0, help="this client's share")
-    g.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid")
-    g.add_argument("--partition-alpha", type=float, default=0.5, help="Dirichlet concentration")
-    g.add_argument("--blocks", default=None, help="comma-separated blocks whose LoRA this client trains")
+    g.add_argument("--num-clients", type=positive_int, default=1, help="clients the training data is split among")
+    g.add_argument("--client-index", type=nonnegative_int, default=0,
+                   help="this client's share, in [0, --num-clients)")
+    g.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid",
+                   help="how the training data is split among the clients")
+    g.add_argument("--partition-alpha", type=positive_float, default=0.5, help="Dirichlet concentration")
+    g.add_argument("--blocks", type=index_list, default=None,
+                   help="comma-separated blocks whose LoRA this client trains (default: all)")
     g.add_argument("--eval-rounds", action="store_true", help="evaluate the global model every round")
     g.add_argument("--personal", action="store_true",
                    help="FedDPA: train a personal adapter beside the global one; report both accuracies "
                         "on a held-out 20%% of this client's data")
 
-    d = sub.add_parser("demo", help="a federated session on this machine: MiniLM on the built-in data")
-    d.add_argument("--model", default=None)
-    d.add_argument("--clients", type=int, default=4, help="client processes (1: plain split training)")
-    d.add_argument("--strategy", default="fedit")
-    d.add_argument("--rounds", type=int, default=5)
-    d.add_argument("--local-steps", type=int, default=10)
-    d.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
-    d.add_argument("--ranks", default=None, help="comma-separated ranks, cycled over the clients")
+    d = _subparser(sub, "demo", "a federated session on this machine: MiniLM on the built-in data", DEMO_EXAMPLE)
+    d.add_argument("--model", default=None, help="model folder or hub id (default: the built-in all-MiniLM-L6-v2)")
+    d.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the --model folder)")
+    d.add_argument("--clients", type=positive_int, default=4, help="client processes (1: plain split training)")
+    d.add_argument("--strategy", default="fedit", help="aggregation method (docs/algorithms.md)")
+    d.add_argument("--rounds", type=positive_int, default=5, help="rounds of the federation")
+    d.add_argument("--local-steps", type=positive_int, default=10, help="training steps per client per round")
+    d.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration of the label split")
+    d.add_argument("--ranks", type=positive_int_list, default=None,
+                   help="comma-separated ranks, cycled over the clients (default: --rank)")
     d.add_argument("--personal", action="store_true", help="FedDPA personal adapters on every client")
-    d.add_argument("--epochs", type=float, default=3.0, help="single-client demo only")
-    d.add_argument("--steps", type=int, default=None, help="single-client demo only")
-    d.add_argument("--cut", default="1,1")
-    d.add_argument("--rank", type=int, default=8)
-    d.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default 5e-3; 2e-3 with one client)")
-    d.add_argument("--head-lr", type=float, default=None, help="head learning rate (default 2e-2; 5e-3 with one client)")
+    d.add_argument("--epochs", type=positive_float, default=3.0, help="single-client demo only")
+    d.add_argument("--steps", type=positive_int, default=None, help="single-client demo only")
+    d.add_argument("--cut", default="1,1", help="K1,K2: the server hosts blocks [K1, L-K2)")
+    d.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of every client")
+    d.add_argument("--lr", type=positive_float, default=None,
+                   help="LoRA learning rate (default 5e-3; 2e-3 with one client)")
+    d.add_argument("--head-lr", type=positive_float, default=None,
+                   help="head learning rate (default 2e-2; 5e-3 with one client)")
     d.add_argument("--out", default="fedsplit-demo", help="adapter (one client) or checkpoint folder")
     return parser
 
@@ -176,13 +256,14 @@ def _server(args) -> int:
                           session_timeout=args.session_timeout,
                           limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit),
                           federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                          server_lora=args.server_lora)
+                          server_lora=args.server_lora, device=args.device, dtype=args.dtype)
     server = BackboneServer(config)
     endpoint = server.bind()
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     print(f"fedsplit server: blocks {server.segment.cut.front}..{server.segment.num_layers - server.segment.cut.back - 1}"
-          f" of {server.segment.num_layers} ({server.segment.owned_bytes / 1e6:.1f} MB) listening on {endpoint}",
+          f" of {server.segment.num_layers} ({server.segment.owned_bytes / 1e6:.1f} MB, {args.dtype} on "
+          f"{server.device}) listening on {endpoint}",
           flush=True)
     if server.coordinator is None:
         server.serve(should_stop=lambda: bool(stopping))
@@ -227,36 +308,36 @@ def _client(args) -> int:
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut) if args.cut else None,
                           task=args.task, lora=_lora_spec(args), lr=args.lr, head_lr=args.head_lr,
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
-                          timeout=args.timeout, connect_timeout=args.connect_timeout)
-    if args.task != "classification":
-        raise ValueError("`fedsplit client` trains classification on text,label data; "
-                         "use the Python API (edge.client.SplitClient) for causal-lm")
+                          timeout=args.timeout, connect_timeout=args.connect_timeout,
+                          device=args.device, dtype=args.dtype)
     options = TrainOptions(data=args.data, test_data=args.test_data, epochs=args.epochs, max_steps=args.steps,
                            batch_size=args.batch_size, max_length=args.max_length, adapter_out=args.out,
+                           single_client_out=SINGLE_CLIENT_OUT, tokenizer=args.tokenizer,
                            progress=not args.no_progress, partition=args.partition,
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
-                           blocks=_blocks(args.blocks))
+                           blocks=args.blocks)
     summary = run_client(config, options)
     write_summary(summary, args.summary_json)
-    if "rounds" in summary:
-        acc = summary.get("final_accuracy")
-        print(f"federation done: {len(summary['rounds'])} rounds, {summary['steps']} steps"
-              + (f", final accuracy {acc:.3f}" if acc is not None else ""))
-        return 0
-    print(f"accuracy {summary.get('accuracy_before', float('nan')):.3f} -> {summary['accuracy_after']:.3f} "
-          f"after {summary['steps']} steps; adapter saved to {summary.get('adapter')}")
+    print(_client_report(summary))
     return 0
 
 
-def _blocks(text: str | None) -> list[int] | None:
-    """``"0,3,5"`` -> [0, 3, 5]."""
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--blocks expects comma-separated block indices such as 0,3,5, got {text!r}") from None
+def _client_report(summary: dict) -> str:
+    """The client's closing line."""
+    saved = f"; adapter saved to {summary['adapter']}" if "adapter" in summary else ""
+    if "personal_adapter" in summary:
+        saved += f", personal adapter to {summary['personal_adapter']}"
+    if "rounds" in summary:
+        acc = summary.get("final_accuracy")
+        return (f"federation done: {len(summary['rounds'])} rounds, {summary['steps']} steps"
+                + (f", final accuracy {acc:.3f}" if acc is not None else "") + saved)
+    if "perplexity_after" in summary:
+        return (f"held-out loss {summary.get('loss_before', float('nan')):.3f} -> {summary['loss_after']:.3f}, "
+                f"perplexity {summary.get('perplexity_before', float('nan')):.1f} -> "
+                f"{summary['perplexity_after']:.1f} after {summary['steps']} steps{saved}")
+    return (f"accuracy {summary.get('accuracy_before', float('nan')):.3f} -> {summary['accuracy_after']:.3f} "
+            f"after {summary['steps']} steps{saved}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class LoraSpec:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
@@ -120,10 +122,11 @@ def adapter_state(model: PeftModel, adapter: str = "default") -> dict[str, torch
 
 
 def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraSpec, family: Family,
-                 task: str, base_model: str, modules_to_save: list[str], labels: list[str] | None = None,
-                 tokenizer=None) -> Path:
+                 task: str, base_model: str, modules_to_save: list[str], blocks: list[int] | None = None,
+                 labels: list[str] | None = None, tokenizer=None) -> Path:
     """Write a standard PEFT adapter folder (adapter_config.json +
-    adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads.
+    adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads;
+    ``blocks`` limits the adapter to those blocks (None: every block).
 
     With ``labels`` (classification) the folder also gets the base model's
     config.json with ``num_labels``, ``id2label`` and ``label2id``, where
@@ -131,7 +134,7 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], spec: LoraS
     the adapter was trained with."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = spec.peft_config(family, modules_to_save, task)
+    config = spec.peft_config(family, modules_to_save, task, blocks)
     config.base_model_name_or_path = str(base_model)
     config.save_pretrained(str(folder))
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),

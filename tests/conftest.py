@@ -117,3 +117,13 @@ def status(endpoint: str) -> dict:
         return conn.request(Message("status")).meta
     finally:
         conn.close()
+
+
+def save_tiny_with_tokenizer(family: str, folder: Path, task: str = "classification") -> Path:
+    """A tiny ``family`` model with a real tokenizer beside it: the built-in
+    MiniLM's (a BERT WordPiece vocabulary), the embedding sized to match."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok.save_pretrained(folder)
+    return save_tiny(family, folder, task, vocab_size=len(tok))

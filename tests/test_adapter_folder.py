@@ -14,7 +14,8 @@ import torch
 
 from conftest import threaded_server
 from edge.client import ClientConfig, SplitClient
-from edge.data import Batches, load_dataset, load_tokenizer
+from edge.data import Batches, load_dataset
+from edge.tokenizer import load_tokenizer
 from split.launch import ROOT, child_env
 from split.partition import resolve_model_path
 
@@ -35,7 +36,7 @@ def test_saved_adapter_names_its_labels_and_the_readme_snippet_loads_it(tmp_path
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dataset = load_dataset(str(data), str(data), seed=0)
-    tokenizer = load_tokenizer(resolve_model_path(None))
+    tokenizer = load_tokenizer(resolve_model_path(None), 30522)
     batch = next(iter(Batches(dataset.train, dataset, tokenizer, 16, 9, False)))
     with threaded_server(resolve_model_path(None), "1,1", num_labels=3) as (endpoint, _):
         client = SplitClient(ClientConfig(server=endpoint, num_labels=3, lr=5e-3))

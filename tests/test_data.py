@@ -6,7 +6,9 @@ from collections import Counter
 
 import pytest
 
-from edge.data import (DataError, collate, load_dataset, load_records, split_train_test, stdlib_docstrings)
+from edge.data import (DataError, collate, load_dataset, load_records, load_text_dataset, load_texts,
+                       split_train_test, stdlib_docstrings)
+from edge.lm import collate_lm
 
 
 def test_builtin_task_is_ten_stdlib_packages_and_deterministic(tmp_path, monkeypatch):
@@ -59,11 +61,66 @@ def test_bad_files_say_what_is_wrong(tmp_path, name, content, message):
     assert message in str(info.value)
 
 
-def test_unknown_test_label_is_an_error(tmp_path):
+def test_unknown_test_label_is_an_error_naming_the_file_and_line(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
-    (tmp_path / "test.jsonl").write_text('{"text": "c", "label": "z"}\n')
-    with pytest.raises(DataError, match=r"labels the training data never shows: \['z'\]"):
+    (tmp_path / "test.jsonl").write_text('{"text": "c", "label": "x"}\n\n{"text": "d", "label": "z"}\n')
+    with pytest.raises(DataError, match=r"labels the training data never shows: \['z'\]") as info:
         load_dataset(str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"))
+    assert str(info.value).startswith(f"{tmp_path / 'test.jsonl'}:3: test label 'z'")
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    # Excel's "CSV UTF-8" and PowerShell's Out-File write a UTF-8 byte-order mark.
+    (tmp_path / "d.csv").write_bytes("text,label\ncafé,x\n".encode("utf-8-sig"))
+    (tmp_path / "d.jsonl").write_bytes('{"text": "café", "label": "x"}\n'.encode("utf-8-sig"))
+    assert [(s.text, s.label) for s in load_records(tmp_path / "d.csv")] == [("café", "x")]
+    assert [(s.text, s.label) for s in load_records(tmp_path / "d.jsonl")] == [("café", "x")]
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("latin.csv", "text,label\nfine,x\ncaf\u00e9,y\n", 3),
+    ("latin.jsonl", '{"text": "fine", "label": "x"}\n{"text": "caf\u00e9", "label": "y"}\n', 2),
+])
+def test_latin1_file_names_file_line_and_fix(tmp_path, name, content, line):
+    (tmp_path / name).write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        load_records(tmp_path / name)
+    assert str(info.value).startswith(f"{tmp_path / name}:{line}: not UTF-8 text")
+    assert "re-save it as UTF-8" in str(info.value)
+
+
+def test_held_out_split_is_recorded_and_a_test_file_is_not(tmp_path):
+    lines = "".join(f'{{"text": "t{i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(10))
+    (tmp_path / "d.jsonl").write_text(lines)
+    held = load_dataset(str(tmp_path / "d.jsonl"))
+    assert held.held_out_from == str(tmp_path / "d.jsonl") and len(held.test) == 2
+    assert load_dataset(str(tmp_path / "d.jsonl"), str(tmp_path / "d.jsonl")).held_out_from is None
+
+
+def test_test_data_without_data_is_an_error():
+    with pytest.raises(DataError, match="--test-data needs --data"):
+        load_dataset(None, "test.jsonl")
+
+
+def test_texts_for_language_modelling(tmp_path):
+    (tmp_path / "t.jsonl").write_text("".join(f'{{"text": "line {i}"}}\n' for i in range(10)))
+    (tmp_path / "t.csv").write_text("text\nhello\nworld\n")
+    assert load_texts(tmp_path / "t.csv") == ["hello", "world"]
+    data = load_text_dataset(str(tmp_path / "t.jsonl"), seed=0)
+    assert len(data.test) == 2 and sorted(data.train + data.test) == sorted(f"line {i}" for i in range(10))
+    assert data.held_out_from == str(tmp_path / "t.jsonl")
+    with pytest.raises(DataError, match="--task causal-lm needs --data"):
+        load_text_dataset(None)
+    (tmp_path / "n.jsonl").write_text('{"label": "x"}\n')
+    with pytest.raises(DataError, match="n.jsonl:1: missing field 'text'"):
+        load_texts(tmp_path / "n.jsonl")
+
+
+def test_language_model_batches_mask_padding_in_the_labels():
+    batch = collate_lm([[5, 6, 7], [8]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_collate_pads_to_the_longest_in_the_batch_only():
