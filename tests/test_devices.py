@@ -35,13 +35,14 @@ def _train(endpoint, path, steps: int, cut=None, **client):
 def test_bf16_server_fp32_client_trains_and_the_wire_carries_each_sides_dtype(tiny_models):
     path = tiny_models("llama")
     with threaded_server(path, "1,1", num_labels=3, dropout=False) as (endpoint, _):
-        exact, _, _ = _train(endpoint, path, 1)
+        exact, _, _ = _train(endpoint, path, 30)
     with threaded_server(path, "1,1", num_labels=3, dropout=False, dtype="bfloat16") as (endpoint, server):
         assert all(p.dtype == torch.bfloat16 for n, p in server.segment.model.named_parameters()
                    if "lora_" not in n)
         losses, probe, logits = _train(endpoint, path, 30)
-    # Step 0 differs from the fp32 server only by bf16 rounding in the backbone.
-    assert losses[0] == pytest.approx(exact[0], rel=3e-2)
+    # Every step differs from the all-fp32 run only by bf16 rounding in the backbone.
+    print("largest relative loss difference, bf16 server:", max(abs(a - b) / b for a, b in zip(losses, exact)))
+    assert losses == pytest.approx(exact, rel=5e-2)
     assert losses[-1] < 0.5 * losses[0], losses
     assert probe.tensors["hidden"].dtype == torch.bfloat16  # the server answers in its dtype
     assert logits.dtype == torch.float32  # ... and the client computes in its own
