@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config,
                           LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig)
 
@@ -50,6 +52,20 @@ def save_tiny(family: str, folder: Path, task: str = "classification", seed: int
     torch.manual_seed(seed)
     cls.from_config(tiny_config(family, **overrides)).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def rewrite_checkpoint(src: Path, dst: Path, rename) -> Path:
+    """Copy a model folder with its tensors renamed by ``rename`` (None drops a tensor)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    renamed = {rename(k): v for k, v in tensors.items() if rename(k) is not None}
+    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def legacy_layernorm_name(name: str) -> str:
+    """The pre-2019 name BERT checkpoints gave LayerNorm scales and shifts."""
+    return name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from conftest import FAMILIES
+from conftest import FAMILIES, legacy_layernorm_name, rewrite_checkpoint, save_tiny
 from split.families import family_for
 from split.partition import CLIENT, SERVER, Absent, Cut, Injected, Passthrough, build_segment
 from split.tensorfile import CheckpointIndex
@@ -57,8 +57,6 @@ def test_two_part_server_holds_norm_and_head(tiny_models):
 
 
 def test_tied_lm_head_shares_the_embedding_on_the_client(tmp_path):
-    from conftest import save_tiny
-
     path = save_tiny("gpt2", tmp_path / "lm", task="causal-lm")
     client = build_segment(path, CLIENT, Cut(1, 1), task="causal-lm")
     assert client.model.lm_head.weight is client.model.transformer.wte.weight
@@ -118,3 +116,43 @@ def test_tensorfile_reads_every_dtype_exactly(tmp_path):
         got = index.read(name)
         assert got.dtype == value.dtype and torch.equal(got, value), name
     assert index.read("bf16", torch.float32).dtype == torch.float32
+
+
+def _parameters(segment) -> dict[str, torch.Tensor]:
+    return dict(segment.model.named_parameters())
+
+
+def test_legacy_layernorm_names_load_like_the_original(tiny_models, tmp_path):
+    path = tiny_models("bert")
+    legacy = rewrite_checkpoint(path, tmp_path / "legacy", legacy_layernorm_name)
+    assert "bert.embeddings.LayerNorm.gamma" in CheckpointIndex(legacy)
+    for side in (CLIENT, SERVER):
+        original = _parameters(build_segment(path, side, Cut(1, 1), num_labels=3))
+        renamed = build_segment(legacy, side, Cut(1, 1), num_labels=3)
+        assert renamed.initialised == []
+        assert _parameters(renamed).keys() == original.keys()
+        for name, value in _parameters(renamed).items():
+            assert torch.equal(value, original[name]), name
+
+
+def test_a_missing_block_tensor_is_refused_by_name(tiny_models, tmp_path):
+    gone = "model.layers.2.self_attn.k_proj.weight"  # a server block under cut 1,1
+    broken = rewrite_checkpoint(tiny_models("llama"), tmp_path / "broken", lambda k: None if k == gone else k)
+    with pytest.raises(ValueError, match=f"no tensor for {gone} .*Only a new classification head may be absent"):
+        build_segment(broken, SERVER, Cut(1, 1), num_labels=3)
+    assert build_segment(broken, CLIENT, Cut(1, 1), num_labels=3).initialised == []  # not the client's tensor
+
+
+def test_unused_checkpoint_tensors_are_reported_by_the_side_that_owns_them(tiny_models, tmp_path, caplog):
+    extra = "model.layers.1.self_attn.unused.weight"
+    path = tiny_models("llama")
+    grown = tmp_path / "grown"
+    rewrite_checkpoint(path, grown, lambda k: k)
+    tensors = load_file(str(grown / "model.safetensors"))
+    save_file({**tensors, extra: torch.zeros(2)}, str(grown / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="split.partition"):
+        build_segment(grown, CLIENT, Cut(1, 1), num_labels=3)
+    assert extra not in caplog.text  # block 1 runs on the server
+    with caplog.at_level("WARNING", logger="split.partition"):
+        build_segment(grown, SERVER, Cut(1, 1), num_labels=3)
+    assert f"the checkpoint has 1 tensors the model does not use (not loaded): {extra}" in caplog.text
