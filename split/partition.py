@@ -89,29 +89,63 @@ class Passthrough(nn.Module):
         return hidden_states
 
 
-class Injected(nn.Module):
-    """Stands for the token embedding on the server: returns the hidden state
-    received from the client, whatever ids it is called with."""
-
-    def __init__(self):
-        super().__init__()
-        self.value: torch.Tensor | None = None
-
-    def forward(self, *args, **kwargs):
-        if self.value is None:
-            raise RuntimeError("no hidden state was injected before the server forward")
-        return self.value
-
-
 class ZeroEmbedding(nn.Module):
-    """Stands for an additive embedding (GPT-2 positions) on the server: adds zero."""
+    """Stands for an embedding on the server: zeros of shape (*ids, width), in
+    the segment's dtype and on the ids' device, whatever the call signature
+    (GPT-2 positions take ids, OPT's take the mask and an offset, BERT's
+    embeddings take keywords)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.width = width
+        # An empty buffer follows the module through .to(dtype / device).
+        self.register_buffer("like", torch.empty(0, dtype=dtype), persistent=False)
 
-    def forward(self, ids):
-        return torch.zeros(*ids.shape, self.width)
+    def forward(self, *args, **kwargs):
+        ids = _first_tensor(args, kwargs)
+        shape = ids.shape[:-1] if ids.is_floating_point() else ids.shape
+        return torch.zeros(*shape, self.width, dtype=self.like.dtype, device=ids.device)
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor:
+    """The tensor an embedding call is shaped by: ``input_ids`` or the first tensor given."""
+    if isinstance(kwargs.get("input_ids"), torch.Tensor):
+        return kwargs["input_ids"]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise RuntimeError("an embedding placeholder was called without a tensor to take its shape from")
+
+
+class Injected(ZeroEmbedding):
+    """Stands for the token embedding on the server. The hidden state received
+    from the client enters at the input of the first block the server runs
+    (``enter_block``, a forward pre-hook on each hosted block), so whatever a
+    model does between its embedding and its blocks (scaling, added positions,
+    projections, normalisation) is done once, on the client."""
+
+    def __init__(self, width: int, dtype: torch.dtype = torch.float32):
+        super().__init__(width, dtype)
+        self.value: torch.Tensor | None = None
+        self.armed = False
+
+    def forward(self, *args, **kwargs):
+        # Called once at the start of every forward: the next block takes the value.
+        self.armed = True
+        return super().forward(*args, **kwargs)
+
+    def enter_block(self, module, args, kwargs):
+        """Forward pre-hook: replace the first running block's hidden-state input."""
+        if not self.armed:
+            return None
+        self.armed = False
+        if self.value is None:
+            raise RuntimeError("no hidden state was injected before the server forward")
+        if args:
+            return (self.value, *args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": self.value}
+        raise RuntimeError(f"{type(module).__name__} was called without a hidden-state argument to replace")
 
 
 class Absent(nn.Module):
@@ -210,7 +244,8 @@ def _task_class(task: str):
     raise ValueError(f"unknown task {task!r}: use 'classification' or 'causal-lm'")
 
 
-def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, width: int) -> dict[str, nn.Module]:
+def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, width: int,
+                  dtype: torch.dtype) -> dict[str, nn.Module]:
     """Task-model paths this side does not own, with what stands in for each."""
     p = fam.prefix
     blocks = join(p, fam.blocks)
@@ -233,9 +268,9 @@ def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, 
             without_output_side("server side in a two-part split")
         return swap
     # server
-    swap[join(p, fam.embeddings[0])] = Injected()
+    swap[join(p, fam.embeddings[0])] = Injected(width, dtype)
     for emb in fam.embeddings[1:]:
-        swap[join(p, emb)] = ZeroEmbedding(width)
+        swap[join(p, emb)] = ZeroEmbedding(width, dtype)
     for extra in fam.embed_extras:
         swap[join(p, extra)] = nn.Identity()
     for i in range(num_layers):
@@ -371,6 +406,12 @@ def _swap_placeholders(skeleton: nn.Module, swap: dict[str, nn.Module]) -> Injec
     return injected
 
 
+def _hook_injection(blocks: nn.ModuleList, injected: Injected) -> None:
+    for block in blocks:
+        if not isinstance(block, Passthrough):
+            block.register_forward_pre_hook(injected.enter_block, with_kwargs=True)
+
+
 def build_segment(
     model: str | Path | None,
     side: str,
@@ -405,7 +446,9 @@ def build_segment(
     if not getattr(config.get_text_config(), "tie_word_embeddings", False):
         tied = {}
     width = config.get_text_config().hidden_size
-    injected = _swap_placeholders(skeleton, _placeholders(fam, side, cut, num_layers, task, width))
+    injected = _swap_placeholders(skeleton, _placeholders(fam, side, cut, num_layers, task, width, dtype))
+    if injected is not None:
+        _hook_injection(get_module(skeleton, join(fam.prefix, fam.blocks)), injected)
 
     params = dict(skeleton.named_parameters(remove_duplicate=False))
     # A tied tensor whose source is on this side shares the source's storage.

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, legacy_layernorm_name, rewrite_checkpoint, save_tiny
 from split.families import family_for
-from split.partition import CLIENT, SERVER, Absent, Cut, Injected, Passthrough, build_segment
+from split.partition import CLIENT, SERVER, Absent, Cut, Injected, Passthrough, ZeroEmbedding, build_segment
 from split.tensorfile import CheckpointIndex
 
 
@@ -156,3 +156,14 @@ def test_unused_checkpoint_tensors_are_reported_by_the_side_that_owns_them(tiny_
     with caplog.at_level("WARNING", logger="split.partition"):
         build_segment(grown, SERVER, Cut(1, 1), num_labels=3)
     assert f"the checkpoint has 1 tensors the model does not use (not loaded): {extra}" in caplog.text
+
+
+def test_zero_embedding_takes_any_call_and_follows_dtype_and_device(tiny_models):
+    zero = ZeroEmbedding(8, torch.bfloat16)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    out = zero(mask, 0, position_ids=mask)  # OPT's learned positions
+    assert out.shape == (2, 5, 8) and out.dtype == torch.bfloat16 and out.device == mask.device and not out.any()
+    assert zero.to(torch.float16)(input_ids=mask).dtype == torch.float16  # BERT's keyword call
+    server = build_segment(tiny_models("gpt2"), SERVER, Cut(1, 1), num_labels=3, dtype=torch.bfloat16)
+    assert server.injected(mask).dtype == torch.bfloat16
+    assert server.model.transformer.wpe(mask).dtype == torch.bfloat16
