@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config,
-                          LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
+                          ElectraConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
+                          LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, RobertaConfig,
+                          SmolLM3Config)
 
 from server.service import BackboneServer, ServerConfig
 from split.launch import running_server
@@ -19,7 +21,9 @@ from split.partition import Cut, resolve_model_path
 from split.transport import Connection
 from split.wire import Message
 
-FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta")
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta", "qwen3", "gemma2", "gemma3_text", "phi3",
+            "gpt_neox", "opt", "distilbert", "electra")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt")
 VOCAB = 96
 
 
@@ -39,6 +43,23 @@ def tiny_config(family: str, **overrides):
         "mistral": lambda: MistralConfig(**decoder, sliding_window=None),
         "bert": lambda: BertConfig(**encoder),
         "roberta": lambda: RobertaConfig(**encoder, pad_token_id=1),
+        "qwen3": lambda: Qwen3Config(**decoder, head_dim=8),
+        "gemma2": lambda: Gemma2Config(**decoder, head_dim=8, sliding_window=8),
+        # Two sliding-window layers and a global one, as in the real model.
+        "gemma3_text": lambda: Gemma3TextConfig(**decoder, head_dim=8, sliding_window=8, sliding_window_pattern=3),
+        "phi3": lambda: Phi3Config(**decoder),
+        "gpt_neox": lambda: GPTNeoXConfig(**decoder),
+        "opt": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2, **common),
+        "distilbert": lambda: DistilBertConfig(dim=32, hidden_dim=64, n_layers=4, n_heads=4,
+                                               max_position_embeddings=72, **common),
+        # A narrower embedding than the blocks, as ELECTRA-small has: the projection runs on the client.
+        "electra": lambda: ElectraConfig(**encoder, embedding_size=16),
+        # Model types with no entry in split.families: their layout is read off the model.
+        "smollm3": lambda: SmolLM3Config(**decoder),
+        "gpt_bigcode": lambda: GPTBigCodeConfig(n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=0,
+                                                bos_token_id=1, eos_token_id=2, **common),
     }
     config = configs[family]()
     for k, v in overrides.items():

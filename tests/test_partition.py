@@ -96,7 +96,8 @@ def test_cut_parsing():
 def test_unsupported_family_and_task(tmp_path, tiny_models):
     from transformers import T5Config
 
-    with pytest.raises(ValueError, match="not supported; fedsplit partitions"):
+    with pytest.raises(ValueError, match="'t5' is not supported: T5Model does not hold exactly one list of its 6 "
+                                         "blocks. fedsplit partitions bert, distilbert"):
         family_for(T5Config())
     with pytest.raises(ValueError, match="not supported for the bert family"):
         build_segment(tiny_models("bert"), CLIENT, Cut(1, 1), task="causal-lm")
@@ -143,6 +144,17 @@ def test_a_missing_block_tensor_is_refused_by_name(tiny_models, tmp_path):
     assert build_segment(broken, CLIENT, Cut(1, 1), num_labels=3).initialised == []  # not the client's tensor
 
 
+def test_an_untied_lm_head_is_read_under_its_legacy_name_and_never_invented(tmp_path):
+    path = save_tiny("gpt_neox", tmp_path / "neox", task="causal-lm")
+    ckpt = load_file(str(path / "model.safetensors"))
+    assert "embed_out.weight" in ckpt and "lm_head.weight" not in ckpt  # transformers saves the legacy name
+    client = build_segment(path, CLIENT, Cut(1, 1), task="causal-lm")
+    assert torch.equal(client.model.lm_head.weight, ckpt["embed_out.weight"])
+    headless = rewrite_checkpoint(path, tmp_path / "headless", lambda k: None if k == "embed_out.weight" else k)
+    with pytest.raises(ValueError, match="no tensor for lm_head.weight"):
+        build_segment(headless, CLIENT, Cut(1, 1), task="causal-lm")
+
+
 def test_unused_checkpoint_tensors_are_reported_by_the_side_that_owns_them(tiny_models, tmp_path, caplog):
     extra = "model.layers.1.self_attn.unused.weight"
     path = tiny_models("llama")
@@ -158,6 +170,13 @@ def test_unused_checkpoint_tensors_are_reported_by_the_side_that_owns_them(tiny_
     assert f"the checkpoint has 1 tensors the model does not use (not loaded): {extra}" in caplog.text
 
 
+def test_weights_outside_the_family_layout_are_refused(tmp_path):
+    # OPT-350m style: a projection between a narrower embedding and the blocks.
+    path = save_tiny("opt", tmp_path / "opt", word_embed_proj_dim=16)
+    with pytest.raises(ValueError, match="model.decoder.project_out.weight, model.decoder.project_in.weight"):
+        build_segment(path, CLIENT, Cut(1, 1), num_labels=3)
+
+
 def test_zero_embedding_takes_any_call_and_follows_dtype_and_device(tiny_models):
     zero = ZeroEmbedding(8, torch.bfloat16)
     mask = torch.ones(2, 5, dtype=torch.long)
@@ -167,3 +186,13 @@ def test_zero_embedding_takes_any_call_and_follows_dtype_and_device(tiny_models)
     server = build_segment(tiny_models("gpt2"), SERVER, Cut(1, 1), num_labels=3, dtype=torch.bfloat16)
     assert server.injected(mask).dtype == torch.bfloat16
     assert server.model.transformer.wpe(mask).dtype == torch.bfloat16
+
+
+def test_an_unlisted_llama_like_model_gets_its_layout_read_off_the_model():
+    from conftest import tiny_config
+
+    fam = family_for(tiny_config("smollm3"))
+    assert fam.name == "detected:smollm3"
+    assert (fam.prefix, fam.blocks, fam.embeddings, fam.norm) == ("model", "layers", ("embed_tokens",), "norm")
+    assert fam.heads == {"causal-lm": ("lm_head",), "classification": ("score",)}
+    assert fam.lora_targets == ("q_proj", "v_proj") and not fam.conv1d
