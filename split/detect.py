@@ -102,7 +102,8 @@ def _has_weights(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def _base_layout(base: nn.Module, num_layers: int, token_embedding: nn.Module) -> tuple[str, tuple[str, ...], str | None]:
+def _base_layout(base: nn.Module, num_layers: int,
+                 token_embedding: nn.Module) -> tuple[str, tuple[str, ...], str | None]:
     """(blocks, embeddings, norm) as names of the base model's children."""
     children = list(base.named_children())
     lists = [i for i, (_, m) in enumerate(children) if isinstance(m, nn.ModuleList) and len(m) == num_layers]

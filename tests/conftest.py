@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
-                          ElectraConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
-                          LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, RobertaConfig,
-                          SmolLM3Config)
+                          ElectraConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig,
+                          GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config,
+                          RobertaConfig, SmolLM3Config)
 
 from server.service import BackboneServer, ServerConfig
 from split.launch import running_server
@@ -21,9 +21,9 @@ from split.partition import Cut, resolve_model_path
 from split.transport import Connection
 from split.wire import Message
 
-FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta", "qwen3", "gemma2", "gemma3_text", "phi3",
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
             "gpt_neox", "opt", "distilbert", "electra")
-DECODERS = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt")
 VOCAB = 96
 
 
@@ -44,6 +44,7 @@ def tiny_config(family: str, **overrides):
         "bert": lambda: BertConfig(**encoder),
         "roberta": lambda: RobertaConfig(**encoder, pad_token_id=1),
         "qwen3": lambda: Qwen3Config(**decoder, head_dim=8),
+        "gemma": lambda: GemmaConfig(**decoder, head_dim=8),
         "gemma2": lambda: Gemma2Config(**decoder, head_dim=8, sliding_window=8),
         # Two sliding-window layers and a global one, as in the real model.
         "gemma3_text": lambda: Gemma3TextConfig(**decoder, head_dim=8, sliding_window=8, sliding_window_pattern=3),
