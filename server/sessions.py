@@ -20,7 +20,7 @@ import torch
 
 from split.lora import (LoraSpec, attach_lora, fold_delta, get_factors, init_lora, lora_layers, pad_rows,
                         set_factors, set_trainable)
-from split.partition import Cut, Segment, checkpoint_name
+from split.partition import Cut, Segment
 from split.protocol import OptimizerSettings
 from split.tensorfile import CheckpointIndex
 
@@ -230,7 +230,7 @@ class Sessions:
         """A module's pretrained weight (d_out x d_in), read from the checkpoint
         whichever side owns the module; nothing else is loaded."""
         seg = self.segment
-        name = checkpoint_name(f"{module}.weight", seg.family.prefix, self._checkpoint)
+        name = seg.sources.get(f"{module}.weight")
         if name is None:
             raise ValueError(f"{seg.path}: no weight for LoRA module {module}")
         weight = self._checkpoint.read(name, torch.float32)

@@ -10,7 +10,7 @@ paths relative to the task model (``BertForSequenceClassification``,
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 TASKS = ("classification", "causal-lm")
 
@@ -22,11 +22,12 @@ class Family:
     prefix:      attribute of the task model that holds the base model.
     blocks:      path (under ``prefix``) of the ``ModuleList`` of transformer blocks.
     embeddings:  modules (under ``prefix``) that turn ids into the first hidden
-                 state; the first one is the one the server's injected hidden
-                 state replaces, the others contribute zeros there.
+                 state, the token embedding first. On the server they return
+                 zeros and the client's hidden state enters at the first block.
     norm:        final norm (under ``prefix``) or None.
     embed_extras: modules (under ``prefix``) applied between the embeddings and
-                 block 0 (embedding dropout) that the server must skip.
+                 block 0 (embedding dropout, a projection) that the server skips;
+                 absent ones are ignored.
     base_head:   head parts that live inside the base model (BERT's pooler).
     heads:       per task, the head modules on the task model.
     rotary:      True when blocks need position ids (rotary embeddings), which
@@ -66,65 +67,67 @@ class Family:
         return list(self.head_modules(task)) if task == "classification" else []
 
 
+def _decoder(name: str, model_types: tuple[str, ...], lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+             **layout) -> Family:
+    """A decoder with a score head for classification and an LM head."""
+    fields = dict(prefix="model", blocks="layers", embeddings=("embed_tokens",), norm="norm", embed_extras=(),
+                  base_head=(), heads={"classification": ("score",), "causal-lm": ("lm_head",)}, rotary=True)
+    return Family(name=name, model_types=model_types, lora_targets=lora_targets, **{**fields, **layout})
+
+
+def _encoder(name: str, model_types: tuple[str, ...], lora_targets: tuple[str, ...] = ("query", "value"),
+             **layout) -> Family:
+    """A BERT-style encoder (classification only); the prefix comes from the model class."""
+    fields = dict(prefix="", blocks="encoder.layer", embeddings=("embeddings",), norm=None, embed_extras=(),
+                  base_head=(), heads={"classification": ("classifier",)}, rotary=False)
+    return Family(name=name, model_types=model_types, lora_targets=lora_targets, **{**fields, **layout})
+
+
 FAMILIES: tuple[Family, ...] = (
-    Family(
-        name="gpt2",
-        model_types=("gpt2",),
-        prefix="transformer",
-        blocks="h",
-        embeddings=("wte", "wpe"),
-        norm="ln_f",
-        embed_extras=("drop",),
-        base_head=(),
-        heads={"classification": ("score",), "causal-lm": ("lm_head",)},
-        rotary=False,
-        lora_targets=("c_attn",),
-        conv1d=True,
-    ),
-    Family(
-        name="llama",
-        model_types=("llama", "qwen2", "mistral"),
-        prefix="model",
-        blocks="layers",
-        embeddings=("embed_tokens",),
-        norm="norm",
-        embed_extras=(),
-        base_head=(),
-        heads={"classification": ("score",), "causal-lm": ("lm_head",)},
-        rotary=True,
-        lora_targets=("q_proj", "v_proj"),
-    ),
-    Family(
-        name="bert",
-        model_types=("bert", "roberta"),
-        prefix="",  # filled per model type: "bert" or "roberta"
-        blocks="encoder.layer",
-        embeddings=("embeddings",),
-        norm=None,
-        embed_extras=(),
-        base_head=("pooler",),
-        heads={"classification": ("classifier",)},
-        rotary=False,
-        lora_targets=("query", "value"),
-    ),
+    _decoder("gpt2", ("gpt2",), ("c_attn",), prefix="transformer", blocks="h", embeddings=("wte", "wpe"),
+             norm="ln_f", embed_extras=("drop",), rotary=False, conv1d=True),
+    # Gemma scales the token embedding (inside its embedding module); the server's
+    # hidden state enters at its first block, so the scale is applied once, on the client.
+    _decoder("llama", ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")),
+    _decoder("phi3", ("phi3",), ("qkv_proj",)),
+    _decoder("gpt_neox", ("gpt_neox",), ("query_key_value",), prefix="gpt_neox", embeddings=("embed_in",),
+             norm="final_layer_norm", embed_extras=("emb_dropout",)),
+    _decoder("opt", ("opt",), blocks="decoder.layers", embeddings=("decoder.embed_tokens", "decoder.embed_positions"),
+             norm="decoder.final_layer_norm", rotary=False),
+    _encoder("bert", ("bert", "roberta"), base_head=("pooler",)),
+    # ELECTRA projects the embedding when embedding_size != hidden_size.
+    _encoder("electra", ("electra",), embed_extras=("embeddings_project",)),
+    _encoder("distilbert", ("distilbert",), ("q_lin", "v_lin"), blocks="transformer.layer",
+             heads={"classification": ("pre_classifier", "classifier")}),
 )
 
 
 def family_for(config) -> Family:
     """The family of a transformers config, with the prefix resolved.
 
-    Raises a ValueError naming the supported model types otherwise.
+    A model type outside ``FAMILIES`` gets a layout detected from the model
+    itself (``split.detect``) when its structure is one fedsplit can place;
+    otherwise a ValueError names the supported model types.
     """
     model_type = getattr(config, "model_type", None)
     for fam in FAMILIES:
         if model_type in fam.model_types:
-            if fam.name == "bert":
-                return Family(**{**fam.__dict__, "prefix": model_type})
-            return fam
-    supported = sorted(t for f in FAMILIES for t in f.model_types)
-    raise ValueError(
-        f"model type {model_type!r} is not supported; fedsplit partitions {', '.join(supported)}"
-    )
+            return fam if fam.prefix else replace(fam, prefix=_base_prefix(config))
+    from .detect import detect_family  # builds meta models: only for unlisted types
+
+    return detect_family(config, supported_types())
+
+
+def supported_types() -> list[str]:
+    """Model types with a tested entry in ``FAMILIES``."""
+    return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def _base_prefix(config) -> str:
+    """The attribute under which the task models of ``config`` keep the base model."""
+    from transformers import MODEL_MAPPING
+
+    return MODEL_MAPPING[type(config)].base_model_prefix
 
 
 def get_module(root, path: str):

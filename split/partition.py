@@ -28,8 +28,11 @@ from accelerate import init_empty_weights
 from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+from transformers.utils.loading_report import LoadStateDictInfo
 
-from .families import Family, family_for, get_module, join, set_module
+from .families import Family, block_of, family_for, get_module, join, set_module
 from .seeds import generator
 from .tensorfile import CheckpointIndex
 
@@ -86,29 +89,63 @@ class Passthrough(nn.Module):
         return hidden_states
 
 
-class Injected(nn.Module):
-    """Stands for the token embedding on the server: returns the hidden state
-    received from the client, whatever ids it is called with."""
-
-    def __init__(self):
-        super().__init__()
-        self.value: torch.Tensor | None = None
-
-    def forward(self, *args, **kwargs):
-        if self.value is None:
-            raise RuntimeError("no hidden state was injected before the server forward")
-        return self.value
-
-
 class ZeroEmbedding(nn.Module):
-    """Stands for an additive embedding (GPT-2 positions) on the server: adds zero."""
+    """Stands for an embedding on the server: zeros of shape (*ids, width), in
+    the segment's dtype and on the ids' device, whatever the call signature
+    (GPT-2 positions take ids, OPT's take the mask and an offset, BERT's
+    embeddings take keywords)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.width = width
+        # An empty buffer follows the module through .to(dtype / device).
+        self.register_buffer("like", torch.empty(0, dtype=dtype), persistent=False)
 
-    def forward(self, ids):
-        return torch.zeros(*ids.shape, self.width)
+    def forward(self, *args, **kwargs):
+        ids = _first_tensor(args, kwargs)
+        shape = ids.shape[:-1] if ids.is_floating_point() else ids.shape
+        return torch.zeros(*shape, self.width, dtype=self.like.dtype, device=ids.device)
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor:
+    """The tensor an embedding call is shaped by: ``input_ids`` or the first tensor given."""
+    if isinstance(kwargs.get("input_ids"), torch.Tensor):
+        return kwargs["input_ids"]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise RuntimeError("an embedding placeholder was called without a tensor to take its shape from")
+
+
+class Injected(ZeroEmbedding):
+    """Stands for the token embedding on the server. The hidden state received
+    from the client enters at the input of the first block the server runs
+    (``enter_block``, a forward pre-hook on each hosted block), so whatever a
+    model does between its embedding and its blocks (scaling, added positions,
+    projections, normalisation) is done once, on the client."""
+
+    def __init__(self, width: int, dtype: torch.dtype = torch.float32):
+        super().__init__(width, dtype)
+        self.value: torch.Tensor | None = None
+        self.armed = False
+
+    def forward(self, *args, **kwargs):
+        # Called once at the start of every forward: the next block takes the value.
+        self.armed = True
+        return super().forward(*args, **kwargs)
+
+    def enter_block(self, module, args, kwargs):
+        """Forward pre-hook: replace the first running block's hidden-state input."""
+        if not self.armed:
+            return None
+        self.armed = False
+        if self.value is None:
+            raise RuntimeError("no hidden state was injected before the server forward")
+        if args:
+            return (self.value, *args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": self.value}
+        raise RuntimeError(f"{type(module).__name__} was called without a hidden-state argument to replace")
 
 
 class Absent(nn.Module):
@@ -208,6 +245,7 @@ class Segment:
     injected: Injected | None = None
     loaded: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # model tensor name -> checkpoint name
 
     def blocks(self) -> nn.ModuleList:
         return get_module(self.model, join(self.family.prefix, self.family.blocks))
@@ -224,7 +262,8 @@ def _task_class(task: str):
     raise ValueError(f"unknown task {task!r}: use 'classification' or 'causal-lm'")
 
 
-def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, width: int) -> dict[str, nn.Module]:
+def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, width: int,
+                  dtype: torch.dtype) -> dict[str, nn.Module]:
     """Task-model paths this side does not own, with what stands in for each."""
     p = fam.prefix
     blocks = join(p, fam.blocks)
@@ -247,9 +286,9 @@ def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, 
             without_output_side("server side in a two-part split")
         return swap
     # server
-    swap[join(p, fam.embeddings[0])] = Injected()
+    swap[join(p, fam.embeddings[0])] = Injected(width, dtype)
     for emb in fam.embeddings[1:]:
-        swap[join(p, emb)] = ZeroEmbedding(width)
+        swap[join(p, emb)] = ZeroEmbedding(width, dtype)
     for extra in fam.embed_extras:
         swap[join(p, extra)] = nn.Identity()
     for i in range(num_layers):
@@ -260,20 +299,135 @@ def _placeholders(fam: Family, side: str, cut: Cut, num_layers: int, task: str, 
     return swap
 
 
-def checkpoint_name(name: str, prefix: str, index: CheckpointIndex) -> str | None:
-    """The checkpoint's name for a model tensor (checkpoints of the bare base
-    model lack the task model's prefix)."""
-    if name in index:
-        return name
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in index:
-        return name[len(prefix) + 1 :]
-    return None
+def _has_module(root: nn.Module, path: str) -> bool:
+    """Whether ``path`` names a module (optional parts such as ELECTRA's embedding projection)."""
+    try:
+        get_module(root, path)
+    except (AttributeError, IndexError):
+        return False
+    return True
+
+
+def check_layout(fam: Family, model: nn.Module, task: str) -> None:
+    """Refuse a model with weights outside the parts ``fam`` places (e.g. OPT's
+    projections when ``word_embed_proj_dim != hidden_size``): neither side would run them."""
+    p = fam.prefix
+    parts = [join(p, fam.blocks), *(join(p, e) for e in (*fam.embeddings, *fam.embed_extras, *fam.base_head)),
+             *fam.head_modules(task)]
+    if fam.norm:
+        parts.append(join(p, fam.norm))
+    outside = [n for n, _ in model.named_parameters() if not any(n.startswith(part + ".") for part in parts)]
+    if outside:
+        raise ValueError(
+            f"{type(model).__name__} has weights outside the embeddings, blocks, final norm and head that "
+            f"fedsplit places for the {fam.name} family: {', '.join(outside)}. This configuration of the model "
+            "is not supported."
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """The checkpoint's tensors under the model's names, renamed the way
+    transformers renames them when loading (legacy ``LayerNorm.gamma``/``beta``,
+    per-model renamings such as GPT-NeoX's ``embed_out``, a base-model prefix
+    added or removed)."""
+
+    sources: dict[str, str]  # model tensor name -> checkpoint name
+    converted: dict[str, str]  # model tensor name -> transformers conversion it would need
+    unexpected: dict[str, str]  # checkpoint name -> its renamed form, used by no model tensor
+
+
+def checkpoint_names(model: nn.Module, index: CheckpointIndex) -> CheckpointNames:
+    """Map ``index``'s tensors to ``model``'s (the full skeleton, before placeholders)."""
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = model.state_dict()
+    prefix = model.base_model_prefix
+    sources, converted, unexpected = {}, {}, {}
+    # transformers visits keys in this order; grouped renamings depend on it.
+    for key in sorted(index.entries, key=dot_natural_key):
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if renamed not in expected and key in expected:
+            renamed, pattern = rename_source_key(key, [], [], prefix, expected)
+        if renamed not in expected:
+            unexpected[key] = renamed
+        elif pattern is not None:
+            converted[renamed] = pattern
+        else:
+            sources.setdefault(renamed, key)
+    return CheckpointNames(sources, converted, _used_by_transformers(model, unexpected))
+
+
+def _used_by_transformers(model, unexpected: dict[str, str]) -> dict[str, str]:
+    """Drop the unexpected names transformers itself ignores (old buffers such as
+    ``position_ids``, the model's ``_keys_to_ignore_on_load_unexpected``)."""
+    info = LoadStateDictInfo(missing_keys=set(), unexpected_keys=set(unexpected), mismatched_keys=set(),
+                             error_msgs=[], conversion_errors={}, skipped_pp_keys=set())
+    model._adjust_missing_and_unexpected_keys(info)
+    return {k: v for k, v in unexpected.items() if k in info.unexpected_keys}
+
+
+def new_heads(fam: Family, task: str) -> tuple[str, ...]:
+    """Modules a checkpoint may lack because the task creates them: the
+    classification head. A causal-LM head is pretrained; when tied to the
+    embedding it is read from the embedding's tensor."""
+    return fam.head_modules(task) if task == "classification" else ()
+
+
+def _refuse_missing(path: Path, missing: list[str], converted: dict[str, str]) -> None:
+    if converted:
+        raise ValueError(
+            f"{path}: tensors {', '.join(sorted(converted))} need transformers' on-the-fly tensor conversion "
+            f"({', '.join(sorted(set(converted.values())))}), which fedsplit's per-tensor reader does not apply"
+        )
+    if missing:
+        raise ValueError(
+            f"{path}: the checkpoint has no tensor for {', '.join(missing)} (after transformers' key renaming). "
+            "Only a new classification head may be absent; check that the folder holds the model its config.json "
+            "describes, or re-save it with `save_pretrained`."
+        )
+
+
+def _report_unexpected(side: str, cut: Cut, num_layers: int, unexpected: dict[str, str]) -> None:
+    """Warn about checkpoint tensors no model tensor uses: the side that runs a
+    block reports its block's, the client everything outside the blocks."""
+    server = set(cut.server_blocks(num_layers))
+    mine = [k for k, renamed in unexpected.items() if (SERVER if block_of(renamed) in server else CLIENT) == side]
+    if mine:
+        log.warning("%s segment: the checkpoint has %d tensors the model does not use (not loaded): %s",
+                    side, len(mine), ", ".join(mine[:20]) + (" ..." if len(mine) > 20 else ""))
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_path, _, leaf = name.rpartition(".")
     module = get_module(model, module_path)
     module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _skeleton(config, task: str, attn_implementation: str | None) -> nn.Module:
+    """The task model on the meta device (no memory for weights)."""
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        return _task_class(task).from_config(config, **kwargs)
+
+
+def _swap_placeholders(skeleton: nn.Module, swap: dict[str, nn.Module]) -> Injected | None:
+    """Put the placeholders in; on the server, hook the injection into every block it hosts."""
+    injected = None
+    for path_, placeholder in swap.items():
+        if not _has_module(skeleton, path_):
+            continue  # an optional part this configuration lacks
+        set_module(skeleton, path_, placeholder)
+        if isinstance(placeholder, Injected):
+            injected = placeholder
+    return injected
+
+
+def _hook_injection(blocks: nn.ModuleList, injected: Injected) -> None:
+    for block in blocks:
+        if not isinstance(block, Passthrough):
+            block.register_forward_pre_hook(injected.enter_block, with_kwargs=True)
 
 
 def build_segment(
@@ -289,8 +443,10 @@ def build_segment(
 ) -> Segment:
     """Build one side's segment, reading only the tensors that side owns.
 
-    Tensors absent from the checkpoint (a new classification head) get a
-    deterministic initial value from ``seed`` and their name.
+    Checkpoint names are mapped to the model's as transformers maps them. A new
+    classification head absent from the checkpoint gets a deterministic initial
+    value from ``seed`` and its name; any other absent tensor is refused
+    (ValueError naming them).
     """
     if side not in (CLIENT, SERVER):
         raise ValueError(f"side must be {CLIENT!r} or {SERVER!r}, got {side!r}")
@@ -300,31 +456,28 @@ def build_segment(
     fam.head_modules(task)
     num_layers = config.num_hidden_layers
     cut.check(num_layers)
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with init_empty_weights(include_buffers=False):
-        skeleton = _task_class(task).from_config(config, **kwargs)
+    skeleton = _skeleton(config, task, attn_implementation)
+    check_layout(fam, skeleton, task)
+    index = CheckpointIndex(path)
+    names = checkpoint_names(skeleton, index)
     tied = dict(getattr(skeleton, "_tied_weights_keys", None) or {})
     if not getattr(config.get_text_config(), "tie_word_embeddings", False):
         tied = {}
     width = config.get_text_config().hidden_size
-    injected = None
-    for path_, placeholder in _placeholders(fam, side, cut, num_layers, task, width).items():
-        set_module(skeleton, path_, placeholder)
-        if isinstance(placeholder, Injected):
-            injected = placeholder
+    injected = _swap_placeholders(skeleton, _placeholders(fam, side, cut, num_layers, task, width, dtype))
+    if injected is not None:
+        _hook_injection(get_module(skeleton, join(fam.prefix, fam.blocks)), injected)
 
-    index = CheckpointIndex(path)
     params = dict(skeleton.named_parameters(remove_duplicate=False))
     # A tied tensor whose source is on this side shares the source's storage.
     share = {t: s for t, s in tied.items() if t in params and s in params}
-    loaded, initialised, owned = [], [], 0
+    heads = new_heads(fam, task)
+    loaded, initialised, missing, owned = [], [], [], 0
     std = getattr(config, "initializer_range", 0.02)
     for name, param in params.items():
         if param.device.type != "meta" or name in share:
             continue
-        source = checkpoint_name(name, fam.prefix, index)
-        if source is None and name in tied:
-            source = checkpoint_name(tied[name], fam.prefix, index)
+        source = names.sources.get(name) or names.sources.get(tied.get(name, ""))
         if source is not None:
             value = index.read(source, dtype)
             if tuple(value.shape) != tuple(param.shape):
@@ -332,17 +485,22 @@ def build_segment(
                     f"{path}: tensor {source} has shape {tuple(value.shape)}, the config expects {tuple(param.shape)}"
                 )
             loaded.append(name)
-        else:
+        elif any(name.startswith(h + ".") for h in heads):
             value = init_missing(name, tuple(param.shape), seed, std).to(dtype)
             initialised.append(name)
+        else:
+            missing.append(name)
+            continue
         _set_parameter(skeleton, name, value)
         owned += value.numel() * value.element_size()
+    _refuse_missing(path, missing, {n: c for n, c in names.converted.items() if n in missing})
     for target, source in share.items():
         module_path, _, leaf = target.rpartition(".")
         get_module(skeleton, module_path)._parameters[leaf] = skeleton.get_parameter(source)
+    _report_unexpected(side, cut, num_layers, names.unexpected)
     if initialised:
-        log.info("%s segment: %d tensors not in the checkpoint, initialised from seed %d: %s",
-                 side, len(initialised), seed, ", ".join(initialised))
+        log.info("%s segment: new %s head initialised from seed %d: %s",
+                 side, task, seed, ", ".join(initialised))
     return Segment(
         model=skeleton,
         config=config,
@@ -357,4 +515,5 @@ def build_segment(
         injected=injected,
         loaded=loaded,
         initialised=initialised,
+        sources=names.sources,
     )

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config,
-                          LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig)
+from safetensors.torch import load_file, save_file
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
+                          ElectraConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig,
+                          GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config,
+                          RobertaConfig, SmolLM3Config)
 
 from server.service import BackboneServer, ServerConfig
 from split.launch import running_server
@@ -17,7 +21,9 @@ from split.partition import Cut, resolve_model_path
 from split.transport import Connection
 from split.wire import Message
 
-FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta")
+FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "bert", "roberta", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+            "gpt_neox", "opt", "distilbert", "electra")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt")
 VOCAB = 96
 
 
@@ -37,6 +43,24 @@ def tiny_config(family: str, **overrides):
         "mistral": lambda: MistralConfig(**decoder, sliding_window=None),
         "bert": lambda: BertConfig(**encoder),
         "roberta": lambda: RobertaConfig(**encoder, pad_token_id=1),
+        "qwen3": lambda: Qwen3Config(**decoder, head_dim=8),
+        "gemma": lambda: GemmaConfig(**decoder, head_dim=8),
+        "gemma2": lambda: Gemma2Config(**decoder, head_dim=8, sliding_window=8),
+        # Two sliding-window layers and a global one, as in the real model.
+        "gemma3_text": lambda: Gemma3TextConfig(**decoder, head_dim=8, sliding_window=8, sliding_window_pattern=3),
+        "phi3": lambda: Phi3Config(**decoder),
+        "gpt_neox": lambda: GPTNeoXConfig(**decoder),
+        "opt": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2, **common),
+        "distilbert": lambda: DistilBertConfig(dim=32, hidden_dim=64, n_layers=4, n_heads=4,
+                                               max_position_embeddings=72, **common),
+        # A narrower embedding than the blocks, as ELECTRA-small has: the projection runs on the client.
+        "electra": lambda: ElectraConfig(**encoder, embedding_size=16),
+        # Model types with no entry in split.families: their layout is read off the model.
+        "smollm3": lambda: SmolLM3Config(**decoder),
+        "gpt_bigcode": lambda: GPTBigCodeConfig(n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=0,
+                                                bos_token_id=1, eos_token_id=2, **common),
     }
     config = configs[family]()
     for k, v in overrides.items():
@@ -50,6 +74,20 @@ def save_tiny(family: str, folder: Path, task: str = "classification", seed: int
     torch.manual_seed(seed)
     cls.from_config(tiny_config(family, **overrides)).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def rewrite_checkpoint(src: Path, dst: Path, rename) -> Path:
+    """Copy a model folder with its tensors renamed by ``rename`` (None drops a tensor)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    renamed = {rename(k): v for k, v in tensors.items() if rename(k) is not None}
+    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def legacy_layernorm_name(name: str) -> str:
+    """The pre-2019 name BERT checkpoints gave LayerNorm scales and shifts."""
+    return name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
 
 
 @pytest.fixture(scope="session")
