@@ -235,6 +235,9 @@ def load_dataset(data: str | None, test_data: str | None = None, test_fraction: 
         else:
             train, test = split_train_test(samples, test_fraction, seed)
             held_out_from = str(data)
+            if not train or not test:
+                raise DataError(f"{data}: {len(samples)} samples are too few to hold out {test_fraction:.0%} of "
+                                "each label for evaluation; add samples or give --test-data")
     labels = sorted({s.label for s in train})
     unseen = [s for s in test if s.label not in set(labels)]
     if unseen:
@@ -286,9 +289,14 @@ class Batches:
 
     def __init__(self, samples: list[Sample], dataset: Dataset, tokenizer, max_length: int,
                  batch_size: int, shuffle: bool, seed: int = 0):
-        enc = tokenizer([s.text for s in samples], truncation=True, max_length=max_length)
-        self.ids = enc["input_ids"]
+        self._tokenise([s.text for s in samples], tokenizer, max_length, batch_size, shuffle, seed)
         self.labels = [dataset.label_id(s.label) for s in samples]
+
+    def _tokenise(self, texts: list[str], tokenizer, max_length: int, batch_size: int, shuffle: bool,
+                  seed: int) -> None:
+        if not texts:
+            raise DataError("no samples to batch: a training or test split is empty; add data or give --test-data")
+        self.ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.batch_size = batch_size
         self.shuffle = shuffle

@@ -8,7 +8,6 @@ ignores it.
 from __future__ import annotations
 
 import math
-import random
 
 import torch
 
@@ -22,13 +21,8 @@ class TextBatches(Batches):
 
     def __init__(self, texts: list[str], tokenizer, max_length: int, batch_size: int, shuffle: bool,
                  seed: int = 0):
-        enc = tokenizer(texts, truncation=True, max_length=max_length)
-        self.ids = enc["input_ids"]
+        self._tokenise(texts, tokenizer, max_length, batch_size, shuffle, seed)
         self.labels = None
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.rng = random.Random(seed)
 
     def _collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
         return collate_lm([self.ids[i] for i in rows], self.pad_id)

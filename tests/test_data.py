@@ -128,3 +128,11 @@ def test_collate_pads_to_the_longest_in_the_batch_only():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [0, 1]
+
+
+def test_too_little_data_to_hold_out_a_test_split_is_an_error_naming_the_file(tmp_path):
+    # Two samples per label: 20% of each rounds to none, which left an empty test set.
+    path = tmp_path / "tiny.csv"
+    path.write_text("text,label\nhello there,a\nbye now,b\nsee you,a\nciao,b\n")
+    with pytest.raises(DataError, match=r"tiny.csv: 4 samples are too few to hold out 20%.*--test-data"):
+        load_dataset(str(path))
