@@ -13,7 +13,8 @@ from contextlib import contextmanager
 import torch
 
 from split.families import get_module, join, set_module
-from split.partition import Cut, Passthrough, Segment
+from split.partition import Cut, Segment
+from split.placeholders import Passthrough
 from split.seeds import seeded_rng
 
 from .sessions import SHARED, RequestError, Session, Sessions

@@ -28,11 +28,10 @@ from accelerate import init_empty_weights
 from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-from transformers.utils.loading_report import LoadStateDictInfo
 
-from .families import Family, block_of, family_for, get_module, join, set_module
+from .checkpoint_names import checkpoint_names, refuse_missing, report_unexpected
+from .families import Family, family_for, get_module, join, set_module
+from .placeholders import Absent, Injected, Passthrough, ZeroEmbedding
 from .seeds import generator
 from .tensorfile import CheckpointIndex
 
@@ -77,86 +76,6 @@ class Cut:
 
     def __str__(self) -> str:
         return f"{self.front},{self.back}"
-
-
-# ---------------------------------------------------------------- placeholders
-
-
-class Passthrough(nn.Module):
-    """Stands for a block this side does not run: returns its input unchanged."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-class ZeroEmbedding(nn.Module):
-    """Stands for an embedding on the server: zeros of shape (*ids, width), in
-    the segment's dtype and on the ids' device, whatever the call signature
-    (GPT-2 positions take ids, OPT's take the mask and an offset, BERT's
-    embeddings take keywords)."""
-
-    def __init__(self, width: int, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.width = width
-        # An empty buffer follows the module through .to(dtype / device).
-        self.register_buffer("like", torch.empty(0, dtype=dtype), persistent=False)
-
-    def forward(self, *args, **kwargs):
-        ids = _first_tensor(args, kwargs)
-        shape = ids.shape[:-1] if ids.is_floating_point() else ids.shape
-        return torch.zeros(*shape, self.width, dtype=self.like.dtype, device=ids.device)
-
-
-def _first_tensor(args, kwargs) -> torch.Tensor:
-    """The tensor an embedding call is shaped by: ``input_ids`` or the first tensor given."""
-    if isinstance(kwargs.get("input_ids"), torch.Tensor):
-        return kwargs["input_ids"]
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    raise RuntimeError("an embedding placeholder was called without a tensor to take its shape from")
-
-
-class Injected(ZeroEmbedding):
-    """Stands for the token embedding on the server. The hidden state received
-    from the client enters at the input of the first block the server runs
-    (``enter_block``, a forward pre-hook on each hosted block), so whatever a
-    model does between its embedding and its blocks (scaling, added positions,
-    projections, normalisation) is done once, on the client."""
-
-    def __init__(self, width: int, dtype: torch.dtype = torch.float32):
-        super().__init__(width, dtype)
-        self.value: torch.Tensor | None = None
-        self.armed = False
-
-    def forward(self, *args, **kwargs):
-        # Called once at the start of every forward: the next block takes the value.
-        self.armed = True
-        return super().forward(*args, **kwargs)
-
-    def enter_block(self, module, args, kwargs):
-        """Forward pre-hook: replace the first running block's hidden-state input."""
-        if not self.armed:
-            return None
-        self.armed = False
-        if self.value is None:
-            raise RuntimeError("no hidden state was injected before the server forward")
-        if args:
-            return (self.value, *args[1:]), kwargs
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": self.value}
-        raise RuntimeError(f"{type(module).__name__} was called without a hidden-state argument to replace")
-
-
-class Absent(nn.Module):
-    """Stands for a head this side does not hold; calling it is a bug."""
-
-    def __init__(self, what: str):
-        super().__init__()
-        self.what = what
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self.what} is held by the other side of the split")
 
 
 # ---------------------------------------------------------------- model loading
@@ -325,78 +244,11 @@ def check_layout(fam: Family, model: nn.Module, task: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class CheckpointNames:
-    """The checkpoint's tensors under the model's names, renamed the way
-    transformers renames them when loading (legacy ``LayerNorm.gamma``/``beta``,
-    per-model renamings such as GPT-NeoX's ``embed_out``, a base-model prefix
-    added or removed)."""
-
-    sources: dict[str, str]  # model tensor name -> checkpoint name
-    converted: dict[str, str]  # model tensor name -> transformers conversion it would need
-    unexpected: dict[str, str]  # checkpoint name -> its renamed form, used by no model tensor
-
-
-def checkpoint_names(model: nn.Module, index: CheckpointIndex) -> CheckpointNames:
-    """Map ``index``'s tensors to ``model``'s (the full skeleton, before placeholders)."""
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    expected = model.state_dict()
-    prefix = model.base_model_prefix
-    sources, converted, unexpected = {}, {}, {}
-    # transformers visits keys in this order; grouped renamings depend on it.
-    for key in sorted(index.entries, key=dot_natural_key):
-        renamed, pattern = rename_source_key(key, renamings, converters, prefix, expected)
-        if renamed not in expected and key in expected:
-            renamed, pattern = rename_source_key(key, [], [], prefix, expected)
-        if renamed not in expected:
-            unexpected[key] = renamed
-        elif pattern is not None:
-            converted[renamed] = pattern
-        else:
-            sources.setdefault(renamed, key)
-    return CheckpointNames(sources, converted, _used_by_transformers(model, unexpected))
-
-
-def _used_by_transformers(model, unexpected: dict[str, str]) -> dict[str, str]:
-    """Drop the unexpected names transformers itself ignores (old buffers such as
-    ``position_ids``, the model's ``_keys_to_ignore_on_load_unexpected``)."""
-    info = LoadStateDictInfo(missing_keys=set(), unexpected_keys=set(unexpected), mismatched_keys=set(),
-                             error_msgs=[], conversion_errors={}, skipped_pp_keys=set())
-    model._adjust_missing_and_unexpected_keys(info)
-    return {k: v for k, v in unexpected.items() if k in info.unexpected_keys}
-
-
 def new_heads(fam: Family, task: str) -> tuple[str, ...]:
     """Modules a checkpoint may lack because the task creates them: the
     classification head. A causal-LM head is pretrained; when tied to the
     embedding it is read from the embedding's tensor."""
     return fam.head_modules(task) if task == "classification" else ()
-
-
-def _refuse_missing(path: Path, missing: list[str], converted: dict[str, str]) -> None:
-    if converted:
-        raise ValueError(
-            f"{path}: tensors {', '.join(sorted(converted))} need transformers' on-the-fly tensor conversion "
-            f"({', '.join(sorted(set(converted.values())))}), which fedsplit's per-tensor reader does not apply"
-        )
-    if missing:
-        raise ValueError(
-            f"{path}: the checkpoint has no tensor for {', '.join(missing)} (after transformers' key renaming). "
-            "Only a new classification head may be absent; check that the folder holds the model its config.json "
-            "describes, or re-save it with `save_pretrained`."
-        )
-
-
-def _report_unexpected(side: str, cut: Cut, num_layers: int, unexpected: dict[str, str]) -> None:
-    """Warn about checkpoint tensors no model tensor uses: the side that runs a
-    block reports its block's, the client everything outside the blocks."""
-    server = set(cut.server_blocks(num_layers))
-    mine = [k for k, renamed in unexpected.items() if (SERVER if block_of(renamed) in server else CLIENT) == side]
-    if mine:
-        log.warning("%s segment: the checkpoint has %d tensors the model does not use (not loaded): %s",
-                    side, len(mine), ", ".join(mine[:20]) + (" ..." if len(mine) > 20 else ""))
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -493,11 +345,11 @@ def build_segment(
             continue
         _set_parameter(skeleton, name, value)
         owned += value.numel() * value.element_size()
-    _refuse_missing(path, missing, {n: c for n, c in names.converted.items() if n in missing})
+    refuse_missing(path, missing, {n: c for n, c in names.converted.items() if n in missing})
     for target, source in share.items():
         module_path, _, leaf = target.rpartition(".")
         get_module(skeleton, module_path)._parameters[leaf] = skeleton.get_parameter(source)
-    _report_unexpected(side, cut, num_layers, names.unexpected)
+    report_unexpected(side, cut.server_blocks(num_layers), names.unexpected)
     if initialised:
         log.info("%s segment: new %s head initialised from seed %d: %s",
                  side, task, seed, ", ".join(initialised))

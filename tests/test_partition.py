@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, legacy_layernorm_name, rewrite_checkpoint, save_tiny
 from split.families import family_for
-from split.partition import CLIENT, SERVER, Absent, Cut, Injected, Passthrough, ZeroEmbedding, build_segment
+from split.partition import CLIENT, SERVER, Cut, build_segment
+from split.placeholders import Absent, Injected, Passthrough, ZeroEmbedding
 from split.tensorfile import CheckpointIndex
 
 
