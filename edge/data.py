@@ -323,13 +323,19 @@ class Batches:
         return collate([self.ids[i] for i in rows], [self.labels[i] for i in rows], self.pad_id)
 
 
-def collate(ids: list[list[int]], labels: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest sequence."""
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded to the batch's longest sequence, and the attention mask."""
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, seq in enumerate(ids):
         input_ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+def collate(ids: list[list[int]], labels: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sequence."""
+    input_ids, mask = pad_batch(ids, pad_id)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .data import Batches
+from .data import Batches, pad_batch
 
 IGNORE = -100  # the label transformers' losses skip
 
@@ -30,12 +30,7 @@ class TextBatches(Batches):
 
 def collate_lm(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest sequence; labels are the inputs with padding masked."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    input_ids, mask = pad_batch(ids, pad_id)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, IGNORE)}
 
 
