@@ -173,6 +173,7 @@ class SplitClient:
             welcome = Welcome.from_message(self.conn.request(hello.to_message(), timeout=cfg.connect_timeout))
         except ServerError as exc:
             raise ServerRefused(f"the server at {cfg.server} refused this client: {exc}") from None
+        self.conn.token = welcome.token
         self.cut = cfg.cut or welcome.server_cut
         self.federation = welcome.federation  # None: plain split training
         self.device = resolve_device(cfg.device)

@@ -82,7 +82,7 @@ class BackboneServer:
         if config.resume:
             self._resume()
         # Ops that need no session get the routing id; the others get the caller's session.
-        self.open_ops: dict[str, Callable[[bytes, Message], Message]] = {
+        self.open_ops: dict[str, Callable[[bytes, str, Message], Message]] = {
             "hello": self._hello, "status": self._status}
         self.session_ops: dict[str, Callable[[Session, Message], Message]] = {
             "forward": self._forward, "backward": self._backward, "adapter": self._adapter, "bye": self._bye,
@@ -98,7 +98,6 @@ class BackboneServer:
         context = context or zmq.Context.instance()
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client takes its id back
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes + (1 << 20))
         self.socket.bind(self.config.bind)
         return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -127,25 +126,33 @@ class BackboneServer:
 
     # ------------------------------------------------------------ dispatch
 
-    def handle(self, routing_id: bytes, frames: list) -> Message:
-        """Answer one message; never raises for anything a client sent."""
+    def handle(self, routing_id: bytes, frames: list, peer: str = "") -> Message:
+        """Answer one message; never raises for anything a client sent.
+        ``peer`` is the sender's authenticated CurveZMQ key ("" on a plain
+        socket): a session is served only to its token from that key."""
         try:
             msg = decode(frames, self.config.limits)
         except WireError as exc:
             log.warning("malformed message from %r: %s", routing_id, exc)
-            return error("", 0, f"malformed message: {exc}")
+            return error("", 0, f"malformed message: {exc}", "malformed")
+        token = msg.meta.get("token", "")
+        session = None
         try:
             if msg.op in self.open_ops:
-                reply = self.open_ops[msg.op](routing_id, msg)
+                reply = self.open_ops[msg.op](routing_id, peer, msg)
             elif msg.op in self.session_ops:
-                reply = self.session_ops[msg.op](self.sessions.get(msg.client, routing_id), msg)
+                session = self.sessions.get(msg.client, token, peer, routing_id)
+                reply = self.session_ops[msg.op](session, msg)
             else:
                 raise RequestError(f"op {msg.op!r} is a reply, not a request")
-        except (RequestError, FederationError, StrategyError, WireError) as exc:
-            reply = error(msg.client, msg.step, str(exc))
+        except RequestError as exc:
+            reply = error(msg.client, msg.step, str(exc), exc.code)
+        except WireError as exc:
+            reply = error(msg.client, msg.step, str(exc), "malformed")
+        except (FederationError, StrategyError) as exc:
+            reply = error(msg.client, msg.step, str(exc), "refused")
         except Exception as exc:  # a bad tensor can fail deep inside the model
             log.exception("request %s from %s failed", msg.op, msg.client)
-            session = self.sessions.by_client.get(msg.client)
             if session is not None:
                 session.graphs.pop(msg.step, None)
             reply = error(msg.client, msg.step, f"{msg.op} failed on the server: {type(exc).__name__}: {exc}")
@@ -154,10 +161,11 @@ class BackboneServer:
 
     # ------------------------------------------------------------ session ops
 
-    def _hello(self, routing_id: bytes, msg: Message) -> Message:
+    def _hello(self, routing_id: bytes, peer: str, msg: Message) -> Message:
         if not msg.client:
             raise RequestError("hello needs a client id")
         hello = Hello.from_message(msg)
+        self.sessions.check_owner(msg.client, msg.meta.get("token", ""), peer)
         seg = self.segment
         mismatch = self.model_info.mismatch(hello.model)
         if mismatch:
@@ -179,13 +187,13 @@ class BackboneServer:
             raise RequestError(
                 f"the server's classification head has {seg.config.num_labels} labels, the client's data has "
                 f"{hello.num_labels}; restart the server with --num-labels {hello.num_labels}")
-        self.sessions.open(msg.client, routing_id, cut, hello.lora, hello.seed, hello.optimizer)
+        session = self.sessions.open(msg.client, routing_id, cut, hello.lora, hello.seed, hello.optimizer, peer)
         fed = self.config.federation
         welcome = Welcome(seg.num_layers, seg.cut, self.config.session_timeout,
-                          None if fed is None else fed.settings())
+                          None if fed is None else fed.settings(), session.token)
         return welcome.to_message(msg.client)
 
-    def _status(self, routing_id: bytes, msg: Message) -> Message:
+    def _status(self, routing_id: bytes, peer: str, msg: Message) -> Message:
         return Message("ok", meta=self.sessions.status())
 
     def _forward(self, session: Session, msg: Message) -> Message:

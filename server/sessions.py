@@ -10,7 +10,9 @@ updates into the frozen weights.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +39,16 @@ def check_server_lora(value: str) -> None:
 
 
 class RequestError(Exception):
-    """A well-formed request that cannot be served; its text goes back to the client."""
+    """A well-formed request that cannot be served; its text goes back to the
+    client with ``code`` (see ``split.wire.ERROR_CODES``)."""
+
+    code = "refused"
+
+
+class SessionError(RequestError):
+    """No session answers to this client id and token: the client must say hello."""
+
+    code = "session"
 
 
 @dataclass
@@ -45,7 +56,9 @@ class Session:
     """What the server holds for one client."""
 
     client: str
-    routing_id: bytes
+    routing_id: bytes  # where replies go: the connection the latest authenticated request came from
+    token: str  # the secret the server issued at hello; only its holder is served
+    peer: str  # the CurveZMQ public key the session was opened with ("" on a plain socket)
     adapter: str
     cut: Cut
     spec: LoraSpec
@@ -60,6 +73,17 @@ class Session:
     @property
     def shared(self) -> bool:
         return self.adapter == SHARED
+
+
+def _owns(session: Session, token: str, peer: str, need_token: bool = False) -> bool:
+    """Whether a request with ``token`` from ``peer`` belongs to ``session``:
+    its token always does (and, on an encrypted socket, only from its key);
+    for a hello, the same authenticated key is enough (a restarted client)."""
+    if session.peer and peer != session.peer:
+        return False
+    if isinstance(token, str) and token and hmac.compare_digest(token, session.token):
+        return True
+    return bool(session.peer) and not need_token
 
 
 def make_optimizer(params: list, settings: OptimizerSettings) -> torch.optim.Optimizer:
@@ -89,10 +113,21 @@ class Sessions:
 
     # ------------------------------------------------------------ lifetime
 
+    def check_owner(self, client: str, token: str, peer: str) -> None:
+        """Refuse a hello for a client id whose session belongs to someone
+        else: only the holder of its token, or a peer authenticated with the
+        same key, may replace it. The refusal leaves the session untouched."""
+        session = self.by_client.get(client)
+        if session is None or _owns(session, token, peer):
+            return
+        raise RequestError(f"client id {client!r} is in use by another session; choose another --client-id "
+                           f"(a session silent for {self.timeout:.0f}s is freed)")
+
     def open(self, client: str, routing_id: bytes, cut: Cut, spec: LoraSpec, seed: int,
-             settings: OptimizerSettings) -> Session:
-        """A new session for ``client`` with its adapter and optimizer; an old
-        session of the same id is dropped only once the new one exists."""
+             settings: OptimizerSettings, peer: str = "") -> Session:
+        """A new session for ``client`` with its adapter, optimizer and a fresh
+        token; an old session of the same id is dropped only once the new one
+        exists (the caller has checked the hello may replace it)."""
         seg = self.segment
         heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else None
         if self.server_lora == "shared":
@@ -111,8 +146,8 @@ class Sessions:
         if client in self.by_client:
             log.info("client %s registers again: its old session is dropped", client)
             self.drop(client)
-        session = Session(client, routing_id, adapter, cut, spec, settings, optimizer, params, time.monotonic(),
-                          seed=seed)
+        session = Session(client, routing_id, secrets.token_hex(16), peer, adapter, cut, spec, settings, optimizer,
+                          params, time.monotonic(), seed=seed)
         self.by_client[client] = session
         self._active = None
         log.info("client %s joined: cut %s, LoRA r=%d, %d server-side tensors", client, cut, spec.rank, len(params))
@@ -132,13 +167,16 @@ class Sessions:
                                f"{shared_spec.alpha}); join with the same --rank, --alpha and --targets")
         return SHARED, params, optimizer
 
-    def get(self, client: str, routing_id: bytes) -> Session:
-        """The session of ``client`` on this connection; refreshes its clock."""
+    def get(self, client: str, token: str, peer: str, routing_id: bytes) -> Session:
+        """The session of ``client`` if ``token`` (and, on an encrypted socket,
+        the peer's key) is its own; replies follow the session to the
+        connection this request came from. Refreshes its clock."""
         session = self.by_client.get(client)
-        if session is None:
-            raise RequestError(f"unknown client {client!r}: send hello first (or the session expired)")
-        if session.routing_id != routing_id:
-            raise RequestError(f"client id {client!r} is registered from another connection")
+        if session is None or not _owns(session, token, peer, need_token=True):
+            # One answer for both cases, so a probe learns nothing about other clients' ids.
+            raise SessionError(f"no session for client {client!r} with this token: send hello first "
+                               "(or the session expired)")
+        session.routing_id = routing_id
         session.last_seen = time.monotonic()
         return session
 
@@ -165,10 +203,9 @@ class Sessions:
         return gone
 
     def status(self) -> dict:
-        """Counts and ids, for the status op."""
+        """Counts for the status op: anyone may ask, so no client ids."""
         return {"sessions": len(self.by_client),
-                "pending": sum(len(s.graphs) for s in self.by_client.values()),
-                "clients": sorted(self.by_client)}
+                "pending": sum(len(s.graphs) for s in self.by_client.values())}
 
     def graphs_waiting(self) -> bool:
         """Whether any client's forward still waits for its backward."""

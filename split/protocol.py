@@ -32,6 +32,7 @@ TRAINABLE = ("both", "A", "B")
 ROUND_STATUS = ("wait", "train", "done")
 _MISSING = object()
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TOKEN = re.compile(r"[0-9a-f]{32}")
 MAX_SOURCE = 512
 MAX_LABELS = 100_000
 
@@ -278,20 +279,24 @@ class Welcome:
     server_cut: Cut
     session_timeout: float
     federation: FederationSettings | None = None  # None: plain split training
+    token: str = ""  # the session's secret: every later request of this client carries it
 
     def to_message(self, client: str) -> Message:
         return Message("ok", client, meta={
             "num_layers": self.num_layers, "server_cut": [self.server_cut.front, self.server_cut.back],
-            "session_timeout": self.session_timeout,
+            "session_timeout": self.session_timeout, "token": self.token,
             "federation": None if self.federation is None else self.federation.to_meta()})
 
     @classmethod
     def from_message(cls, msg: Message) -> "Welcome":
         op, meta = "hello reply", msg.meta
         fed = meta.get("federation")
+        token = _field(meta, op, "token", "str")
+        if not _TOKEN.fullmatch(token):
+            raise ProtocolError(f"{op}: field 'token' must be 32 hex digits")
         return cls(_field(meta, op, "num_layers", "positive"), _cut(_field(meta, op, "server_cut", "list"), op),
                    _field(meta, op, "session_timeout", "float"),
-                   None if fed is None else FederationSettings.from_meta(fed, op))
+                   None if fed is None else FederationSettings.from_meta(fed, op), token)
 
 
 # ---------------------------------------------------------------- join

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import uuid
 
 import zmq
 
-from .wire import Limits, Message, WireError, decode, encode, frame_len
+from .wire import ERROR_CODES, Limits, Message, WireError, decode, encode, frame_len
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +18,11 @@ class ServerUnavailable(ConnectionError):
 
 
 class ServerError(RuntimeError):
-    """The server answered with an error."""
+    """The server answered with an error; ``code`` is one of ``split.wire.ERROR_CODES``."""
+
+    def __init__(self, text: str, code: str = "failed"):
+        super().__init__(text)
+        self.code = code
 
 
 class Connection:
@@ -27,6 +30,9 @@ class Connection:
 
     ``bytes_sent`` / ``bytes_received`` count the frames that crossed the
     socket (header and tensor frames), so meters report what the wire carried.
+    ``token`` is the session token the server issued at hello: every request
+    carries it, and the server serves a session only to its token. The
+    socket's routing id is ZeroMQ's own random one, never chosen here.
     """
 
     def __init__(self, address: str, client_id: str, timeout: float = 120.0, limits: Limits = Limits()):
@@ -37,10 +43,10 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages = 0
+        self.token = ""
         self._rid = itertools.count(1)
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.IDENTITY, f"{client_id}-{uuid.uuid4().hex[:8]}".encode())
         self.socket.connect(address)
 
     def request(self, msg: Message, timeout: float | None = None) -> Message:
@@ -48,6 +54,8 @@ class Connection:
         rid = next(self._rid)
         msg.client = self.client_id
         msg.meta = {**msg.meta, "rid": rid}
+        if self.token:
+            msg.meta["token"] = self.token
         frames = encode(msg)
         self.bytes_sent += sum(frame_len(f) for f in frames)
         self.socket.send_multipart(frames, copy=False)
@@ -68,7 +76,9 @@ class Connection:
                 log.debug("dropping a late reply to request %s", reply.meta.get("rid"))
                 continue
             if reply.op == "error":
-                raise ServerError(reply.meta.get("error", "unknown error"))
+                code = reply.meta.get("code")
+                raise ServerError(str(reply.meta.get("error", "unknown error")),
+                                  code if code in ERROR_CODES else "failed")
             return reply
 
     def close(self) -> None:

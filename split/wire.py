@@ -153,6 +153,18 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     return Message(op=op, client=client, step=step, meta=meta, tensors=tensors)
 
 
-def error(client: str, step: int, text: str) -> Message:
-    """An error reply."""
-    return Message(op="error", client=client, step=step, meta={"error": text})
+# What an error reply's ``code`` tells the client to do.
+ERROR_CODES = {
+    "malformed": "the request broke the protocol; sending it again will not help",
+    "refused": "the server will not serve this request as it stands",
+    "session": "the server holds no session for this client and token: register again with hello",
+    "busy": "the server is at a limit now; the same request may succeed later",
+    "failed": "the request failed on the server",
+}
+
+
+def error(client: str, step: int, text: str, code: str = "failed") -> Message:
+    """An error reply whose ``code`` (one of ``ERROR_CODES``) says what the client can do about it."""
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}; known: {', '.join(ERROR_CODES)}")
+    return Message(op="error", client=client, step=step, meta={"error": text, "code": code})

@@ -30,7 +30,7 @@ def test_hello_and_welcome_round_trip():
     no_cut = Hello(BERT, LoraSpec(), "classification", num_labels=3)
     assert Hello.from_message(over_the_wire(no_cut.to_message())) == no_cut
     for fed in (None, FederationSettings("hetlora", 3, 10, 0.5)):
-        welcome = Welcome(6, Cut(1, 1), 120.0, fed)
+        welcome = Welcome(6, Cut(1, 1), 120.0, fed, "0f" * 16)
         assert Welcome.from_message(over_the_wire(welcome.to_message("c"))) == welcome
 
 
