@@ -24,6 +24,7 @@ from split.partition import SERVER, Cut, build_segment
 from split.protocol import Hello, Join, ModelInfo, UploadPayload, Welcome
 from split.wire import Limits, Message, WireError, decode, encode, error
 
+from .admission import model_layout
 from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
 from .rounds import Coordinator, FederationConfig, FederationError
@@ -78,7 +79,9 @@ class BackboneServer:
         self.model_info = ModelInfo.of(seg.path, seg.config)
         self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed)
         self.compute = BackboneCompute(seg, self.sessions, config.max_pending, self.device, dtype)
-        self.coordinator = None if config.federation is None else Coordinator(config.federation, self.sessions)
+        self.coordinator = None if config.federation is None else Coordinator(
+            config.federation, self.sessions, model_layout(seg.config, seg.family, seg.task))
+        self._tick_error: str | None = None
         if config.resume:
             self._resume()
         # Ops that need no session get the routing id; the others get the caller's session.
@@ -120,10 +123,19 @@ class BackboneServer:
     def tick(self) -> None:
         """Expire silent sessions, advance the rounds, checkpoint a closed round."""
         self.sessions.expire()
-        if self.coordinator is not None:
+        if self.coordinator is None:
+            return
+        try:
             closed = self.coordinator.tick()
             if closed is not None and self.config.checkpoint_dir is not None:
                 self._checkpoint(closed.round)
+        except Exception as exc:  # noqa: BLE001 - the server outlives a failing round; the coordinator notes why
+            reason = f"{type(exc).__name__}: {exc}"
+            if reason != self._tick_error:  # once per reason, not once per poll
+                log.exception("the federation could not advance; the server keeps serving")
+            self._tick_error = reason
+        else:
+            self._tick_error = None
 
     # ------------------------------------------------------------ dispatch
 
