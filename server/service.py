@@ -12,6 +12,7 @@ tests can drive a server in-process.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,6 +47,7 @@ class ServerConfig:
     seed: int = 0
     dropout: bool = True
     session_timeout: float = 120.0
+    pending_timeout: float = 60.0  # seconds a forward waits for its backward before its graph is dropped
     max_pending: int = 8
     limits: Limits = field(default_factory=Limits)
     attn_implementation: str | None = None
@@ -58,6 +60,8 @@ class ServerConfig:
 
     def __post_init__(self):
         check_server_lora(self.server_lora)  # before the model loads
+        if not (math.isfinite(self.pending_timeout) and self.pending_timeout > 0):
+            raise ValueError(f"pending_timeout must be a finite number of seconds > 0, got {self.pending_timeout}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
         if self.resume and (self.federation is None or self.checkpoint_dir is None):
@@ -77,7 +81,8 @@ class BackboneServer:
         heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else []
         place(seg.model, self.device, heads)
         self.model_info = ModelInfo.of(seg.path, seg.config)
-        self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed)
+        self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed,
+                                 pending_timeout=config.pending_timeout)
         self.compute = BackboneCompute(seg, self.sessions, config.max_pending, self.device, dtype)
         self.coordinator = None if config.federation is None else Coordinator(
             config.federation, self.sessions, model_layout(seg.config, seg.family, seg.task))
