@@ -35,6 +35,7 @@ from . import admission
 from .admission import MAX_SAMPLES, MAX_VALUE, ModelLayout, Refused
 from .strategies import get_strategy
 from .strategies.base import ClientInfo, Download, Factors, GlobalModel, StrategyError, Upload, methods_with
+from .strategies.robust import RobustConfig, robust
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class FederationConfig:
     seed: int = 0
     max_samples: int = MAX_SAMPLES  # most training samples one client may declare at join
     max_upload_value: float = MAX_VALUE  # bound on the magnitude of every uploaded value (server/admission.py)
+    robust: RobustConfig = field(default_factory=RobustConfig)  # clipping, trimmed mean or median
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
@@ -190,7 +192,10 @@ class Coordinator:
         self.config = config
         self.server = server
         self.layout = layout
-        self.strategy = get_strategy(config.strategy, seed=config.seed, **config.strategy_options)
+        self.strategy = robust(get_strategy(config.strategy, seed=config.seed, **config.strategy_options),
+                               config.robust)
+        if config.robust.active:
+            log.warning("robust aggregation: %s", config.robust.describe())
         self.members: dict[str, Member] = {}
         self.labels: tuple[str, ...] | None = None  # class names in head order, from the first client naming them
         # Classes of the shared head: from the first client naming its labels, or
