@@ -100,6 +100,12 @@ def write_round(root: str | Path, round_index: int, glob: GlobalModel, family: F
     tmp.mkdir(parents=True)
     targets = sorted({m.rsplit(".", 1)[-1] for m in glob.A} | {m.rsplit(".", 1)[-1] for m in shared or {}})
     heads = sorted({name.rsplit(".", 1)[0] for name in glob.head})
+    trained = family.trained_heads(task)
+    stray = [h for h in heads if not any(h == t or h.startswith(t + ".") for t in trained)]
+    if stray:
+        # Written as modules to save, they would overwrite base weights once the adapter is loaded.
+        raise ValueError(f"round {round_index}: head tensors of {stray[:3]} are not part of the model's trained "
+                         f"head ({', '.join(trained) or 'none'}); the round is not written")
     save_adapter(tmp, adapter_tensors(glob, shared or {}), LoraSpec(glob.rank, glob.alpha, targets=tuple(targets)),
                  family, task, base_model, heads, labels=None if labels is None else list(labels))
     if base_delta:

@@ -4,10 +4,17 @@ A training forward keeps the autograd graph (the injected input and the
 output) in the session until that step's backward arrives. The server runs
 only the blocks the client's cut leaves to it: hosted blocks the client keeps
 itself become passthroughs for the duration of the call.
+
+Nothing non-finite reaches a server-side adapter: a hidden state or a gradient
+holding NaN or infinity is refused before it is used, and a backward whose
+gradients come out non-finite is refused before they are applied. One such
+step would otherwise poison the client's server-side LoRA, or, with a shared
+one, every client's.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import torch
@@ -17,7 +24,8 @@ from split.partition import Cut, Segment
 from split.placeholders import Passthrough
 from split.seeds import seeded_rng
 
-from .sessions import SHARED, RequestError, Session, Sessions
+from .admission import value_problem
+from .sessions import SHARED, Pending, RequestError, Session, Sessions
 
 
 class BackboneCompute:
@@ -40,6 +48,7 @@ class BackboneCompute:
         if hidden.dim() != 3 or hidden.shape[-1] != self.width or not hidden.is_floating_point():
             raise RequestError(f"'hidden' must be a float tensor of shape (batch, tokens, {self.width}), "
                                f"got {tuple(hidden.shape)} {hidden.dtype}")
+        _refuse_nonfinite("the forward's 'hidden'", hidden)
         if tuple(mask.shape) != tuple(hidden.shape[:2]):
             raise RequestError(f"'attention_mask' must have shape {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
         positions = tensors.get("position_ids")
@@ -80,8 +89,12 @@ class BackboneCompute:
                     keep = out
         finally:
             seg.injected.value = None
+        # Checked before the graph is kept: a step that cannot be backpropagated is not pending.
+        for name, value in result.items():
+            _refuse_nonfinite(f"the server's output {name!r}", value,
+                              "the server-side LoRA may have diverged; lower the learning rate")
         if train:
-            session.graphs[step] = (h_in, keep)
+            session.graphs[step] = Pending(h_in, keep, time.monotonic())
         return result
 
     def backward(self, session: Session, step: int, grad: torch.Tensor | None) -> torch.Tensor:
@@ -89,21 +102,35 @@ class BackboneCompute:
         session's optimizer, and return the gradient at the cut."""
         entry = session.graphs.pop(step, None)
         if entry is None:
-            raise RequestError(f"no forward is waiting for a backward at step {step}")
-        h_in, out = entry
+            raise RequestError(f"no forward is waiting for a backward at step {step} (a forward whose backward "
+                               "does not come in time is dropped)")
+        h_in, out = entry.h_in, entry.out
         if grad is None:
             raise RequestError("backward needs tensor 'grad'")
         if grad.numel() != out.numel() or (out.dim() > 0 and tuple(grad.shape) != tuple(out.shape)):
             raise RequestError(f"'grad' must have shape {tuple(out.shape) or (1,)}, got {tuple(grad.shape)}")
+        if not grad.is_floating_point():
+            raise RequestError(f"'grad' must be a float tensor, got {grad.dtype}")
+        _refuse_nonfinite("the backward's 'grad'", grad)
         self.sessions.activate(session)
-        out.backward(grad.to(out.device, out.dtype).reshape(out.shape))
+        params = [p for p in session.params if p.requires_grad]
+        # Gradients are computed apart and added only once all are finite: a
+        # shared adapter's accumulated gradients hold other clients' steps too.
+        grads = torch.autograd.grad(out, [h_in, *params], grad.to(out.device, out.dtype).reshape(out.shape),
+                                    allow_unused=True)
+        for g in grads:
+            if g is not None:
+                _refuse_nonfinite("a gradient of this step", g, "the step is dropped; lower the learning rate")
+        for p, g in zip(params, grads[1:]):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
         # A shared adapter may step only when no other client's graph still
         # needs its current values; until then gradients accumulate.
         if session.adapter != SHARED or not self.sessions.graphs_waiting():
             session.optimizer.step()
             session.optimizer.zero_grad(set_to_none=True)
         session.steps += 1
-        return h_in.grad.detach()
+        return grads[0].detach()
 
     def _check_labels(self, labels: torch.Tensor | None, batch_tokens) -> torch.Tensor:
         """The labels of a two-part forward, checked against the server's head:
@@ -161,3 +188,11 @@ class BackboneCompute:
         pad = cfg.pad_token_id or 0
         other = (pad + 1) % cfg.get_text_config().vocab_size
         return torch.where(mask.bool(), torch.full_like(mask, other), torch.full_like(mask, pad))
+
+
+def _refuse_nonfinite(what: str, tensor: torch.Tensor,
+                      hint: str = "check the client's inputs and learning rate") -> None:
+    """Refuse a tensor holding NaN or infinity before it touches a server-side adapter."""
+    problem = value_problem(tensor)
+    if problem is not None:
+        raise RequestError(f"{what} {problem}; refused ({hint})")

@@ -31,8 +31,11 @@ from split.families import block_of
 from split.protocol import FederationSettings, RoundOffer, UploadPayload
 from split.seeds import generator, stable_seed
 
+from . import admission
+from .admission import MAX_SAMPLES, MAX_VALUE, ModelLayout, Refused
 from .strategies import get_strategy
-from .strategies.base import ClientInfo, Download, Factors, GlobalModel, Upload
+from .strategies.base import ClientInfo, Download, Factors, GlobalModel, StrategyError, Upload, methods_with
+from .strategies.robust import RobustConfig, robust
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class FederationConfig:
     init: str = "kaiming"  # global LoRA before round 0: peft's Kaiming-uniform A, Gaussian A, or SVD (FeDeRA)
     reinit_every: int = 0  # FedLoRU: every tau rounds merge the global LoRA into the base and start afresh
     seed: int = 0
+    max_samples: int = MAX_SAMPLES  # most training samples one client may declare at join
+    max_upload_value: float = MAX_VALUE  # bound on the magnitude of every uploaded value (server/admission.py)
+    robust: RobustConfig = field(default_factory=RobustConfig)  # clipping, trimmed mean or median
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
@@ -77,6 +83,10 @@ class FederationConfig:
             raise ValueError("rounds, local_steps, min_clients and min_uploads must be at least 1")
         if not (math.isfinite(self.deadline) and self.deadline > 0):
             raise ValueError(f"the round deadline must be a finite number of seconds > 0, got {self.deadline}")
+        if self.max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
+        if not (math.isfinite(self.max_upload_value) and self.max_upload_value > 0):
+            raise ValueError(f"max_upload_value must be a finite number > 0, got {self.max_upload_value}")
         if "seed" in self.strategy_options:
             raise ValueError("the strategy's seed is the run's seed: give --seed, not --strategy-option seed=...")
 
@@ -117,6 +127,7 @@ class Member:
     info: ClientInfo
     modules: dict[str, tuple[int, int]]  # client-side LoRA modules: name -> (d_out, d_in)
     profile: str = ""
+    server_modules: frozenset[str] = frozenset()  # its server-side LoRA modules when it joined
     synced: int = 0  # client-side delta records it has applied
     rounds: int = 0  # rounds it took part in
 
@@ -169,14 +180,27 @@ def _preview(labels: tuple[str, ...], shown: int = 6) -> str:
 
 
 class Coordinator:
-    """Runs the rounds of one federation."""
+    """Runs the rounds of one federation.
 
-    def __init__(self, config: FederationConfig, server: ServerSide):
+    ``layout`` is what the server knows of the model (every LoRA-able module's
+    true shape, the trained head): each join and upload is checked against it
+    and against the run's settings before it is taken (server/admission.py),
+    so a client's data never makes a round fail; a client that cannot take
+    part is refused with the reason."""
+
+    def __init__(self, config: FederationConfig, server: ServerSide, layout: ModelLayout):
         self.config = config
         self.server = server
-        self.strategy = get_strategy(config.strategy, seed=config.seed, **config.strategy_options)
+        self.layout = layout
+        self.strategy = robust(get_strategy(config.strategy, seed=config.seed, **config.strategy_options),
+                               config.robust)
+        if config.robust.active:
+            log.warning("robust aggregation: %s", config.robust.describe())
         self.members: dict[str, Member] = {}
         self.labels: tuple[str, ...] | None = None  # class names in head order, from the first client naming them
+        # Classes of the shared head: from the first client naming its labels, or
+        # else from the first upload taken with a head.
+        self.classes: int | None = None
         self.state: dict | None = None
         self.round = 0
         self.phase = "waiting"  # waiting -> running -> done
@@ -184,6 +208,8 @@ class Coordinator:
         self.undelivered: dict[str, Download] = {}  # selected for the round, download not yet handed out
         self.handed: set[str] = set()
         self.uploads: dict[str, Upload] = {}
+        self.refused: dict[str, str] = {}  # selected clients the running round cannot take, with the reason
+        self.stalled: str | None = None  # why the next round cannot start (clients are told when they poll)
         self.started = 0.0
         self.retries = 0
         self.deltas: list[dict[str, torch.Tensor]] = []  # client-side updates to frozen weights, in order
@@ -202,23 +228,60 @@ class Coordinator:
         order, as the clients before it: averaging heads whose row i means
         different classes trains a wrong model."""
         if labels is not None:
-            if self.labels is None:
-                self.labels = labels
-            elif labels != self.labels:
+            if self.labels is not None and labels != self.labels:
                 raise FederationError(
                     f"client {client!r} has classes {_preview(labels)}, the federation has {_preview(self.labels)}; "
                     "every client's data must show the same set of labels")
-        if self.phase != "waiting" and self.members:
-            ranks = {m.info.rank for m in self.members.values()} | {info.rank}
-            if len(ranks) > 1 and not self.strategy.heterogeneous_ranks:
-                raise FederationError(f"{self.strategy.name} runs one rank ({min(ranks)}); this client asks "
-                                      f"{info.rank}")
+            if self.classes is not None and len(labels) != self.classes:
+                raise FederationError(f"client {client!r} has {len(labels)} classes, the federation's head has "
+                                      f"{self.classes}; every client's data must show the same set of labels")
+        server_modules = frozenset(self.server.modules_for(client))
+        try:
+            self._admit(client, info, modules, server_modules)
+        except (Refused, StrategyError) as exc:
+            log.warning("client %s refused at join: %s", client, exc)
+            raise FederationError(f"join refused: {exc}") from None
+        if labels is not None and self.labels is None:
+            self.labels, self.classes = labels, len(labels)
         old = self.members.get(client)
-        self.members[client] = Member(info, modules, profile, synced=old.synced if old else 0,
+        self.members[client] = Member(info, modules, profile, server_modules, synced=old.synced if old else 0,
                                       rounds=old.rounds if old else 0)
         log.info("client %s joined the federation: rank %d, %d samples%s", client, info.rank, info.num_samples,
                  f", blocks {sorted(info.blocks)}" if info.blocks is not None else "")
         return self.config.settings()
+
+    def _admit(self, client: str, info: ClientInfo, modules: dict[str, tuple[int, int]],
+               server_modules: frozenset[str]) -> None:
+        """Refuse a join that a round could not take: what the model does not
+        have, a sample count beyond the cap, and a rank, alpha, block set or
+        module set the strategy cannot combine with the clients before it (or,
+        once round 0 has started, with the run's global LoRA)."""
+        admission.check_samples(info.num_samples, self.config.max_samples)
+        admission.check_blocks(self.layout, info.blocks)
+        admission.check_modules(self.layout, modules, server_modules)
+        others = [m for c, m in sorted(self.members.items()) if c != client]
+        # Mixed ranks and block subsets where the method has none (the error names those that do).
+        self.strategy.check([m.info for m in others] + [info])
+        strategy = self.strategy
+        if self.state is not None:
+            if strategy.heterogeneous_ranks and info.rank > self.r_max:
+                raise Refused(f"rank {info.rank} is above this run's largest rank {self.r_max}, fixed when round 0 "
+                              f"started; join with --rank {self.r_max} or lower")
+            if not strategy.heterogeneous_ranks and info.rank != self.r_max:
+                raise Refused(f"{strategy.name} trains one rank, {self.r_max}; join with --rank {self.r_max}")
+        alphas = {m.info.alpha for m in others} | ({self.alpha} if self.state is not None else set())
+        if not strategy.mixed_alphas and alphas and alphas != {info.alpha}:
+            raise Refused(f"{strategy.name} needs one LoRA alpha for every client: the federation trains alpha "
+                          f"{sorted(alphas)[0]:g}, this client {info.alpha:g}; join with --alpha "
+                          f"{sorted(alphas)[0]:g}, or run {', '.join(methods_with('mixed_alphas'))}")
+        whole = set(modules) | server_modules
+        federation = set(self.shapes) if self.shapes else (
+            set(others[0].modules) | others[0].server_modules if others else None)
+        if federation is not None and whole != federation:
+            differ = sorted(whole ^ federation)
+            raise Refused(f"this client's LoRA covers other modules than the federation's (they differ in "
+                          f"{differ[:3]}{' ...' if len(differ) > 3 else ''}); join with the same --targets as "
+                          "the other clients")
 
     def poll(self, client: str) -> RoundOffer:
         """What a client does now: wait, train a round from its download, or
@@ -228,6 +291,10 @@ class Coordinator:
             raise FederationError(f"client {client!r} has not joined the federation: send join first")
         if self.phase == "done":
             return self._offer("done", member, self._download(member, final=True))
+        if self.phase == "running" and client in self.refused:
+            raise FederationError(f"round {self.round} cannot take this client: {self.refused[client]}")
+        if self.phase == "waiting" and self.stalled is not None:
+            raise FederationError(f"the federation cannot start round {self.round}: {self.stalled}")
         if self.phase == "running" and client in self.undelivered:
             self.handed.add(client)
             return self._offer("train", member, self.undelivered.pop(client))
@@ -252,16 +319,51 @@ class Coordinator:
                                   f"{self.phase}); the upload is dropped")
         if client not in self.handed:
             raise FederationError(f"client {client!r} was not selected for round {payload.round}")
+        if client in self.refused:
+            raise FederationError(f"round {self.round} already refused this client: {self.refused[client]}")
         member = self.members[client]
         alpha, rank = member.info.alpha, payload.rank
-        if rank > member.info.rank:
-            raise FederationError(f"client {client!r} uploads rank {rank} but joined with rank {member.info.rank}")
+        try:
+            server_half = self._check_upload(member, payload)
+        except Refused as exc:
+            # The client is told now, and the round stops waiting for it.
+            self.refused[client] = str(exc)
+            log.warning("round %d: the upload of client %s is refused: %s", self.round, client, exc)
+            raise FederationError(f"upload refused: {exc}") from None
         factors = {m: Factors(payload.A[m], payload.B[m], alpha) for m in payload.A}
-        for m, (a, b) in self.server.collect(client).items():
-            if member.info.blocks is None or block_of(m) in member.info.blocks:
-                factors[m] = Factors(a[:rank], b[:, :rank], alpha)  # a pruned rank's tail is zero
+        for m, (a, b) in server_half.items():
+            factors[m] = Factors(a, b, alpha)
         member.info.rank = rank  # HetLoRA may have pruned it
         self.uploads[client] = Upload(client, factors, payload.num_samples, rank, member.info.blocks, payload.head)
+
+    def _check_upload(self, member: Member, payload: UploadPayload) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Refuse an upload the strategy could not aggregate or that would
+        poison the global model; returns the client's server-side half (its
+        modules within its blocks, at the upload's rank)."""
+        info, rank, bound = member.info, payload.rank, self.config.max_upload_value
+        admission.check_upload_samples(payload.num_samples, info.num_samples)
+        admission.check_upload_rank(rank, info.rank, self.strategy.heterogeneous_ranks)
+        admission.check_factors(payload.A, payload.B, rank, member.modules, info.blocks,
+                                every_module=not self.strategy.block_subsets)
+        classes = admission.check_head(self.layout, payload.head, self.classes)
+        admission.check_values("LoRA factor A of", payload.A, bound)
+        admission.check_values("LoRA factor B of", payload.B, bound)
+        admission.check_values("head tensor", payload.head, bound)
+        server_half = {m: (a[:rank], b[:, :rank])  # a pruned rank's tail is zero
+                       for m, (a, b) in self.server.collect(info.client).items()
+                       if info.blocks is None or block_of(m) in info.blocks}
+        lost = {m for m in member.server_modules if info.blocks is None or block_of(m) in info.blocks} - \
+            set(server_half)
+        if lost:
+            raise Refused(f"the server no longer holds this client's server-side LoRA of {sorted(lost)[:3]} (its "
+                          "session was opened again after the round began); it takes part again next round")
+        for which, index in (("A", 0), ("B", 1)):
+            admission.check_values(f"the server-side LoRA factor {which} of",
+                                   {m: pair[index] for m, pair in server_half.items()}, bound)
+        if self.classes is None and classes is not None:  # only once the whole upload is taken
+            log.info("the federation's head has %d classes, as client %s's first upload says", classes, info.client)
+            self.classes = classes
+        return server_half
 
     # ---------------------------------------------------------------- time
 
@@ -271,9 +373,19 @@ class Coordinator:
         is retried has not closed."""
         now = time.monotonic() if now is None else now
         if self.phase == "waiting" and len(self.members) >= self.config.min_clients:
-            self._start(now)
+            try:
+                self._start(now)
+            except Exception as exc:  # noqa: BLE001 - the server must outlive a round that cannot start
+                reason = f"{type(exc).__name__}: {exc}"
+                if reason != self.stalled:  # once per reason, not once per tick
+                    log.exception("round %d cannot start; clients are told when they poll", self.round)
+                self.stalled = reason
+                self.phase = "waiting"
+            else:
+                self.stalled = None
         elif self.phase == "running":
-            if set(self.uploads) >= set(self.selected) or now - self.started > self.config.deadline:
+            settled = set(self.uploads) | set(self.refused)
+            if settled >= set(self.selected) or now - self.started > self.config.deadline:
                 return self._close(now)
         return None
 
@@ -293,9 +405,16 @@ class Coordinator:
         k = max(1, math.ceil(self.config.fraction * len(names)))
         rng = random.Random(stable_seed(self.config.seed, "sample", self.round, self.retries))
         self.selected = sorted(rng.sample(names, k))
-        self.undelivered = {c: self._download(self.members[c]) for c in self.selected}
         self.handed = set()
         self.uploads = {}
+        self.refused = {}
+        self.undelivered = {}
+        for c in self.selected:
+            try:
+                self.undelivered[c] = self._download(self.members[c])
+            except Exception as exc:  # noqa: BLE001 - one client's download must not stop the others' round
+                log.exception("round %d: no download for client %s; it is left out", self.round, c)
+                self.refused[c] = f"the strategy has no download for it ({type(exc).__name__}: {exc})"
         self.started = now
         self.phase = "running"
         log.info("round %d: %d of %d clients selected", self.round, len(self.selected), len(names))
@@ -347,20 +466,28 @@ class Coordinator:
         """Aggregate (or skip, or retry) the running round; returns its log
         unless it is being retried (a retried round has not closed)."""
         uploaded = sorted(self.uploads)
-        missed = sorted(set(self.selected) - set(uploaded))
+        missed = sorted(set(self.selected) - set(uploaded) - set(self.refused))
         if missed:
             log.warning("round %d: %s missed the deadline and are left out", self.round, ", ".join(missed))
         entry = RoundLog(self.round, list(self.selected), uploaded, False, now - self.started)
-        if len(uploaded) < self.config.min_uploads:
+        notes = [f"{c} refused: {why}" for c, why in sorted(self.refused.items())]
+        result, short = None, f"only {len(uploaded)} uploads (minimum {self.config.min_uploads})"
+        if len(uploaded) >= self.config.min_uploads:
+            try:
+                result = self.strategy.aggregate(self.state, [self.uploads[c] for c in uploaded], self.round)
+            except Exception as exc:  # noqa: BLE001 - the last line of defence: admission should prevent this
+                log.exception("round %d: %s could not aggregate the uploads", self.round, self.strategy.name)
+                short = f"aggregation failed ({type(exc).__name__}: {exc})"
+        if result is None:
+            # Too few uploads, or an aggregation that failed: the round's settings say what happens.
             if self.config.short_round == "retry" and self.retries < self.config.max_retries:
                 self.retries += 1
-                entry.note = f"only {len(uploaded)} uploads; retried"
+                entry.note = "; ".join([f"{short}; retried", *notes])
                 self.history.append(entry)
                 self._start(now)
                 return None
-            entry.note = f"only {len(uploaded)} uploads (minimum {self.config.min_uploads}); skipped"
+            entry.note = "; ".join([f"{short}; skipped", *notes])
         else:
-            result = self.strategy.aggregate(self.state, [self.uploads[c] for c in uploaded], self.round)
             self.state = result.state
             if result.base_deltas:
                 self._fold_everywhere(result.base_deltas)
@@ -373,13 +500,14 @@ class Coordinator:
                 self._fold_everywhere({m: Factors(glob.A[m], glob.B[m], glob.alpha).delta() for m in glob.A})
                 self.state = self.strategy.init_state(
                     self._initial(stable_seed(self.config.seed, "reinit", self.round)), self._clients())
-                entry.note = "global LoRA merged into the base and re-initialised (FedLoRU)"
+                notes.insert(0, "global LoRA merged into the base and re-initialised (FedLoRU)")
+            entry.note = "; ".join(notes)
         self.history.append(entry)
         self.retries = 0
         self.round += 1
         self.phase = "done" if self.round >= self.config.rounds else "running"
         log.warning("round %d closed: %d of %d uploads%s (%.1fs)", entry.round, len(entry.uploaded),
-                    len(entry.selected), "" if entry.aggregated else f", {entry.note}", entry.seconds)
+                    len(entry.selected), f", {entry.note}" if entry.note else "", entry.seconds)
         if self.phase == "done":
             log.info("federation finished after %d rounds", self.round)
         else:
@@ -418,7 +546,7 @@ class Coordinator:
                 "merged": self.merged, "shapes": {m: list(v) for m, v in self.shapes.items()},
                 "r_max": self.r_max, "alpha": self.alpha, "strategy": self.strategy.name,
                 "history": [h.__dict__ for h in self.history],
-                "labels": None if self.labels is None else list(self.labels)}
+                "labels": None if self.labels is None else list(self.labels), "classes": self.classes}
 
     def restore(self, snap: dict) -> None:
         """Continue from a snapshot (its round has closed)."""
@@ -432,5 +560,6 @@ class Coordinator:
         self.r_max, self.alpha = int(snap["r_max"]), float(snap["alpha"])
         self.history = [RoundLog(**h) for h in snap["history"]]
         self.labels = None if snap.get("labels") is None else tuple(snap["labels"])
+        self.classes = snap.get("classes", None if self.labels is None else len(self.labels))
         self.round = int(snap["round"])
         self.phase = "done" if self.round >= self.config.rounds else "waiting"

@@ -12,6 +12,7 @@ tests can drive a server in-process.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +25,7 @@ from split.partition import SERVER, Cut, build_segment
 from split.protocol import Hello, Join, ModelInfo, UploadPayload, Welcome
 from split.wire import Limits, Message, WireError, decode, encode, error
 
+from .admission import model_layout
 from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
 from .rounds import Coordinator, FederationConfig, FederationError
@@ -45,6 +47,7 @@ class ServerConfig:
     seed: int = 0
     dropout: bool = True
     session_timeout: float = 120.0
+    pending_timeout: float = 60.0  # seconds a forward waits for its backward before its graph is dropped
     max_pending: int = 8
     limits: Limits = field(default_factory=Limits)
     attn_implementation: str | None = None
@@ -57,6 +60,8 @@ class ServerConfig:
 
     def __post_init__(self):
         check_server_lora(self.server_lora)  # before the model loads
+        if not (math.isfinite(self.pending_timeout) and self.pending_timeout > 0):
+            raise ValueError(f"pending_timeout must be a finite number of seconds > 0, got {self.pending_timeout}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
         if self.resume and (self.federation is None or self.checkpoint_dir is None):
@@ -76,9 +81,12 @@ class BackboneServer:
         heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else []
         place(seg.model, self.device, heads)
         self.model_info = ModelInfo.of(seg.path, seg.config)
-        self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed)
+        self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed,
+                                 pending_timeout=config.pending_timeout)
         self.compute = BackboneCompute(seg, self.sessions, config.max_pending, self.device, dtype)
-        self.coordinator = None if config.federation is None else Coordinator(config.federation, self.sessions)
+        self.coordinator = None if config.federation is None else Coordinator(
+            config.federation, self.sessions, model_layout(seg.config, seg.family, seg.task))
+        self._tick_error: str | None = None
         if config.resume:
             self._resume()
         # Ops that need no session get the routing id; the others get the caller's session.
@@ -119,10 +127,19 @@ class BackboneServer:
     def tick(self) -> None:
         """Expire silent sessions, advance the rounds, checkpoint a closed round."""
         self.sessions.expire()
-        if self.coordinator is not None:
+        if self.coordinator is None:
+            return
+        try:
             closed = self.coordinator.tick()
             if closed is not None and self.config.checkpoint_dir is not None:
                 self._checkpoint(closed.round)
+        except Exception as exc:  # noqa: BLE001 - the server outlives a failing round; the coordinator notes why
+            reason = f"{type(exc).__name__}: {exc}"
+            if reason != self._tick_error:  # once per reason, not once per poll
+                log.exception("the federation could not advance; the server keeps serving")
+            self._tick_error = reason
+        else:
+            self._tick_error = None
 
     # ------------------------------------------------------------ dispatch
 

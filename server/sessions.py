@@ -52,6 +52,16 @@ class SessionError(RequestError):
 
 
 @dataclass
+class Pending:
+    """A training forward whose backward has not arrived: the injected input,
+    the output to backpropagate from, and when the forward ran."""
+
+    h_in: torch.Tensor
+    out: torch.Tensor
+    since: float
+
+
+@dataclass
 class Session:
     """What the server holds for one client."""
 
@@ -66,7 +76,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     params: list
     last_seen: float
-    graphs: dict = field(default_factory=dict)  # step -> (input hidden state, output) awaiting backward
+    graphs: dict = field(default_factory=dict)  # step -> Pending, awaiting its backward
     steps: int = 0
     seed: int = 0  # the client's seed: its server-side dropout is drawn from it and the step
 
@@ -96,10 +106,12 @@ def make_optimizer(params: list, settings: OptimizerSettings) -> torch.optim.Opt
 class Sessions:
     """The server's clients: one session each, keyed by client id."""
 
-    def __init__(self, segment: Segment, timeout: float, server_lora: str = "per-client", seed: int = 0):
+    def __init__(self, segment: Segment, timeout: float, server_lora: str = "per-client", seed: int = 0,
+                 pending_timeout: float = 60.0):
         check_server_lora(server_lora)
         self.segment = segment
         self.timeout = timeout
+        self.pending_timeout = pending_timeout
         self.server_lora = server_lora
         self.hosted = list(segment.cut.server_blocks(segment.num_layers))
         # peft cannot add an adapter to a model whose adapters were all deleted,
@@ -194,12 +206,24 @@ class Sessions:
         log.info("client %s left after %d steps", client, session.steps)
 
     def expire(self, now: float | None = None) -> list[str]:
-        """Drop sessions silent for longer than the timeout; returns their ids."""
+        """Drop sessions silent for longer than the timeout, and forwards whose
+        backward has not come within the pending timeout; returns the ids of
+        the sessions dropped."""
         now = time.monotonic() if now is None else now
         gone = [c for c, s in self.by_client.items() if now - s.last_seen > self.timeout]
         for client in gone:
             log.warning("client %s silent for more than %.0fs: its state is freed", client, self.timeout)
             self.drop(client)
+        for client, session in self.by_client.items():
+            stale = sorted(step for step, p in session.graphs.items() if now - p.since > self.pending_timeout)
+            for step in stale:
+                del session.graphs[step]
+            if stale:
+                # A shared adapter steps only while no graph waits: one forward never
+                # backwarded would otherwise freeze it for every client.
+                log.warning("client %s: forward(s) of step(s) %s waited more than %.0fs for their backward and "
+                            "are dropped%s", client, stale, self.pending_timeout,
+                            "; they no longer hold back the shared server-side LoRA's step" if session.shared else "")
         return gone
 
     def status(self) -> dict:

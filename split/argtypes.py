@@ -65,6 +65,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def trim_share(text: str) -> float:
+    """A share trimmed at each end, in (0, 0.5) (half or more would trim everything)."""
+    value = _number(text, float)
+    if not 0 < value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {text}")
+    return value
+
+
 def dropout_rate(text: str) -> float:
     """A probability in [0, 1) (1 would drop everything)."""
     value = _number(text, float)

@@ -18,7 +18,7 @@ from importlib.metadata import version
 import torch
 
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
-                            positive_float, positive_int, positive_int_list)
+                            positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
 from split.lora import LoraSpec
 from split.partition import Cut
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes of the head (two-part split only; at least 2)")
     s.add_argument("--session-timeout", type=positive_float, default=120.0,
                    help="seconds of silence after which a client's state is freed")
+    s.add_argument("--pending-timeout", type=positive_float, default=60.0,
+                   help="seconds a forward waits for its backward before its graph is dropped (a forward never "
+                        "backwarded would otherwise hold back a shared server-side LoRA)")
     s.add_argument("--max-message-mb", type=positive_float, default=1024.0,
                    help="largest message (and tensor) accepted, in MiB")
     s.add_argument("--server-lora", choices=["per-client", "shared"], default="per-client",
@@ -140,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global LoRA before round 0 (svd: FeDeRA, from the pretrained weights)")
     f.add_argument("--reinit-every", type=nonnegative_int, default=0, metavar="TAU",
                    help="FedLoRU: every TAU rounds merge the global LoRA into the base and start afresh (0: never)")
+    f.add_argument("--max-samples", type=positive_int, default=1_000_000,
+                   help="most training samples a client may declare at join (its aggregation weight); an upload "
+                        "may claim at most what its client declared")
+    f.add_argument("--max-upload-value", type=positive_float, default=1e3,
+                   help="uploads holding a value of larger magnitude are refused, as are NaN and infinity")
+    r = s.add_argument_group("robust aggregation (any --strategy; docs/algorithms.md#robust)")
+    r.add_argument("--clip-norm", type=positive_float, default=None,
+                   help="scale each client's update (upload minus download) down to at most this L2 norm")
+    r.add_argument("--clip-median", type=positive_float, default=None, metavar="MULTIPLE",
+                   help="scale each client's update down to at most MULTIPLE x the round's median update norm")
+    r.add_argument("--robust", choices=["none", "trimmed-mean", "median"], default="none",
+                   help="coordinate-wise statistic the uploads are reduced to before the strategy aggregates")
+    r.add_argument("--trim", type=trim_share, default=None,
+                   help="--robust trimmed-mean: share of values trimmed at each end of every coordinate, in "
+                        "(0, 0.5) (default: 0.1)")
     f.add_argument("--checkpoint-dir", default=None, help="write round_N/ checkpoints here")
     f.add_argument("--resume", action="store_true", help="continue from the newest round in --checkpoint-dir")
 
@@ -240,20 +258,28 @@ def _set_threads(threads: int | None) -> None:
 def _server(args) -> int:
     from server.rounds import FederationConfig
     from server.service import BackboneServer, ServerConfig
+    from server.strategies.robust import RobustConfig
 
     _set_threads(args.threads)
     limit = int(args.max_message_mb * (1 << 20))
     federation = None
+    robust = {"--clip-norm": args.clip_norm, "--clip-median": args.clip_median, "--trim": args.trim,
+              "--robust": None if args.robust == "none" else args.robust}
+    if not args.strategy and any(v is not None for v in robust.values()):
+        given = ", ".join(k for k, v in robust.items() if v is not None)
+        raise ValueError(f"{given} set(s) how rounds aggregate; this server runs no federation: add --strategy")
     if args.strategy:
         federation = FederationConfig(
             strategy=args.strategy, strategy_options=_options(args.strategy_option), rounds=args.rounds,
             fraction=args.fraction, min_clients=args.min_clients, min_uploads=args.min_uploads,
             short_round=args.short_round, deadline=args.deadline, local_steps=args.local_steps,
             local_epochs=args.local_epochs,
-            client_init=args.client_init, init=args.init, reinit_every=args.reinit_every, seed=args.seed)
+            client_init=args.client_init, init=args.init, reinit_every=args.reinit_every, seed=args.seed,
+            max_samples=args.max_samples, max_upload_value=args.max_upload_value,
+            robust=RobustConfig(args.clip_norm, args.clip_median, args.robust, args.trim))
     config = ServerConfig(model=args.model, cut=Cut.parse(args.cut), bind=args.bind, task=args.task,
                           num_labels=args.num_labels, seed=args.seed, dropout=not args.no_dropout,
-                          session_timeout=args.session_timeout,
+                          session_timeout=args.session_timeout, pending_timeout=args.pending_timeout,
                           limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit),
                           federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                           server_lora=args.server_lora, device=args.device, dtype=args.dtype)

@@ -31,6 +31,9 @@ BAD = [
     ("server", "--fraction", "0"), ("server", "--fraction", "1.01"), ("server", "--min-clients", "0"),
     ("server", "--min-uploads", "0"), ("server", "--deadline", "0"), ("server", "--deadline", "inf"),
     ("server", "--local-steps", "0"), ("server", "--local-epochs", "-1"), ("server", "--reinit-every", "-1"),
+    ("server", "--pending-timeout", "0"), ("server", "--max-samples", "0"), ("server", "--max-upload-value", "0"),
+    ("server", "--max-upload-value", "inf"), ("server", "--clip-norm", "0"), ("server", "--clip-median", "nan"),
+    ("server", "--trim", "0"), ("server", "--trim", "0.5"), ("server", "--robust", "mean"),
     ("client", "--rank", "0"), ("client", "--alpha", "0"), ("client", "--lora-dropout", "1"),
     ("client", "--lora-dropout", "-0.1"), ("client", "--lr", "0"), ("client", "--lr", "nan"),
     ("client", "--head-lr", "-1"), ("client", "--epochs", "0"), ("client", "--epochs", "-1"),
@@ -66,6 +69,17 @@ def test_good_values_parse():
     assert (args.epochs, args.lora_dropout, args.blocks, args.log_level) == (0.5, 0.0, [0, 3], "INFO")
     assert build_parser().parse_args(["demo", "--ranks", "4,8"]).ranks == [4, 8]
     assert build_parser().parse_args(["server", "--fraction", "1", "--local-epochs", "0"]).fraction == 1.0
+
+
+def test_robust_aggregation_options_parse_and_need_a_federation(capsys):
+    args = build_parser().parse_args(["server", "--robust", "trimmed-mean", "--trim", "0.2", "--clip-median", "3"])
+    assert (args.robust, args.trim, args.clip_median, args.clip_norm) == ("trimmed-mean", 0.2, 3.0, None)
+    defaults = build_parser().parse_args(["server"])
+    assert (defaults.max_samples, defaults.max_upload_value, defaults.pending_timeout) == (1_000_000, 1e3, 60.0)
+    # Refused before any model loads: without --strategy nothing would aggregate.
+    assert main(["server", "--clip-norm", "5"]) == 2
+    assert "--clip-norm set(s) how rounds aggregate; this server runs no federation: add --strategy" in \
+        capsys.readouterr().err
 
 
 def test_client_index_outside_the_clients_is_a_clear_error(capsys):

@@ -7,55 +7,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from round_helpers import CLIENT_MODULE, LAYOUT, SERVER_MODULE, FakeServer, coordinator, upload
 from server.rounds import Coordinator, FederationConfig, FederationError, initial_factors, svd_factors
 from server.strategies.base import ClientInfo
 from split.lora import get_factors, init_lora
 from split.protocol import UploadPayload
-
-CLIENT_MODULE = "model.layers.0.self_attn.q_proj"
-SERVER_MODULE = "model.layers.1.self_attn.q_proj"
-
-
-class FakeServer:
-    """Server-side LoRA of each client as plain tensors."""
-
-    def __init__(self, rank=4):
-        self.rank = rank
-        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.loads: list[tuple] = []
-        self.folded: dict[str, torch.Tensor] = {}
-
-    def modules_for(self, client):
-        return {SERVER_MODULE: (6, 5)}
-
-    def load(self, client, A, B, trainable, fresh_seed, modules):
-        self.loads.append((client, trainable, fresh_seed))
-        a = A.get(SERVER_MODULE, torch.zeros(self.rank, 5))
-        b = B.get(SERVER_MODULE, torch.zeros(6, self.rank))
-        self.adapters[client] = (a.clone(), b.clone())
-
-    def collect(self, client):
-        a, b = self.adapters[client]
-        return {SERVER_MODULE: (a + 1.0, b + 1.0)}  # as if the client's steps moved them
-
-    def fold(self, deltas):
-        for m, d in deltas.items():
-            self.folded[m] = self.folded.get(m, 0) + d
-
-
-def coordinator(n=3, **kw):
-    server = FakeServer()
-    coord = Coordinator(FederationConfig(**{"min_clients": n, **kw}), server)
-    for k in range(n):
-        coord.join(f"c{k}", ClientInfo(f"c{k}", 4, 8.0, None, 10 * (k + 1)), {CLIENT_MODULE: (6, 5)})
-    return coord, server
-
-
-def upload(coord, client, value=1.0, rank=4):
-    coord.upload(client, UploadPayload(coord.round, coord.members[client].info.num_samples, rank,
-                                       A={CLIENT_MODULE: torch.full((rank, 5), value)},
-                                       B={CLIENT_MODULE: torch.full((6, rank), value)},
-                                       head={"classifier.weight": torch.full((3, 6), value)}))
 
 
 def test_round_runs_once_enough_clients_joined_and_aggregates_both_sides():
@@ -187,7 +143,7 @@ def test_svd_initialisation_keeps_the_pretrained_function():
             return torch.full((6, 5), 0.5) + torch.arange(30.0).reshape(6, 5) / 30
 
     server = WeightServer()
-    coord = Coordinator(FederationConfig(min_clients=1, init="svd"), server)
+    coord = Coordinator(FederationConfig(min_clients=1, init="svd"), server, LAYOUT)
     coord.join("c0", ClientInfo("c0", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)})
     coord.tick(0.0)
     glob = coord.global_model()
@@ -261,7 +217,7 @@ def test_a_fresh_lora_is_one_draw_per_round_for_every_client():
 
 
 def test_clients_with_other_classes_are_refused_and_the_classes_survive_a_restart():
-    coord, _ = coordinator(n=3)
+    coord, _ = coordinator(n=3, labels=None)
     names = ("cat", "dog", "eel")
     coord.join("a", ClientInfo("a", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)}, labels=names)
     coord.join("b", ClientInfo("b", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)}, labels=names)
@@ -270,6 +226,6 @@ def test_clients_with_other_classes_are_refused_and_the_classes_survive_a_restar
         coord.join("x", ClientInfo("x", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)}, labels=("dog", "cat", "eel"))
     with pytest.raises(FederationError, match="same set of labels"):
         coord.join("y", ClientInfo("y", 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)}, labels=("cat", "dog"))
-    restarted, _ = coordinator(n=3)
+    restarted, _ = coordinator(n=3, labels=None)
     restarted.restore(coord.snapshot())
     assert restarted.labels == names

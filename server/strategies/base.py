@@ -145,6 +145,7 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     heterogeneous_ranks: ClassVar[bool] = False  # clients may train different ranks
     block_subsets: ClassVar[bool] = False  # clients may train different block sets
+    mixed_alphas: ClassVar[bool] = False  # clients may train with different alphas (each upload keeps its own scale)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

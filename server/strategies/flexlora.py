@@ -136,6 +136,7 @@ class FlexLoRA(Strategy):
 
     name = "flexlora"
     heterogeneous_ranks = True
+    mixed_alphas = True
 
     def __init__(self, seed: int = 0, route: str = "auto"):
         super().__init__(seed)

@@ -57,6 +57,7 @@ class FLoRA(Strategy):
 
     name = "flora"
     heterogeneous_ranks = True
+    mixed_alphas = True
 
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
         """State with the module shapes; the initial LoRA must be zero (B = 0),

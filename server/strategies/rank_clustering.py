@@ -167,6 +167,7 @@ class RankClustering(Strategy):
 
     name = "fedinc"
     heterogeneous_ranks = True
+    mixed_alphas = True
     block_subsets = True
 
     def __init__(self, seed: int = 0, iterations: int = 10):
