@@ -152,6 +152,9 @@ class BackboneServer:
         except WireError as exc:
             log.warning("malformed message from %r: %s", routing_id, exc)
             return error("", 0, f"malformed message: {exc}", "malformed")
+        except Exception:  # decode is meant to be total: this is a bug here, not the peer's
+            log.exception("server bug: decoding a message from %r raised; answered as malformed", routing_id)
+            return error("", 0, "malformed message: the server could not decode it", "malformed")
         token = msg.meta.get("token", "")
         session = None
         try:

@@ -91,7 +91,8 @@ def _owns(session: Session, token: str, peer: str, need_token: bool = False) -> 
     for a hello, the same authenticated key is enough (a restarted client)."""
     if session.peer and peer != session.peer:
         return False
-    if isinstance(token, str) and token and hmac.compare_digest(token, session.token):
+    # As bytes: compare_digest raises TypeError on a str with non-ASCII characters.
+    if isinstance(token, str) and token and hmac.compare_digest(token.encode(), session.token.encode()):
         return True
     return bool(session.peer) and not need_token
 

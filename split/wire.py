@@ -10,6 +10,11 @@ byte count. Tensor frames are the raw buffers, sent without copying. Nothing is
 ever unpickled: a header is plain data checked against the schema before any
 tensor is built, and a message that fails any check raises ``WireError`` with
 what was wrong.
+
+``decode`` is total: whatever bytes a peer sends, it returns a ``Message`` or
+raises ``WireError``, and never builds more than a bounded number of objects.
+Every header field is type-checked before it is used, so a list where a string
+belongs is refused by name rather than failing deep inside a lookup.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ REQUESTS = ("hello", "forward", "backward", "adapter", "bye", "status", "join", 
 REPLIES = ("ok", "error")
 OPS = REQUESTS + REPLIES
 META_TYPES = (str, int, float, bool, type(None))
+# Steps are int64 wherever they end up (seeds, logs); msgpack allows up to 2**64 - 1.
+MAX_STEP = (1 << 63) - 1
 
 
 class WireError(ValueError):
@@ -42,6 +49,11 @@ class Limits:
     max_header_bytes: int = 16 << 20
     max_ndim: int = 8
     max_client_id: int = 128
+    max_tensor_name: int = 1024
+    # Values in one header, all maps and lists together: a 1-byte msgpack value
+    # becomes a Python object of 50+ bytes, so the header's byte limit alone
+    # would let a 16 MiB header grow to about a gigabyte.
+    max_header_items: int = 1 << 18
 
 
 @dataclass
@@ -76,17 +88,39 @@ def _check(cond: bool, what: str) -> None:
         raise WireError(what)
 
 
+def _is_int(value) -> bool:
+    # bool is an int subclass, and msgpack keeps true/false apart from 1/0.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value) -> str:
+    """A short description of any decoded value, for error messages: a peer's
+    value is never repr'd whole (a 16 MiB string or a deep list would make the
+    error reply as large as the attack)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else repr(value[:40]) + f"... ({len(value)} characters)"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{len(value)} bytes"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return f"a map of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
 def _check_meta(meta, path="meta", depth=0) -> None:
     _check(depth < 4, f"{path} is nested too deeply")
     if isinstance(meta, dict):
         for k, v in meta.items():
-            _check(isinstance(k, str), f"{path} keys must be strings")
-            _check_meta(v, f"{path}.{k}", depth + 1)
+            _check(isinstance(k, str), f"{path} keys must be strings, not {_show(k)}")
+            _check_meta(v, f"{path}.{k[:40]}", depth + 1)
     elif isinstance(meta, list):
         for i, v in enumerate(meta):
             _check_meta(v, f"{path}[{i}]", depth + 1)
     else:
-        _check(isinstance(meta, META_TYPES), f"{path} holds a {type(meta).__name__}, not a plain value")
+        _check(isinstance(meta, META_TYPES), f"{path} holds {_show(meta)}, not a plain value")
 
 
 def frame_len(frame) -> int:
@@ -95,62 +129,131 @@ def frame_len(frame) -> int:
     return memoryview(buf).nbytes
 
 
+def _unpack_header(raw: bytes, limits: Limits):
+    """The header's msgpack value, within ``limits``: no ext types (timestamps
+    included), no container longer than ``max_header_items``, and at most
+    ``max_header_items`` values in all. msgpack's own stack bounds nesting."""
+    count = 0
+
+    def counted(container):
+        # Called on each map and list once it is built, inner ones first: the sum
+        # of their lengths is the number of values, so parsing stops within one
+        # container of the budget.
+        nonlocal count
+        count += 2 * len(container) if isinstance(container, dict) else len(container)
+        if count > limits.max_header_items:
+            raise WireError(f"header holds more than {limits.max_header_items} values")
+        return container
+
+    n = limits.max_header_items
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, object_hook=counted,
+                               list_hook=counted, max_array_len=n, max_map_len=n, max_ext_len=0,
+                               max_str_len=len(raw), max_bin_len=len(raw))
+    except WireError:
+        raise
+    except Exception as exc:
+        # StackError (nesting deeper than msgpack's stack) carries no text of its own.
+        detail = str(exc)[:200] or "nested too deeply"
+        raise WireError(f"header is not valid msgpack ({type(exc).__name__}: {detail})") from None
+
+
+def _check_header(header, limits: Limits) -> None:
+    """The message-level fields: version, op, client id, step, meta, tensor list."""
+    _check(isinstance(header, dict), f"header must be a map, not {_show(header)}")
+    version = header.get("v")
+    _check(_is_int(version) and version == PROTOCOL, f"protocol version {_show(version)} is not {PROTOCOL}")
+    op = header.get("op")
+    _check(isinstance(op, str) and op in OPS, f"unknown op {_show(op)}; known: {', '.join(OPS)}")
+    client = header.get("client", "")
+    _check(isinstance(client, str) and len(client) <= limits.max_client_id,
+           f"client id must be a string of at most {limits.max_client_id} characters, not {_show(client)}")
+    step = header.get("step", 0)
+    _check(_is_int(step) and 0 <= step <= MAX_STEP, f"step must be an integer in 0..2**63-1, not {_show(step)}")
+    meta = header.get("meta", {})
+    _check(isinstance(meta, dict), f"meta must be a map, not {_show(meta)}")
+    _check_meta(meta)
+    entries = header.get("tensors", [])
+    _check(isinstance(entries, list), f"tensors must be a list, not {_show(entries)}")
+    _check(len(entries) <= limits.max_tensors, f"{len(entries)} tensors exceed the limit of {limits.max_tensors}")
+
+
+def _check_shape(shape, name: str, limits: Limits) -> tuple[int, ...]:
+    """A shape torch can build: at most ``max_ndim`` dims of non-negative ints
+    whose product, zeros counted as ones, fits the tensor byte limit. An empty
+    tensor has no bytes to check its dims against, and ``(0, 2**62, 2**62)``
+    would overflow torch's strides."""
+    _check(isinstance(shape, list) and len(shape) <= limits.max_ndim
+           and all(_is_int(d) and d >= 0 for d in shape),
+           f"tensor {name}: shape must be a list of at most {limits.max_ndim} non-negative integers, "
+           f"not {_show(shape)}")
+    extent = 1
+    for d in shape:
+        extent *= max(d, 1)  # stays small: it stops growing once past the limit
+        _check(extent <= limits.max_tensor_bytes,
+               f"tensor {name}: shape {shape} spans more than {limits.max_tensor_bytes} elements")
+    return tuple(shape)
+
+
+def _check_entry(entry, seen: dict, limits: Limits) -> tuple[str, str, tuple[int, ...], str, int]:
+    """One tensor entry's fields: (name, dtype, shape, codec, nbytes), each
+    type-checked before it is looked up or used."""
+    _check(isinstance(entry, dict), f"each tensor entry must be a map, not {_show(entry)}")
+    name = entry.get("name")
+    _check(isinstance(name, str) and 0 < len(name) <= limits.max_tensor_name and name not in seen,
+           f"bad or repeated tensor name {_show(name)} (a new string of 1..{limits.max_tensor_name} characters)")
+    dtype = entry.get("dtype")
+    _check(isinstance(dtype, str) and dtype in DTYPES,
+           f"tensor {name}: dtype {_show(dtype)} not allowed; allowed: {', '.join(DTYPES)}")
+    shape = _check_shape(entry.get("shape"), name, limits)
+    codec = entry.get("codec")
+    _check(isinstance(codec, str) and codec in CODECS,
+           f"tensor {name}: unknown codec {_show(codec)}; known: {', '.join(CODECS)}")
+    nbytes = entry.get("nbytes")
+    _check(_is_int(nbytes) and nbytes >= 0, f"tensor {name}: nbytes must be an integer >= 0, not {_show(nbytes)}")
+    _check(nbytes <= limits.max_tensor_bytes,
+           f"tensor {name}: {nbytes} bytes exceed the limit of {limits.max_tensor_bytes}")
+    expected = CODECS[codec].nbytes(shape, DTYPES[dtype])
+    _check(nbytes == expected,
+           f"tensor {name}: header says {nbytes} bytes, but shape {list(shape)} in {dtype} ({codec}) is {expected}")
+    return name, dtype, shape, codec, nbytes
+
+
+def _build_tensor(frame, name: str, dtype: str, shape: tuple[int, ...], codec: str) -> torch.Tensor:
+    """The tensor a checked entry describes. A codec that still fails on a
+    frame of the right size (a lossy codec's payload, say) is the peer's
+    fault, not a reason to end the process."""
+    try:
+        return CODECS[codec].decode(getattr(frame, "buffer", frame), shape, DTYPES[dtype])
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise WireError(f"tensor {name}: the {codec} codec could not decode its frame ({exc})") from None
+
+
 def decode(frames: list, limits: Limits = Limits()) -> Message:
-    """Validate and decode received frames; raise ``WireError`` naming the problem."""
+    """Validate and decode received frames; raise ``WireError`` naming the
+    problem. Total over any frames: nothing else is raised."""
     _check(len(frames) >= 1, "empty message")
     raw = frames[0]
     raw = raw.bytes if hasattr(raw, "bytes") else bytes(raw)
     _check(len(raw) <= limits.max_header_bytes,
            f"header of {len(raw)} bytes exceeds the limit of {limits.max_header_bytes}")
-    try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:
-        raise WireError(f"header is not valid msgpack ({type(exc).__name__})") from None
-    _check(isinstance(header, dict), "header must be a map")
-    _check(header.get("v") == PROTOCOL, f"protocol version {header.get('v')!r} is not {PROTOCOL}")
-    op = header.get("op")
-    _check(op in OPS, f"unknown op {op!r}; known: {', '.join(OPS)}")
-    client = header.get("client", "")
-    _check(isinstance(client, str) and len(client) <= limits.max_client_id,
-           f"client id must be a string of at most {limits.max_client_id} characters")
-    step = header.get("step", 0)
-    _check(isinstance(step, int) and not isinstance(step, bool) and step >= 0, "step must be an integer >= 0")
-    meta = header.get("meta", {})
-    _check(isinstance(meta, dict), "meta must be a map")
-    _check_meta(meta)
+    header = _unpack_header(raw, limits)
+    _check_header(header, limits)
     entries = header.get("tensors", [])
-    _check(isinstance(entries, list), "tensors must be a list")
-    _check(len(entries) <= limits.max_tensors, f"{len(entries)} tensors exceed the limit of {limits.max_tensors}")
     _check(len(frames) == len(entries) + 1,
            f"header lists {len(entries)} tensors but {len(frames) - 1} tensor frames arrived")
     tensors: dict[str, torch.Tensor] = {}
     total = 0
     for entry, frame in zip(entries, frames[1:]):
-        _check(isinstance(entry, dict), "each tensor entry must be a map")
-        name = entry.get("name")
-        _check(isinstance(name, str) and name and name not in tensors, f"bad or repeated tensor name {name!r}")
-        dtype = entry.get("dtype")
-        _check(dtype in DTYPES, f"tensor {name}: dtype {dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
-        shape = entry.get("shape")
-        _check(isinstance(shape, list) and len(shape) <= limits.max_ndim
-               and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape),
-               f"tensor {name}: shape must be a list of at most {limits.max_ndim} non-negative integers")
-        codec = entry.get("codec")
-        _check(codec in CODECS, f"tensor {name}: unknown codec {codec!r}; known: {', '.join(CODECS)}")
-        nbytes = entry.get("nbytes")
-        _check(isinstance(nbytes, int) and nbytes >= 0, f"tensor {name}: nbytes must be an integer >= 0")
-        _check(nbytes <= limits.max_tensor_bytes,
-               f"tensor {name}: {nbytes} bytes exceed the limit of {limits.max_tensor_bytes}")
-        expected = CODECS[codec].nbytes(tuple(shape), DTYPES[dtype])
-        _check(nbytes == expected,
-               f"tensor {name}: header says {nbytes} bytes, but shape {shape} in {dtype} ({codec}) is {expected}")
+        name, dtype, shape, codec, nbytes = _check_entry(entry, tensors, limits)
         got = frame_len(frame)
         _check(got == nbytes, f"tensor {name}: header says {nbytes} bytes, the frame holds {got}")
         total += nbytes
         _check(total <= limits.max_message_bytes,
                f"message exceeds the limit of {limits.max_message_bytes} bytes")
-        tensors[name] = CODECS[codec].decode(getattr(frame, "buffer", frame), tuple(shape), DTYPES[dtype])
-    return Message(op=op, client=client, step=step, meta=meta, tensors=tensors)
+        tensors[name] = _build_tensor(frame, name, dtype, shape, codec)
+    return Message(op=header["op"], client=header.get("client", ""), step=header.get("step", 0),
+                   meta=header.get("meta", {}), tensors=tensors)
 
 
 # What an error reply's ``code`` tells the client to do.

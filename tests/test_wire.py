@@ -95,3 +95,73 @@ def test_nothing_on_the_wire_is_pickled():
     header = bytes(frames[0])
     assert not header.startswith(b"\x80")  # pickle protocol marker
     assert msgpack.unpackb(header)["tensors"][0]["dtype"] == "float32"
+
+
+# Finding: a dtype or codec that is a list or a map raised TypeError (unhashable)
+# inside decode, which the server did not catch.
+@pytest.mark.parametrize("field", ["dtype", "codec"])
+@pytest.mark.parametrize("value", [["float32"], {"float32": 1}, ["raw"], {"raw": "raw"}])
+def test_a_list_or_map_dtype_or_codec_is_refused_by_name(field, value):
+    with pytest.raises(WireError, match=f"{field} (a list|a map)"):
+        decode(_frames({"tensors": [_entry(**{field: value})]}, bytes(8)))
+
+
+# A value of every msgpack type, for fields that expect another.
+HOSTILE = [None, True, False, 1, -1, 2**63 - 1, 2**64 - 1, -(2**63), float("nan"), float("inf"), 1.5, "",
+           "x" * 5000, b"\x00\x01", [], [1, [2, {"a": None}]], {"a": 1}, {"a": {"b": [1, 2]}},
+           msgpack.ExtType(3, b"\x00"), msgpack.Timestamp(1)]
+# How each field's error names it.
+NAMED = {"v": "protocol version", "op": "unknown op", "client": "client id", "step": "step", "meta": "meta",
+         "tensors": "tensor", "name": "tensor name", "dtype": "dtype", "shape": "shape", "codec": "codec",
+         "nbytes": "bytes"}
+ENTRY_FIELDS = ("name", "dtype", "shape", "codec", "nbytes")
+
+
+def _with(field: str, value) -> list[bytes]:
+    if field in ENTRY_FIELDS:
+        return _frames({"tensors": [_entry(**{field: value})]}, bytes(8))
+    return _frames({"tensors": [_entry()], field: value}, bytes(8))
+
+
+@pytest.mark.parametrize("field", list(NAMED))
+@pytest.mark.parametrize("value", HOSTILE, ids=lambda v: type(v).__name__)
+def test_any_value_in_any_header_field_is_refused_naming_the_field(field, value):
+    try:
+        decode(_with(field, value))
+    except WireError as exc:
+        text = str(exc)
+        # Ext values never reach the field check: msgpack refuses them first.
+        assert NAMED[field] in text or "max_ext_len" in text, text
+        assert len(text) < 400, "an error quotes a peer's value whole"
+        return
+    # Only the values above that are valid for the field may pass.
+    valid = [("v", int, 1), ("step", int, 1), ("step", int, 2**63 - 1), ("client", str, ""),
+             ("meta", dict, {"a": 1}), ("meta", dict, {"a": {"b": [1, 2]}})]
+    assert (field, type(value), value) in valid, f"{field} = {value!r} was accepted"
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [0, 2**63 - 1, 2], [0, 2**64 - 1], [0] + [2**40] * 7])
+def test_an_empty_shape_too_large_for_torch_is_refused(shape):
+    # No bytes to check the dims against: torch's strides would overflow.
+    with pytest.raises(WireError, match="shape .* spans more than"):
+        decode(_frames({"tensors": [_entry(shape=shape, nbytes=0)]}, b""))
+
+
+def test_true_is_not_protocol_version_one_nor_a_step():
+    with pytest.raises(WireError, match="protocol version True"):
+        decode(_frames({"v": True}))
+    with pytest.raises(WireError, match="step must be"):
+        decode(_frames({"step": 2**64 - 1}))
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # 4 million empty lists in 4 MB: about 250 MB of Python objects if parsed.
+    (b"\xdd" + (4_000_000).to_bytes(4, "big") + b"\x90" * 4_000_000, "exceeds max_array_len"),
+    # Many short lists, each within the length limit: the total is what is bounded.
+    (b"\xdc\x4e\x20" + (b"\xdc\x00\x40" + b"\x90" * 64) * 20_000, "more than 262144 values"),
+    (b"\x91" * 100_000 + b"\xc0", "nested too deeply"),
+    (msgpack.packb({"v": 1, "op": "ok", "meta": {"t": msgpack.Timestamp(5)}}), "max_ext_len"),
+], ids=["one long list", "many short lists", "deep nesting", "ext value"])
+def test_a_small_header_cannot_expand_into_a_huge_object(raw, expected):
+    with pytest.raises(WireError, match=expected):
+        decode([raw])
