@@ -19,6 +19,7 @@ belongs is refused by name rather than failing deep inside a lookup.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import msgpack
@@ -223,8 +224,15 @@ def _build_tensor(frame, name: str, dtype: str, shape: tuple[int, ...], codec: s
     """The tensor a checked entry describes. A codec that still fails on a
     frame of the right size (a lossy codec's payload, say) is the peer's
     fault, not a reason to end the process."""
+    buffer = getattr(frame, "buffer", frame)
+    # A bool is one byte holding 0 or 1; other bytes make torch's bool ops undefined.
+    if dtype == "bool" and codec == "raw" and memoryview(buffer).nbytes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, only read
+            _check(int(torch.frombuffer(buffer, dtype=torch.uint8).max()) <= 1,
+                   f"tensor {name}: a bool tensor's bytes must be 0 or 1")
     try:
-        return CODECS[codec].decode(getattr(frame, "buffer", frame), shape, DTYPES[dtype])
+        return CODECS[codec].decode(buffer, shape, DTYPES[dtype])
     except (RuntimeError, ValueError, TypeError) as exc:
         raise WireError(f"tensor {name}: the {codec} codec could not decode its frame ({exc})") from None
 

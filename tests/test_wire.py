@@ -165,3 +165,10 @@ def test_true_is_not_protocol_version_one_nor_a_step():
 def test_a_small_header_cannot_expand_into_a_huge_object(raw, expected):
     with pytest.raises(WireError, match=expected):
         decode([raw])
+
+
+def test_a_bool_tensor_with_bytes_other_than_0_or_1_is_refused():
+    frames = encode(Message("forward", tensors={"mask": torch.tensor([True, False, True])}))
+    assert decode(frames).tensors["mask"].tolist() == [True, False, True]
+    with pytest.raises(WireError, match="tensor mask: a bool tensor's bytes must be 0 or 1"):
+        decode([frames[0], bytes([1, 0, 7])])
