@@ -31,6 +31,7 @@ BAD = [
     ("server", "--fraction", "0"), ("server", "--fraction", "1.01"), ("server", "--min-clients", "0"),
     ("server", "--min-uploads", "0"), ("server", "--deadline", "0"), ("server", "--deadline", "inf"),
     ("server", "--local-steps", "0"), ("server", "--local-epochs", "-1"), ("server", "--reinit-every", "-1"),
+    ("server", "--save-every", "-1"), ("client", "--reconnect-for", "-1"), ("client", "--reconnect-for", "inf"),
     ("client", "--rank", "0"), ("client", "--alpha", "0"), ("client", "--lora-dropout", "1"),
     ("client", "--lora-dropout", "-0.1"), ("client", "--lr", "0"), ("client", "--lr", "nan"),
     ("client", "--head-lr", "-1"), ("client", "--epochs", "0"), ("client", "--epochs", "-1"),
