@@ -13,6 +13,14 @@ session, so the key names the step whatever the transport did. The
 federation ops carry no step, so they are keyed by (op, rid). A cached
 (op, step) asked again under another rid is a new request reusing an old step
 id, and is refused rather than answered with another request's reply.
+
+What is kept: a client's ``Connection`` has one request in flight at a time
+and numbers its requests upwards, so a new request means it holds the replies
+to all earlier ones: those are dropped (``settle``). What stays is the last
+reply, whose loss the client may still be about to discover, plus, within the
+count bound, replies keyed by ids that do not compare (not integers). A
+backward's reply holds a gradient as large as the batch's hidden state, so
+keeping every past one would grow with training.
 """
 
 from __future__ import annotations
@@ -82,6 +90,15 @@ class ReplyCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
+
+    def settle(self, rid) -> None:
+        """A new request ``rid`` arrived: its sender holds every reply to a
+        lower request id, so those need not be kept."""
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            return
+        for key in [k for k, e in self._entries.items()
+                    if isinstance(e.rid, int) and not isinstance(e.rid, bool) and e.rid < rid]:
+            del self._entries[key]
 
     def discard(self, key: tuple) -> None:
         """Forget ``key`` (a forward, once its backward is done: the client has its reply)."""

@@ -286,6 +286,7 @@ class BackboneServer:
                 log.info("client %s: %s (step %d) resent, answered from the reply cache", session.client, msg.op,
                          msg.step)
                 return cached
+            session.replies.settle(rid)
             reply = handler(session, msg)
             session.replies.put(key, rid, reply)
             if msg.op == "backward":

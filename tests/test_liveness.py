@@ -167,6 +167,7 @@ def test_a_resent_forward_and_backward_are_answered_from_the_cache_and_applied_o
         outs, grads = _steps(node, "c", token, twice)
         session = node.server.sessions.by_client["c"]
         assert session.steps == 3 and not session.graphs  # one backward applied per step, no graph left over
+        assert len(session.replies) == 1  # only the last reply, which the client may still resend
         adapter = node.send(node.frames(Message("adapter"), "c", token)).tensors
         runs[twice] = (outs, grads, adapter)
     plain, doubled = runs[False], runs[True]
