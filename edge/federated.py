@@ -33,7 +33,7 @@ from split.seeds import stable_seed
 from split.transport import SessionLost
 from split.wire import Message
 
-from .client import SplitClient
+from .client import MAX_REDO, SplitClient
 from .hetlora import HetLoRAOptions, RankRegulariser
 from .personal import PersonalAdapter
 
@@ -230,14 +230,19 @@ class FederatedClient:
         """Take part until the server says the federation is done; if the
         server loses this client's session meanwhile, register and join again
         and go on (the interrupted round is redone)."""
-        self.join()
+        lost, rounds = 0, -1
         while True:
             try:
+                if lost:
+                    self.client.reregister()
+                self.join()
                 return self._follow()
             except SessionLost as exc:
+                # A server that keeps losing the session before any round completes is not coming back whole.
+                lost, rounds = (lost + 1, rounds) if len(self.records) == rounds else (1, len(self.records))
+                if lost > MAX_REDO:
+                    raise
                 log.warning("%s: %s; registering and joining again", self.client.conn.client_id, exc)
-                self.client.reregister()
-                self.join()
 
     def _follow(self) -> list[RoundRecord]:
         """Poll, train and upload rounds until the federation is done."""

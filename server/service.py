@@ -206,7 +206,8 @@ class BackboneServer:
             raise RequestError(
                 f"the server's classification head has {seg.config.num_labels} labels, the client's data has "
                 f"{hello.num_labels}; restart the server with --num-labels {hello.num_labels}")
-        record = self.store.find(msg.client) if isinstance(token, str) else None
+        # Only a token or an authenticated key can prove a saved adapter is the caller's.
+        record = self.store.find(msg.client) if isinstance(token, str) and (token or peer) else None
         if record is not None and not owned_by(record, token, peer):
             record = None  # someone else's adapter: this hello opens a fresh session
         session = self.sessions.open(msg.client, routing_id, cut, hello.lora, hello.seed, hello.optimizer, peer,
@@ -241,7 +242,11 @@ class BackboneServer:
         if why is not None:
             log.warning("client %s: its saved server-side adapter is not restored: %s", session.client, why)
             return None
-        restore(self.sessions, session, record)
+        try:
+            restore(self.sessions, session, record)
+        except ValueError as exc:
+            log.warning("client %s: its saved server-side adapter is not restored: %s", session.client, exc)
+            return None
         fed = record.meta.get("federation")
         if self.coordinator is not None and fed is not None:
             self.coordinator.returning[session.client] = (int(fed["synced"]), int(fed["rounds"]))

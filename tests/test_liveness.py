@@ -179,6 +179,49 @@ def test_a_resent_forward_and_backward_are_answered_from_the_cache_and_applied_o
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def _hello_frames(node: InProcess, client: str, token: str) -> list:
+    from split.partition import load_config
+
+    config = load_config(node.path, "classification", 3, True)
+    hello = Hello(ModelInfo.of(node.path, config), LoraSpec(4, 8.0), "classification", seed=3)
+    return node.frames(hello.to_message(), client, token)
+
+
+def _pair(node: InProcess, client: str, token: str, step: int) -> None:
+    """A forward and its backward at ``step``, from tensors drawn from the step."""
+    gen = torch.Generator().manual_seed(step)
+    tensors = {"hidden": torch.randn(2, 5, 32, generator=gen), "attention_mask": torch.ones(2, 5, dtype=torch.uint8)}
+    for msg in (Message("forward", step=step, tensors=tensors),
+                Message("backward", step=step, tensors={"grad": torch.randn(2, 5, 32, generator=gen)})):
+        reply = node.send(node.frames(msg, client, token))
+        assert reply.op == "ok", reply.meta
+
+
+def test_a_restored_adapter_continues_exactly_where_the_saved_one_was(tiny_models, tmp_path):
+    path = tiny_models("bert")
+    first = InProcess(path, checkpoint_dir=str(tmp_path), save_every=1)
+    token = first.hello("c")
+    for step in range(4):  # the save at the start of step 3 holds the three steps before it
+        _pair(first, "c", token, step)
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == [p.name for p in (tmp_path / "clients").glob(
+        "*.safetensors")], "a temporary file was left behind"
+    record = next((tmp_path / "clients").iterdir())
+    assert token not in record.read_bytes().decode("latin-1")  # only the token's hash is stored
+
+    second = InProcess(path, checkpoint_dir=str(tmp_path), save_every=1, resume=True)
+    for stranger in ("", "0" * 32):  # no proof, a wrong token: a fresh adapter, not c's
+        welcome = Welcome.from_message(second.send(_hello_frames(second, "c", stranger)))
+        assert welcome.restored is None and welcome.token != token
+        assert second.send(second.frames(Message("bye"), "c", welcome.token)).op == "ok"
+    welcome = Welcome.from_message(second.send(_hello_frames(second, "c", token)))
+    assert welcome.restored == 3 and welcome.token == token
+    _pair(second, "c", token, 3)  # step 3 again, on the restored adapter and AdamW state
+    adapters = [node.send(node.frames(Message("adapter"), "c", token)).tensors for node in (first, second)]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key in adapters[0]:
+        assert torch.equal(adapters[0][key], adapters[1][key]), key
+
+
 def test_a_step_id_reused_by_a_new_request_is_refused(tiny_models):
     node = InProcess(tiny_models("bert"))
     token = node.hello("c")
