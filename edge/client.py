@@ -5,11 +5,18 @@ replaced: the first server block by a ``RemoteBlock`` whose autograd function
 sends the hidden state to the server on the way forward and the gradient on the
 way back, the others by passthroughs. One ``loss.backward()`` on the client
 therefore drives the whole split backward pass, the server's included.
+
+A client outlives a server restart: its ``Connection`` resends what got no
+answer (``--reconnect-for``), a heartbeat thread keeps its session alive
+(``edge.heartbeat``), and when the server answers that it holds no session
+for it, the client says hello again with its token, gets its saved
+server-side adapter back if the server kept one, and redoes the interrupted
+step whole (a federated client redoes the round: ``edge.federated``).
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import logging
 import math
 import uuid
@@ -25,10 +32,15 @@ from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
 from split.partition import CLIENT, Cut, build_segment, load_config, resolve_model_path
 from split.protocol import Hello, ModelInfo, OptimizerSettings, Welcome
 from split.seeds import seeded_rng
-from split.transport import Connection, ServerError, ServerUnavailable
+from split.transport import Connection, ServerError, ServerUnavailable, SessionLost
 from split.wire import Message
 
+from .heartbeat import Heartbeat
+
 log = logging.getLogger(__name__)
+
+MAX_REDO = 5  # registrations again in a row for one step before the client gives up
+HEARTBEAT_SHARE = 4  # the heartbeat pings every 1/4 of the server's session timeout
 
 
 class ServerRefused(ServerError):
@@ -61,10 +73,22 @@ class BackboneLink:
         self.labels: torch.Tensor | None = None
         self.position_ids: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-        self._step = itertools.count()
+        self._step = 0
 
     def next_step(self) -> int:
-        return next(self._step)
+        """The id of the next step sent to the server."""
+        self._step += 1
+        return self._step - 1
+
+    @property
+    def step_id(self) -> int:
+        """The id the next step will get."""
+        return self._step
+
+    def rewind(self, step: int) -> None:
+        """Give the next step id ``step`` again: a step redone after the server
+        lost its session keeps its id, and so its server-side dropout."""
+        self._step = step
 
     def capture_mask(self, module, args, kwargs):
         """Forward pre-hook on the client model: keep the batch's 2-D attention mask."""
@@ -133,6 +157,7 @@ class ClientConfig:
     client_id: str = ""
     timeout: float = 120.0
     connect_timeout: float = 30.0
+    reconnect_for: float = 300.0  # seconds a request that got no answer is resent (0: never)
     attn_implementation: str | None = None
     device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
     dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
@@ -142,6 +167,8 @@ class ClientConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.reconnect_for) and self.reconnect_for >= 0):
+            raise ValueError(f"reconnect_for must be a finite number of seconds >= 0, got {self.reconnect_for}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
 
@@ -152,7 +179,10 @@ class SplitClient:
     def __init__(self, config: ClientConfig):
         self.config = config
         client_id = config.client_id or f"client-{uuid.uuid4().hex[:8]}"
-        self.conn = Connection(config.server, client_id, timeout=config.timeout)
+        self.conn = Connection(config.server, client_id, timeout=config.timeout,
+                               reconnect_for=config.reconnect_for)
+        self.heartbeat: Heartbeat | None = None
+        self.registrations = 0  # hellos after the first (the server lost the session)
         try:
             self._join()
         except Exception:
@@ -169,13 +199,10 @@ class SplitClient:
         hello = Hello(ModelInfo.of(path, model_cfg), cfg.lora, cfg.task, cfg.seed, cfg.cut,
                       OptimizerSettings(cfg.lr, cfg.weight_decay),
                       num_labels=cfg.num_labels if cfg.task == "classification" else None)
-        try:
-            welcome = Welcome.from_message(self.conn.request(hello.to_message(), timeout=cfg.connect_timeout))
-        except ServerError as exc:
-            raise ServerRefused(f"the server at {cfg.server} refused this client: {exc}") from None
-        self.conn.token = welcome.token
+        # A wrong address fails fast: only a registered client waits for a restarting server.
+        welcome = self._hello(hello, retry=False)
         self.cut = cfg.cut or welcome.server_cut
-        self.federation = welcome.federation  # None: plain split training
+        self._hello_payload = dataclasses.replace(hello, cut=self.cut)  # said again, with the cut now fixed
         self.device = resolve_device(cfg.device)
         self.segment = build_segment(path, CLIENT, self.cut, task=cfg.task, num_labels=cfg.num_labels,
                                      seed=cfg.seed, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
@@ -196,6 +223,53 @@ class SplitClient:
             groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps = 0
+        self.heartbeat = Heartbeat(self.conn, welcome.session_timeout / HEARTBEAT_SHARE)
+
+    def _hello(self, hello: Hello, retry: bool) -> Welcome:
+        """Register with the server (with this connection's token, if it has
+        one: the proof that a saved server-side adapter is this client's)."""
+        try:
+            reply = self.conn.request(hello.to_message(), timeout=self.config.connect_timeout, retry=retry)
+            welcome = Welcome.from_message(reply)
+        except ServerError as exc:
+            raise ServerRefused(f"the server at {self.config.server} refused this client: {exc}") from None
+        self.conn.token = welcome.token
+        self.federation = welcome.federation  # None: plain split training
+        return welcome
+
+    def reregister(self) -> Welcome:
+        """Say hello again after the server answered that it holds no session
+        for this client (it restarted, or the session expired). The server
+        gives back this client's saved server-side adapter if it kept one."""
+        federated = self.federation is not None
+        welcome = self._hello(self._hello_payload, retry=True)
+        if (welcome.federation is not None) != federated:
+            raise RuntimeError(f"the server at {self.config.server} came back "
+                               f"{'without' if federated else 'with'} a federation; restart this client")
+        self.registrations += 1
+        if welcome.restored is None:
+            log.warning("%s registered again; the server kept no adapter for it: its server-side LoRA starts "
+                        "afresh (a server started with --checkpoint-dir keeps it)", self.conn.client_id)
+        else:
+            log.warning("%s registered again; the server gave back its server-side adapter at step %d (this "
+                        "client is at step %d)", self.conn.client_id, welcome.restored, self.steps)
+        return welcome
+
+    def _redoing(self, work, undo=lambda: None):
+        """``work()``, done again after registering again if the server lost
+        this client's session meanwhile; ``undo()`` first clears what the
+        interrupted attempt left. A federated client's interrupted step is not
+        redone here: its round is (``edge.federated``)."""
+        for attempt in range(MAX_REDO + 1):
+            try:
+                return work()
+            except SessionLost as exc:
+                undo()
+                if self.federation is not None or attempt == MAX_REDO:
+                    raise
+                log.warning("%s: %s; registering again to redo the step", self.conn.client_id, exc)
+                self.reregister()
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ training
 
@@ -219,7 +293,18 @@ class SplitClient:
 
     def train_step(self, batch: dict, penalty=None) -> float:
         """One optimizer step through the server; returns the task loss.
-        ``penalty()``, if given, is a regulariser added to the loss."""
+        ``penalty()``, if given, is a regulariser added to the loss. A step
+        the server lost half-way is redone whole, from its forward, under the
+        same step id: no gradient of the interrupted attempt is kept."""
+        first = self.link.step_id
+
+        def undo():
+            self.optimizer.zero_grad(set_to_none=True)
+            self.link.rewind(first)
+
+        return self._redoing(lambda: self._train_step(batch, penalty), undo)
+
+    def _train_step(self, batch: dict, penalty) -> float:
         self.model.train()
         with seeded_rng(self.device, self.config.seed, "dropout", "client", self.steps):
             loss, _ = self._outputs(batch, with_labels=True)
@@ -233,15 +318,13 @@ class SplitClient:
     def predict(self, batch: dict) -> torch.Tensor:
         """Logits for a batch, in evaluation mode (the server keeps no graph)."""
         self.model.eval()
-        _, logits = self._outputs(batch, with_labels=self.cut.two_part)
-        return logits
+        return self._redoing(lambda: self._outputs(batch, with_labels=self.cut.two_part)[1])
 
     @torch.no_grad()
     def loss(self, batch: dict) -> float:
         """The task loss of a labelled batch, in evaluation mode (no training)."""
         self.model.eval()
-        loss, _ = self._outputs(batch, with_labels=True)
-        return float(loss)
+        return float(self._redoing(lambda: self._outputs(batch, with_labels=True)[0]))
 
     def evaluate(self, batches) -> float:
         """Accuracy over labelled batches."""
@@ -257,7 +340,7 @@ class SplitClient:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Client and server LoRA together, under whole-model PEFT names."""
         state = adapter_state(self.model)
-        server = self.conn.request(Message("adapter")).tensors
+        server = self._redoing(lambda: self.conn.request(Message("adapter")).tensors)
         overlap = set(state) & set(server)
         if overlap:
             raise RuntimeError(f"client and server both hold {sorted(overlap)[:3]}: the cut is inconsistent")
@@ -277,9 +360,13 @@ class SplitClient:
 
     def close(self, say_bye: bool = True) -> None:
         """Leave the server (freeing this client's state there) and close the socket."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if say_bye:
             try:
-                self.conn.request(Message("bye"), timeout=5.0)
+                self.conn.request(Message("bye"), timeout=5.0, retry=False)
+            except SessionLost:
+                log.info("the server had already freed this client's session")
             except (ServerUnavailable, ServerError) as exc:
                 log.warning("could not say bye to the server: %s", exc)
         self.conn.close()

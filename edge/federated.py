@@ -6,6 +6,14 @@ round's local steps through the server, and uploads its client-side LoRA, head
 and sample count. The server adds the client's server-side LoRA itself. The
 client halves of methods run here: HetLoRA's regulariser and self-pruning
 (``edge.hetlora``) and FedDPA's personal adapter (``edge.personal``).
+
+When the server loses this client's session mid-round (it restarted from its
+last committed round, or the session expired), the client registers again,
+joins again and redoes the round from the state it had when the round began:
+its LoRA, head and personal adapter as they were right after it applied the
+round's offer, its step counters, and the frozen-weight updates it had already
+folded (the server hands the same round out again, and those updates are not
+folded twice).
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ from split.lora import (PEFT_PREFIX, fold_delta, get_factors, init_lora, lora_la
                         set_trainable)
 from split.protocol import FederationSettings, Join, RoundOffer, UploadPayload
 from split.seeds import stable_seed
+from split.transport import SessionLost
 from split.wire import Message
 
-from .client import SplitClient
+from .client import MAX_REDO, SplitClient
 from .hetlora import HetLoRAOptions, RankRegulariser
 from .personal import PersonalAdapter
 
@@ -60,6 +69,40 @@ def _head_name(param_name: str) -> str:
     return name.replace(".modules_to_save.default", "")
 
 
+@dataclass
+class RoundStart:
+    """What a client held when it began a round, after applying the round's
+    offer: what it goes back to when the round must be redone."""
+
+    round: int
+    tensors: dict[str, torch.Tensor]  # LoRA (global and personal) and head, by parameter name
+    rank: int
+    steps: int
+    step_id: int
+    records: int
+
+    @classmethod
+    def take(cls, runner: "FederatedClient", round_index: int) -> "RoundStart":
+        client = runner.client
+        tensors = {n: p.detach().clone() for n, p in client.model.named_parameters() if _round_state(n)}
+        return cls(round_index, tensors, runner.rank, client.steps, client.link.step_id, len(runner.records))
+
+    def put_back(self, runner: "FederatedClient") -> None:
+        client = runner.client
+        params = dict(client.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.tensors.items():
+                params[name].copy_(value)
+        runner.rank, client.steps = self.rank, self.steps
+        client.link.rewind(self.step_id)
+        del runner.records[self.records:]
+
+
+def _round_state(name: str) -> bool:
+    """Whether a client parameter changes during a round (LoRA factors, the trained head)."""
+    return "lora_" in name or ".modules_to_save." in name
+
+
 def head_params(client: SplitClient) -> dict[str, torch.nn.Parameter]:
     """The client's trained head (modules_to_save copies), by plain name."""
     return {_head_name(n): p for n, p in client.model.named_parameters()
@@ -86,6 +129,8 @@ class FederatedClient:
         self.personal_accuracy: dict[str, float] = {}
         self.settings: FederationSettings | None = None
         self.personal = PersonalAdapter(self.client) if self.options.personal else None
+        self.started: RoundStart | None = None  # the latest round this client began
+        self.redone = 0  # rounds begun again after the server lost this client's session
 
     def _request(self, msg):
         return self.client.conn.request(msg)
@@ -182,10 +227,26 @@ class FederatedClient:
         return losses
 
     def run(self) -> list[RoundRecord]:
-        """Take part until the server says the federation is done."""
-        self.join()
+        """Take part until the server says the federation is done; if the
+        server loses this client's session meanwhile, register and join again
+        and go on (the interrupted round is redone)."""
+        lost, rounds = 0, -1
+        while True:
+            try:
+                if lost:
+                    self.client.reregister()
+                self.join()
+                return self._follow()
+            except SessionLost as exc:
+                # A server that keeps losing the session before any round completes is not coming back whole.
+                lost, rounds = (lost + 1, rounds) if len(self.records) == rounds else (1, len(self.records))
+                if lost > MAX_REDO:
+                    raise
+                log.warning("%s: %s; registering and joining again", self.client.conn.client_id, exc)
+
+    def _follow(self) -> list[RoundRecord]:
+        """Poll, train and upload rounds until the federation is done."""
         waited = time.monotonic()
-        conn = self.client.conn
         while True:
             offer = RoundOffer.from_message(self._request(Message("round")))
             if offer.status == "wait":
@@ -193,18 +254,41 @@ class FederatedClient:
                     raise TimeoutError(f"no round for this client in {self.options.max_wait:.0f}s")
                 time.sleep(self.options.poll)
                 continue
-            self._apply(offer)
+            self._begin(offer)
             if offer.status == "done":
                 if self.options.evaluate and self.test is not None:
                     self.final_accuracy = self._evaluate_global()
                 if self.personal is not None and self.options.personal_test is not None:
                     self.personal_accuracy = self.personal.evaluate(self.options.personal_test)
                 return self.records
-            accuracy = self._evaluate_global() if self.options.evaluate and self.test is not None else None
-            sent, received = conn.bytes_sent, conn.bytes_received
-            losses = self._train_round(offer)
-            self._upload(offer.round)
-            self.records.append(RoundRecord(offer.round, accuracy, sum(losses) / len(losses),
-                                            conn.bytes_sent - sent, conn.bytes_received - received))
-            log.info("round %d: loss %.3f", offer.round, self.records[-1].loss)
+            self._take_part(offer)
             waited = time.monotonic()
+
+    def _begin(self, offer: RoundOffer) -> None:
+        """Load an offer; an offer of the round this client began last is that
+        round handed out again (the server lost the session): the client goes
+        back to where it began it instead, its updates already folded."""
+        last = self.started
+        if offer.status == "train" and last is not None and offer.round <= last.round:
+            if offer.round < last.round:
+                raise RuntimeError(f"the server offers round {offer.round}, but this client already began round "
+                                   f"{last.round}: the server resumed from a checkpoint older than this client's "
+                                   "state; start this client again")
+            last.put_back(self)
+            self.redone += 1
+            log.warning("%s: redoing round %d from its start", self.client.conn.client_id, offer.round)
+            return
+        self._apply(offer)
+        if offer.status == "train":
+            self.started = RoundStart.take(self, offer.round)
+
+    def _take_part(self, offer: RoundOffer) -> None:
+        """Train the offered round and upload it."""
+        conn = self.client.conn
+        accuracy = self._evaluate_global() if self.options.evaluate and self.test is not None else None
+        sent, received = conn.bytes_sent, conn.bytes_received
+        losses = self._train_round(offer)
+        self._upload(offer.round)
+        self.records.append(RoundRecord(offer.round, accuracy, sum(losses) / len(losses),
+                                        conn.bytes_sent - sent, conn.bytes_received - received))
+        log.info("round %d: loss %.3f", offer.round, self.records[-1].loss)

@@ -10,11 +10,14 @@ resumed federation continues from.
   FedEx-LoRA and FLoRA): the sum of those changes, d_out x d_in per module,
   to add to the base model before loading the adapter (``apply_base_delta``);
 - ``coordinator.safetensors`` + ``coordinator.json``: the strategy's state and
-  the coordinator's, to resume from.
+  the coordinator's, to resume from;
+- ``clients/``: each federated client's server-side adapter as round t+1
+  starts, with its owner's token hash (``server/persist.py``), given back to
+  that client when it registers with a resumed server.
 
 A round is written to ``round_{t}.tmp`` and renamed into place, so a folder
-named ``round_{t}`` is always complete. Server-side optimizers restart every
-round, so no optimizer state crosses a round boundary.
+named ``round_{t}`` is always complete, client records included. Server-side
+optimizers restart every round, so no optimizer state crosses a round boundary.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from split.families import Family, family_for
 from split.lora import PEFT_PREFIX, LoraSpec, fold_into, save_adapter
 
+from .persist import CLIENTS, Record, write_record
 from .strategies.base import GlobalModel
 
 
@@ -86,12 +90,13 @@ def adapter_tensors(glob: GlobalModel, shared: dict[str, tuple[torch.Tensor, tor
 def write_round(root: str | Path, round_index: int, glob: GlobalModel, family: Family, task: str,
                 base_model: str, base_delta: dict[str, torch.Tensor], coordinator: dict,
                 shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                labels: tuple[str, ...] | None = None) -> Path:
+                labels: tuple[str, ...] | None = None, clients: list[Record] | None = None) -> Path:
     """Write ``root/round_{round_index}`` atomically; returns its path.
 
     ``glob`` must hold both factors of every module (zeros where a method
     keeps a factor on the clients); ``labels`` (the clients' class names) name
-    the head's classes in the round's config.json."""
+    the head's classes in the round's config.json; ``clients`` are the
+    clients' server-side adapters, written under ``clients/``."""
     root = Path(root)
     final = root / f"round_{round_index}"
     tmp = root / f"round_{round_index}.tmp"
@@ -113,9 +118,12 @@ def write_round(root: str | Path, round_index: int, glob: GlobalModel, family: F
     tree, tensors = flatten(coordinator)
     save_file(tensors, str(tmp / "coordinator.safetensors"))
     (tmp / "coordinator.json").write_text(json.dumps(tree))
-    for f in tmp.iterdir():  # the rename below must not expose unflushed files
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for record in clients or []:
+        write_record(tmp / CLIENTS, record)
+    for f in tmp.rglob("*"):  # the rename below must not expose unflushed files
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -218,6 +218,9 @@ class Coordinator:
         self.r_max = 0
         self.alpha = 0.0
         self.history: list[RoundLog] = []
+        # client -> (synced, rounds) saved with its server-side adapter, for a
+        # client whose restored session proved it is the one that had them
+        self.returning: dict[str, tuple[int, int]] = {}
 
     # ---------------------------------------------------------------- messages
 
@@ -244,8 +247,10 @@ class Coordinator:
         if labels is not None and self.labels is None:
             self.labels, self.classes = labels, len(labels)
         old = self.members.get(client)
-        self.members[client] = Member(info, modules, profile, server_modules, synced=old.synced if old else 0,
-                                      rounds=old.rounds if old else 0)
+        synced, rounds = (old.synced, old.rounds) if old else self.returning.pop(client, (0, 0))
+        self.members[client] = Member(info, modules, profile, server_modules, synced=synced, rounds=rounds)
+        if client in self.handed and client not in self.uploads:
+            self._redeliver(client)
         log.info("client %s joined the federation: rank %d, %d samples%s", client, info.rank, info.num_samples,
                  f", blocks {sorted(info.blocks)}" if info.blocks is not None else "")
         return self.config.settings()
@@ -282,6 +287,16 @@ class Coordinator:
             raise Refused(f"this client's LoRA covers other modules than the federation's (they differ in "
                           f"{differ[:3]}{' ...' if len(differ) > 3 else ''}); join with the same --targets as "
                           "the other clients")
+
+    def _redeliver(self, client: str) -> None:
+        """A selected client that joins again mid-round (its session was lost
+        after it took its download) gets the round again: its server-side
+        adapter is reloaded and it redoes the round from its start."""
+        member = self.members[client]
+        member.rounds -= 1  # _download counts the round again
+        self.handed.discard(client)
+        self.undelivered[client] = self._download(member)
+        log.warning("client %s joined again during round %d: it redoes the round", client, self.round)
 
     def poll(self, client: str) -> RoundOffer:
         """What a client does now: wait, train a round from its download, or

@@ -4,8 +4,9 @@ The server hosts blocks [K1, L - K2) of a model (its ``--cut``) and serves any
 client whose own cut keeps at least those blocks on the client side. The jobs
 behind the handlers live elsewhere: sessions, adapters, optimizers and expiry
 in ``sessions.py``; forward and backward in ``compute.py``; rounds in
-``rounds.py``; checkpoints in ``checkpoint.py``; payloads in
-``split/protocol.py``. ``handle`` answers one message without sockets, so
+``rounds.py``; checkpoints in ``checkpoint.py``; per-client adapters on disk
+in ``persist.py``; the reply cache for resent requests in ``replies.py``;
+payloads in ``split/protocol.py``. ``handle`` answers one message without sockets, so
 tests can drive a server in-process.
 """
 
@@ -28,6 +29,8 @@ from split.wire import Limits, Message, WireError, decode, encode, error
 from .admission import model_layout
 from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
+from .persist import CLIENTS, SessionStore, mismatch, owned_by, restore, session_record, token_digest
+from .replies import StepReused, replay_key
 from .rounds import Coordinator, FederationConfig, FederationError
 from .sessions import RequestError, Session, Sessions, check_server_lora
 from .strategies.base import ClientInfo, StrategyError
@@ -53,7 +56,8 @@ class ServerConfig:
     attn_implementation: str | None = None
     federation: FederationConfig | None = None
     checkpoint_dir: str | None = None
-    resume: bool = False  # continue from the newest round in checkpoint_dir
+    resume: bool = False  # continue from checkpoint_dir: its newest round, and the clients' saved adapters
+    save_every: int = 20  # plain split training: save a client's server-side adapter every N of its steps
     server_lora: str = "per-client"  # or "shared": one server-side adapter every client trains
     device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
     dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
@@ -64,8 +68,10 @@ class ServerConfig:
             raise ValueError(f"pending_timeout must be a finite number of seconds > 0, got {self.pending_timeout}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
-        if self.resume and (self.federation is None or self.checkpoint_dir is None):
-            raise ValueError("--resume continues a federation: give its --strategy and --checkpoint-dir")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("--resume continues from saved state: give the --checkpoint-dir it was saved in")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 steps (0: never), got {self.save_every}")
 
 
 class BackboneServer:
@@ -81,20 +87,28 @@ class BackboneServer:
         heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else []
         place(seg.model, self.device, heads)
         self.model_info = ModelInfo.of(seg.path, seg.config)
+        # A client resends at most one request at a time, but pipelined forwards
+        # each keep a reply until their backward: room for both, twice over.
         self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed,
-                                 pending_timeout=config.pending_timeout)
+                                 pending_timeout=config.pending_timeout, reply_cache=2 * config.max_pending)
+        plain = config.federation is None
+        self.store = SessionStore(config.checkpoint_dir if plain else None, config.save_every, None)
         self.compute = BackboneCompute(seg, self.sessions, config.max_pending, self.device, dtype)
         self.coordinator = None if config.federation is None else Coordinator(
             config.federation, self.sessions, model_layout(seg.config, seg.family, seg.task))
         self._tick_error: str | None = None
-        if config.resume:
+        if config.resume and not plain:
             self._resume()
+        elif config.resume:
+            self._resume_plain()
         # Ops that need no session get the routing id; the others get the caller's session.
         self.open_ops: dict[str, Callable[[bytes, str, Message], Message]] = {
             "hello": self._hello, "status": self._status}
         self.session_ops: dict[str, Callable[[Session, Message], Message]] = {
-            "forward": self._forward, "backward": self._backward, "adapter": self._adapter, "bye": self._bye,
-            "join": self._join, "round": self._round, "upload": self._upload}
+            "forward": self._idempotent(self._forward), "backward": self._idempotent(self._backward),
+            "adapter": self._adapter, "bye": self._bye, "ping": self._ping,
+            "join": self._idempotent(self._join), "round": self._idempotent(self._round),
+            "upload": self._idempotent(self._upload)}
         self.socket = None
         log.info("server segment: blocks %s of %d, %.1f MB of %.1f MB", self.sessions.hosted, seg.num_layers,
                  seg.owned_bytes / 1e6, seg.checkpoint_bytes / 1e6)
@@ -185,7 +199,11 @@ class BackboneServer:
         if not msg.client:
             raise RequestError("hello needs a client id")
         hello = Hello.from_message(msg)
-        self.sessions.check_owner(msg.client, msg.meta.get("token", ""), peer)
+        token = msg.meta.get("token", "")
+        resent = self._resent_hello(msg.client, token, peer, msg.meta.get("rid"))
+        if resent is not None:
+            return resent
+        self.sessions.check_owner(msg.client, token, peer)
         seg = self.segment
         mismatch = self.model_info.mismatch(hello.model)
         if mismatch:
@@ -207,16 +225,62 @@ class BackboneServer:
             raise RequestError(
                 f"the server's classification head has {seg.config.num_labels} labels, the client's data has "
                 f"{hello.num_labels}; restart the server with --num-labels {hello.num_labels}")
-        session = self.sessions.open(msg.client, routing_id, cut, hello.lora, hello.seed, hello.optimizer, peer)
+        # Only a token or an authenticated key can prove a saved adapter is the caller's.
+        record = self.store.find(msg.client) if isinstance(token, str) and (token or peer) else None
+        if record is not None and not owned_by(record, token, peer):
+            record = None  # someone else's adapter: this hello opens a fresh session
+        session = self.sessions.open(msg.client, routing_id, cut, hello.lora, hello.seed, hello.optimizer, peer,
+                                     token=token if record is not None else None)
+        restored = self._restore(session, record)
         fed = self.config.federation
         welcome = Welcome(seg.num_layers, seg.cut, self.config.session_timeout,
-                          None if fed is None else fed.settings(), session.token)
-        return welcome.to_message(msg.client)
+                          None if fed is None else fed.settings(), session.token, restored).to_message(msg.client)
+        if isinstance(token, str) and token:
+            session.hello, session.welcome = (token_digest(token), msg.meta.get("rid")), welcome
+        return welcome
+
+    def _resent_hello(self, client: str, token, peer: str, rid) -> Message | None:
+        """The welcome already sent for this very hello (same token, rid and
+        key), if its reply was lost and the client sent it again; otherwise
+        None. A first hello presents no token and is never answered this way."""
+        session = self.sessions.by_client.get(client)
+        if not (isinstance(token, str) and token and session is not None and session.welcome is not None):
+            return None
+        if session.peer != peer or session.hello != (token_digest(token), rid):
+            return None
+        return session.welcome
+
+    def _restore(self, session: Session, record) -> int | None:
+        """Give ``session`` its owner's saved adapter; returns its steps (None:
+        nothing to restore, the adapter starts afresh)."""
+        if record is None or session.shared:
+            if self.coordinator is not None:
+                self.coordinator.returning.pop(session.client, None)
+            return None
+        why = mismatch(record, session)
+        if why is not None:
+            log.warning("client %s: its saved server-side adapter is not restored: %s", session.client, why)
+            return None
+        try:
+            restore(self.sessions, session, record)
+        except ValueError as exc:
+            log.warning("client %s: its saved server-side adapter is not restored: %s", session.client, exc)
+            return None
+        fed = record.meta.get("federation")
+        if self.coordinator is not None and fed is not None:
+            self.coordinator.returning[session.client] = (int(fed["synced"]), int(fed["rounds"]))
+        log.warning("client %s registered again: its server-side adapter is restored at step %d",
+                    session.client, session.steps)
+        return session.steps
 
     def _status(self, routing_id: bytes, peer: str, msg: Message) -> Message:
         return Message("ok", meta=self.sessions.status())
 
     def _forward(self, session: Session, msg: Message) -> Message:
+        if msg.meta.get("train", True) and not session.graphs and self.store.due(session):
+            # Saved before this step, once the client has every earlier reply:
+            # a restored adapter then never holds a step the client redoes.
+            self.store.save(self.sessions, session)
         tensors = self.compute.forward(session, msg.step, msg.tensors, bool(msg.meta.get("train", True)))
         return Message("ok", msg.client, msg.step, tensors=tensors)
 
@@ -226,6 +290,34 @@ class BackboneServer:
 
     def _adapter(self, session: Session, msg: Message) -> Message:
         return Message("ok", msg.client, msg.step, tensors=adapter_state(self.sessions.model, session.adapter))
+
+    def _ping(self, session: Session, msg: Message) -> Message:
+        return Message("ok", msg.client, msg.step)  # Sessions.get has refreshed the session
+
+    def _idempotent(self, handler: Callable[[Session, Message], Message]) -> Callable[[Session, Message], Message]:
+        """``handler`` answering a resent request from the session's reply
+        cache, so that its effect happens once (server/replies.py)."""
+
+        def answer(session: Session, msg: Message) -> Message:
+            key, rid = replay_key(msg), msg.meta.get("rid")
+            if key is None:
+                return handler(session, msg)
+            try:
+                cached = session.replies.get(key, rid)
+            except StepReused as exc:
+                raise RequestError(str(exc)) from None
+            if cached is not None:
+                log.info("client %s: %s (step %d) resent, answered from the reply cache", session.client, msg.op,
+                         msg.step)
+                return cached
+            session.replies.settle(rid)
+            reply = handler(session, msg)
+            session.replies.put(key, rid, reply)
+            if msg.op == "backward":
+                session.replies.discard(("forward", msg.step))  # its reply has arrived: a backward follows it
+            return reply
+
+        return answer
 
     def _bye(self, session: Session, msg: Message) -> Message:
         self.sessions.drop(session.client)
@@ -261,8 +353,21 @@ class BackboneServer:
         coord, seg = self.coordinator, self.segment
         folder = write_round(self.config.checkpoint_dir, round_index, coord.global_model(), seg.family, seg.task,
                              str(seg.path), coord.merged, coord.snapshot(), self.sessions.shared_factors(),
-                             labels=coord.labels)
+                             labels=coord.labels, clients=self._client_records())
+        self.store.restore_from = folder / CLIENTS
         log.info("checkpoint %s", folder)
+
+    def _client_records(self) -> list:
+        """Each federated client's server-side adapter as the next round
+        starts, with its sync and round counts: what it resumes from."""
+        coord, records = self.coordinator, []
+        for client, member in coord.members.items():
+            session = self.sessions.by_client.get(client)
+            if session is not None and not session.shared:
+                # The next round's download is made again on resume: not counted yet.
+                rounds = member.rounds - (coord.phase == "running" and client in coord.selected)
+                records.append(session_record(self.sessions, session, {"synced": member.synced, "rounds": rounds}))
+        return records
 
     def _resume(self) -> None:
         folder = last_round(self.config.checkpoint_dir)
@@ -270,7 +375,17 @@ class BackboneServer:
             raise ValueError(f"--resume: no complete round_N folder in {self.config.checkpoint_dir}")
         snap = read_coordinator(folder)
         self.coordinator.restore(snap)
+        self.store.restore_from = folder / CLIENTS
         hosted = set(self.sessions.hosted)
         self.sessions.fold({m: d for m, d in snap["merged"].items() if block_of(m) in hosted})
         log.warning("resuming after %s: next round %d of %d", folder.name, self.coordinator.round,
                     self.coordinator.config.rounds)
+
+    def _resume_plain(self) -> None:
+        """Plain split training: clients get their saved adapters back at their next hello."""
+        folder = self.store.folder
+        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+            raise ValueError(f"--resume: no saved client adapters in {folder} (a server started with "
+                             "--checkpoint-dir and --save-every writes them there)")
+        self.store.restore_from = folder
+        log.warning("resuming: %d saved client adapters in %s", len(list(folder.glob("*.safetensors"))), folder)

@@ -25,6 +25,9 @@ from split.lora import (LoraSpec, attach_lora, fold_delta, get_factors, init_lor
 from split.partition import Cut, Segment
 from split.protocol import OptimizerSettings
 from split.tensorfile import CheckpointIndex
+from split.wire import Message
+
+from .replies import ReplyCache
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,10 @@ class Session:
     graphs: dict = field(default_factory=dict)  # step -> Pending, awaiting its backward
     steps: int = 0
     seed: int = 0  # the client's seed: its server-side dropout is drawn from it and the step
+    replies: ReplyCache = field(default_factory=lambda: ReplyCache(16))  # see server/replies.py
+    saved_steps: int = 0  # steps when its adapter was last saved (server/persist.py)
+    hello: tuple = ()  # (SHA-256 of the token the opening hello presented, its rid): spots a resent hello
+    welcome: Message | None = None  # the answer to that hello, sent again to its resend
 
     @property
     def shared(self) -> bool:
@@ -108,11 +115,12 @@ class Sessions:
     """The server's clients: one session each, keyed by client id."""
 
     def __init__(self, segment: Segment, timeout: float, server_lora: str = "per-client", seed: int = 0,
-                 pending_timeout: float = 60.0):
+                 pending_timeout: float = 60.0, reply_cache: int = 16):
         check_server_lora(server_lora)
         self.segment = segment
         self.timeout = timeout
         self.pending_timeout = pending_timeout
+        self.reply_cache = reply_cache  # replies kept per session for resent requests
         self.server_lora = server_lora
         self.hosted = list(segment.cut.server_blocks(segment.num_layers))
         # peft cannot add an adapter to a model whose adapters were all deleted,
@@ -137,10 +145,11 @@ class Sessions:
                            f"(a session silent for {self.timeout:.0f}s is freed)")
 
     def open(self, client: str, routing_id: bytes, cut: Cut, spec: LoraSpec, seed: int,
-             settings: OptimizerSettings, peer: str = "") -> Session:
+             settings: OptimizerSettings, peer: str = "", token: str | None = None) -> Session:
         """A new session for ``client`` with its adapter, optimizer and a fresh
-        token; an old session of the same id is dropped only once the new one
-        exists (the caller has checked the hello may replace it)."""
+        token (or ``token``, one the client proved it holds, when a restored
+        adapter keeps its owner); an old session of the same id is dropped only
+        once the new one exists (the caller has checked the hello may replace it)."""
         seg = self.segment
         heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else None
         if self.server_lora == "shared":
@@ -159,8 +168,8 @@ class Sessions:
         if client in self.by_client:
             log.info("client %s registers again: its old session is dropped", client)
             self.drop(client)
-        session = Session(client, routing_id, secrets.token_hex(16), peer, adapter, cut, spec, settings, optimizer,
-                          params, time.monotonic(), seed=seed)
+        session = Session(client, routing_id, token or secrets.token_hex(16), peer, adapter, cut, spec, settings,
+                          optimizer, params, time.monotonic(), seed=seed, replies=ReplyCache(self.reply_cache))
         self.by_client[client] = session
         self._active = None
         log.info("client %s joined: cut %s, LoRA r=%d, %d server-side tensors", client, cut, spec.rank, len(params))
@@ -251,6 +260,11 @@ class Sessions:
             for p in other.params:
                 p.requires_grad_(True)
         self._active = session.adapter
+
+    def forget_active(self) -> None:
+        """Make the next ``activate`` route and mark trainable again (an
+        adapter's trained parameters changed)."""
+        self._active = None
 
     def shared_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The shared server-side LoRA (empty without one): part of the global model as it is."""

@@ -158,8 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trim", type=trim_share, default=None,
                    help="--robust trimmed-mean: share of values trimmed at each end of every coordinate, in "
                         "(0, 0.5) (default: 0.1)")
-    f.add_argument("--checkpoint-dir", default=None, help="write round_N/ checkpoints here")
-    f.add_argument("--resume", action="store_true", help="continue from the newest round in --checkpoint-dir")
+    k = s.add_argument_group("checkpoints and restarts")
+    k.add_argument("--checkpoint-dir", default=None,
+                   help="write round_N/ checkpoints here (with each client's server-side adapter); without "
+                        "--strategy, each client's server-side adapter every --save-every steps")
+    k.add_argument("--save-every", type=nonnegative_int, default=20, metavar="N",
+                   help="plain split training with --checkpoint-dir: save a client's server-side adapter every N "
+                        "of its steps (0: never)")
+    k.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint-dir: a federation from its newest round; clients that "
+                        "register again get their saved server-side adapters back")
 
     c = _subparser(sub, "client", "train through a server on local data", CLIENT_EXAMPLE)
     _add_model_args(c)
@@ -189,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=positive_float, default=120.0, help="seconds to wait for any server reply")
     c.add_argument("--connect-timeout", type=positive_float, default=30.0,
                    help="seconds to wait for the server's first reply")
+    c.add_argument("--reconnect-for", type=nonnegative_float, default=300.0, metavar="SECONDS",
+                   help="how long a request the server did not answer is resent, with backoff (a server "
+                        "restart); the client then registers again by itself (0: fail at once)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--summary-json", default=None, help="write the run's summary (metrics, bytes) to this file")
     g = c.add_argument_group("federation (when the server runs rounds)")
@@ -282,6 +293,7 @@ def _server(args) -> int:
                           session_timeout=args.session_timeout, pending_timeout=args.pending_timeout,
                           limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit),
                           federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                          save_every=args.save_every,
                           server_lora=args.server_lora, device=args.device, dtype=args.dtype)
     server = BackboneServer(config)
     endpoint = server.bind()
@@ -335,6 +347,7 @@ def _client(args) -> int:
                           task=args.task, lora=_lora_spec(args), lr=args.lr, head_lr=args.head_lr,
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
                           timeout=args.timeout, connect_timeout=args.connect_timeout,
+                          reconnect_for=args.reconnect_for,
                           device=args.device, dtype=args.dtype)
     options = TrainOptions(data=args.data, test_data=args.test_data, epochs=args.epochs, max_steps=args.steps,
                            batch_size=args.batch_size, max_length=args.max_length, adapter_out=args.out,

@@ -280,12 +280,14 @@ class Welcome:
     session_timeout: float
     federation: FederationSettings | None = None  # None: plain split training
     token: str = ""  # the session's secret: every later request of this client carries it
+    restored: int | None = None  # steps of the saved server-side adapter given back (None: a fresh one)
 
     def to_message(self, client: str) -> Message:
         return Message("ok", client, meta={
             "num_layers": self.num_layers, "server_cut": [self.server_cut.front, self.server_cut.back],
             "session_timeout": self.session_timeout, "token": self.token,
-            "federation": None if self.federation is None else self.federation.to_meta()})
+            "federation": None if self.federation is None else self.federation.to_meta(),
+            "restored": self.restored})
 
     @classmethod
     def from_message(cls, msg: Message) -> "Welcome":
@@ -296,7 +298,8 @@ class Welcome:
             raise ProtocolError(f"{op}: field 'token' must be 32 hex digits")
         return cls(_field(meta, op, "num_layers", "positive"), _cut(_field(meta, op, "server_cut", "list"), op),
                    _field(meta, op, "session_timeout", "float"),
-                   None if fed is None else FederationSettings.from_meta(fed, op), token)
+                   None if fed is None else FederationSettings.from_meta(fed, op), token,
+                   _field(meta, op, "restored", "count", None))
 
 
 # ---------------------------------------------------------------- join

@@ -1,17 +1,35 @@
 """Request/reply over a ZeroMQ DEALER socket: what a client (or a probe) uses
-to talk to a fedsplit server, with timeouts and byte counts."""
+to talk to a fedsplit server, with timeouts, byte counts and retries.
+
+A request that gets no answer (the connection dropped, or nothing came back
+within the timeout) is sent again, unchanged, after an exponential backoff
+with jitter, for as long as the connection's ``reconnect_for`` allows. The
+resent request keeps its op, step and request id (``rid``), so a server that
+did answer the first copy recognises the retry and answers it from its reply
+cache instead of applying it twice (docs/architecture.md, "Retries").
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import random
+import threading
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .wire import ERROR_CODES, REPLIES, Limits, Message, WireError, decode, encode, frame_len
 
 log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.2  # seconds before the first resend
+BACKOFF_CAP = 5.0  # the longest pause between two resends
+# ZMTP heartbeats on the socket: a server that answers none for this long is
+# taken for dead (a crashed host sends no FIN), and the request is resent.
+ZMTP_HEARTBEAT_MS, ZMTP_TIMEOUT_MS = 5_000, 15_000
+POLL_SLICE_MS = 100  # how often a waiting request looks for a dropped connection
 
 
 class ServerUnavailable(ConnectionError):
@@ -26,62 +44,138 @@ class ServerError(RuntimeError):
         self.code = code
 
 
+class SessionLost(ServerError):
+    """The server holds no session for this client and token (it restarted, or
+    the session expired): the client must register again with hello."""
+
+    def __init__(self, text: str):
+        super().__init__(text, "session")
+
+
+def backoff(attempt: int, rng: random.Random) -> float:
+    """The pause before resend number ``attempt`` (0-based): doubling from
+    ``BACKOFF_FIRST`` up to ``BACKOFF_CAP``, times a random factor in [0.5, 1]
+    so that clients cut off together do not all come back in the same instant."""
+    return min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** attempt) * rng.uniform(0.5, 1.0)
+
+
 class Connection:
-    """Request/reply over a DEALER socket, with timeouts and byte counts.
+    """Request/reply over a DEALER socket, with timeouts, byte counts and retries.
 
     ``bytes_sent`` / ``bytes_received`` count the frames that crossed the
-    socket (header and tensor frames), so meters report what the wire carried.
-    ``token`` is the session token the server issued at hello: every request
-    carries it, and the server serves a session only to its token. The
-    socket's routing id is ZeroMQ's own random one, never chosen here.
+    socket (header and tensor frames, resends included), so meters report what
+    the wire carried. ``token`` is the session token the server issued at
+    hello: every request carries it, and the server serves a session only to
+    its token. The socket's routing id is ZeroMQ's own random one, never
+    chosen here. ``reconnect_for`` is how many seconds after a first failure a
+    request keeps being resent (0: never).
     """
 
-    def __init__(self, address: str, client_id: str, timeout: float = 120.0, limits: Limits = Limits()):
+    def __init__(self, address: str, client_id: str, timeout: float = 120.0, limits: Limits = Limits(),
+                 reconnect_for: float = 0.0):
+        if reconnect_for < 0:
+            raise ValueError(f"reconnect_for must be >= 0 seconds, got {reconnect_for}")
         self.address = address
         self.client_id = client_id
         self.timeout = timeout
         self.limits = limits
+        self.reconnect_for = reconnect_for
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages = 0
+        self.retries = 0  # resends, over the connection's life
+        self.last_reply = time.monotonic()  # when the server last answered (the heartbeat reads it)
         self.token = ""
         self._rid = itertools.count(1)
+        self._rng = random.Random()  # jitter only: never seeded, never shared with training
+        self._lock = threading.Lock()  # one request at a time per socket
+        self._open()
+
+    def _open(self) -> None:
+        """A fresh DEALER socket, and a monitor that reports when its connection drops."""
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.socket.connect(self.address)
 
-    def request(self, msg: Message, timeout: float | None = None) -> Message:
+    def _close_socket(self) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
+        self.socket.close(linger=0)
+
+    def _dropped(self) -> bool:
+        """Whether the connection dropped since the monitor was last read."""
+        dropped = False
+        while self._monitor.poll(0):
+            dropped |= recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED
+        return dropped
+
+    def request(self, msg: Message, timeout: float | None = None, retry: bool = True) -> Message:
         """Send ``msg`` and wait for its reply; raise on timeout or error.
 
-        A reply that does not decode, or that is not a reply at all, is
-        dropped with a warning and the wait goes on: whatever arrives on the
-        socket, only the real reply or the deadline ends the wait."""
+        With ``retry`` (and ``reconnect_for`` > 0), a request that gets no
+        answer, or an answer with code "busy", is resent unchanged after a
+        backoff, until ``reconnect_for`` seconds have passed since the first
+        failure. A reply with code "session" raises ``SessionLost``."""
+        with self._lock:
+            return self._request(msg, self.timeout if timeout is None else timeout,
+                                 self.reconnect_for if retry else 0.0)
+
+    def _request(self, msg: Message, wait: float, budget: float) -> Message:
         rid = next(self._rid)
         msg.client = self.client_id
         msg.meta = {**msg.meta, "rid": rid}
         if self.token:
             msg.meta["token"] = self.token
         frames = encode(msg)
-        self.bytes_sent += sum(frame_len(f) for f in frames)
-        self.socket.send_multipart(frames, copy=False)
-        wait = self.timeout if timeout is None else timeout
-        # One deadline for the whole wait, so a stream of junk cannot extend it.
+        failed_at = None
+        for attempt in itertools.count():
+            self._dropped()  # a drop before this send says nothing about it
+            self.bytes_sent += sum(frame_len(f) for f in frames)
+            self.socket.send_multipart(frames, copy=False)
+            reply, why = self._await(rid, wait)
+            if reply is not None and not (reply.op == "error" and reply.meta.get("code") == "busy" and budget > 0):
+                return self._answer(reply)
+            if reply is not None:
+                why = f"the server is busy ({reply.meta.get('error', '')})"
+            now = time.monotonic()
+            failed_at = failed_at or now
+            if now - failed_at >= budget:
+                raise ServerUnavailable(
+                    f"no answer from the server at {self.address} (op {msg.op}): {why}"
+                    + (f"; resent for {now - failed_at:.0f}s" if budget > 0 else "")
+                    + ". Is `fedsplit server` running there, and is the address reachable from this machine?"
+                    + ("" if budget > 0 else " (--reconnect-for lets a client wait for a restarting server)"))
+            pause = min(backoff(attempt, self._rng), max(0.0, failed_at + budget - now))
+            log.warning("%s: %s; resending %s (step %d, retry %d) in %.1fs", self.client_id, why, msg.op, msg.step,
+                        attempt + 1, pause)
+            time.sleep(pause)
+            # A new socket, so a copy still queued in the old one cannot arrive as a second retry.
+            self._close_socket()
+            self._open()
+            self.retries += 1
+        raise AssertionError("unreachable")
+
+    def _await(self, rid: int, wait: float) -> tuple[Message | None, str]:
+        """The reply to request ``rid``, or None and why none came: the wait
+        ran out, or the connection dropped (the request or its reply is lost)."""
         deadline = time.monotonic() + wait
         while True:
-            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not left_ms or not self.socket.poll(left_ms):
-                raise ServerUnavailable(
-                    f"no answer from the server at {self.address} within {wait:.0f}s (op {msg.op}). "
-                    "Is `fedsplit server` running there, and is the address reachable from this machine?")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, f"no reply within {wait:.0f}s"
+            if not self.socket.poll(min(POLL_SLICE_MS, max(1, int(left * 1000)))):
+                if self._dropped():
+                    return None, "the connection dropped"
+                continue
+            # Junk and late replies are dropped; the deadline above still holds.
             reply = self._receive(rid)
             if reply is None:
                 continue
-            if reply.op == "error":
-                code = reply.meta.get("code")
-                # A code of any other type (a list, say) must not fail the lookup.
-                raise ServerError(str(reply.meta.get("error", "unknown error")),
-                                  code if isinstance(code, str) and code in ERROR_CODES else "failed")
-            return reply
+            self.last_reply = time.monotonic()
+            return reply, ""
 
     def _receive(self, rid: int) -> Message | None:
         """One message off the socket: the reply to request ``rid`` (or an
@@ -107,5 +201,15 @@ class Connection:
             return None
         return reply
 
+    @staticmethod
+    def _answer(reply: Message) -> Message:
+        if reply.op != "error":
+            return reply
+        text, code = str(reply.meta.get("error", "unknown error")), reply.meta.get("code")
+        if code == "session":
+            raise SessionLost(text)
+        # A code of any other type (a list, say) must not fail the lookup.
+        raise ServerError(text, code if isinstance(code, str) and code in ERROR_CODES else "failed")
+
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self._close_socket()

@@ -34,6 +34,7 @@ BAD = [
     ("server", "--pending-timeout", "0"), ("server", "--max-samples", "0"), ("server", "--max-upload-value", "0"),
     ("server", "--max-upload-value", "inf"), ("server", "--clip-norm", "0"), ("server", "--clip-median", "nan"),
     ("server", "--trim", "0"), ("server", "--trim", "0.5"), ("server", "--robust", "mean"),
+    ("server", "--save-every", "-1"), ("client", "--reconnect-for", "-1"), ("client", "--reconnect-for", "inf"),
     ("client", "--rank", "0"), ("client", "--alpha", "0"), ("client", "--lora-dropout", "1"),
     ("client", "--lora-dropout", "-0.1"), ("client", "--lr", "0"), ("client", "--lr", "nan"),
     ("client", "--head-lr", "-1"), ("client", "--epochs", "0"), ("client", "--epochs", "-1"),

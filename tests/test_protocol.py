@@ -102,7 +102,7 @@ plain = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
                      max_leaves=8)
 FIELDS = ["model", "lora", "task", "seed", "cut", "optim", "rank", "alpha", "num_samples", "modules", "blocks",
           "profile", "status", "round", "trainable", "fresh_seed", "options", "num_layers", "server_cut",
-          "session_timeout", "federation", "strategy", "rounds", "local_steps", "local_epochs"]
+          "session_timeout", "federation", "strategy", "rounds", "local_steps", "local_epochs", "restored"]
 PARSERS = [Hello, Welcome, Join, RoundOffer, UploadPayload]
 
 
