@@ -31,8 +31,9 @@ from split.families import family_for
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
 from split.partition import CLIENT, Cut, build_segment, load_config, resolve_model_path
 from split.protocol import Hello, ModelInfo, OptimizerSettings, Welcome
+from split.security import PLAIN_WARNING, check_pair, check_plain, load_client_keys
 from split.seeds import seeded_rng
-from split.transport import Connection, ServerError, ServerUnavailable, SessionLost
+from split.transport import Connection, HandshakeFailed, ServerError, ServerUnavailable, SessionLost
 from split.wire import Message
 
 from .heartbeat import Heartbeat
@@ -161,6 +162,8 @@ class ClientConfig:
     attn_implementation: str | None = None
     device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
     dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
+    key: str | None = None  # this client's NAME.key_secret: CurveZMQ on (with server_key)
+    server_key: str | None = None  # the server's public NAME.key
 
     def __post_init__(self):
         for name in ("lr", "head_lr", "timeout", "connect_timeout"):
@@ -171,6 +174,8 @@ class ClientConfig:
             raise ValueError(f"reconnect_for must be a finite number of seconds >= 0, got {self.reconnect_for}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        if not check_pair(("--key", self.key), ("--server-key", self.server_key)):
+            check_plain(self.server, "--server", "--key and --server-key")
 
 
 class SplitClient:
@@ -179,7 +184,10 @@ class SplitClient:
     def __init__(self, config: ClientConfig):
         self.config = config
         client_id = config.client_id or f"client-{uuid.uuid4().hex[:8]}"
-        self.conn = Connection(config.server, client_id, timeout=config.timeout,
+        keys = load_client_keys(config.key, config.server_key)
+        if keys is None:
+            log.warning(PLAIN_WARNING, config.server)
+        self.conn = Connection(config.server, client_id, timeout=config.timeout, keys=keys,
                                reconnect_for=config.reconnect_for)
         self.heartbeat: Heartbeat | None = None
         self.registrations = 0  # hellos after the first (the server lost the session)
@@ -231,6 +239,8 @@ class SplitClient:
         try:
             reply = self.conn.request(hello.to_message(), timeout=self.config.connect_timeout, retry=retry)
             welcome = Welcome.from_message(reply)
+        except HandshakeFailed as exc:  # its text already names the server and the cause
+            raise ServerRefused(str(exc), exc.code) from None
         except ServerError as exc:
             raise ServerRefused(f"the server at {self.config.server} refused this client: {exc}") from None
         self.conn.token = welcome.token

@@ -45,7 +45,8 @@ class Heartbeat:
 
     def _run(self) -> None:
         # The socket is made, used and closed in this thread.
-        conn = Connection(self.main.address, self.main.client_id, timeout=self.interval, limits=self.main.limits)
+        conn = Connection(self.main.address, self.main.client_id, timeout=self.interval, limits=self.main.limits,
+                          keys=self.main.keys)
         silent_since = None
         try:
             while not self._stop.wait(self.interval):

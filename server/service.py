@@ -24,6 +24,7 @@ from split.families import block_of
 from split.lora import adapter_state
 from split.partition import SERVER, Cut, build_segment
 from split.protocol import Hello, Join, ModelInfo, UploadPayload, Welcome
+from split.security import PLAIN_WARNING, CurveServer, check_pair, check_plain, load_server_keys, peer_key
 from split.wire import Limits, Message, WireError, decode, encode, error
 
 from .admission import model_layout
@@ -44,7 +45,9 @@ class ServerConfig:
 
     model: str | None = None
     cut: Cut = field(default_factory=Cut)
-    bind: str = "tcp://*:5555"
+    bind: str = "tcp://127.0.0.1:5555"  # loopback: other machines need keys and e.g. tcp://*:5555
+    secret_key: str | None = None  # this server's NAME.key_secret: CurveZMQ on (with allow)
+    allow: str | None = None  # folder of the client public keys (NAME.key) the server admits
     task: str = "classification"
     num_labels: int = 2
     seed: int = 0
@@ -68,6 +71,8 @@ class ServerConfig:
             raise ValueError(f"pending_timeout must be a finite number of seconds > 0, got {self.pending_timeout}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        if not check_pair(("--secret-key", self.secret_key), ("--allow", self.allow)):
+            check_plain(self.bind, "--bind", "--secret-key and --allow")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume continues from saved state: give the --checkpoint-dir it was saved in")
         if self.save_every < 0:
@@ -79,6 +84,9 @@ class BackboneServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.keys = load_server_keys(config.secret_key, config.allow)  # a bad key file fails before the model loads
+        self.curve: CurveServer | None = None
+        self._context: zmq.Context | None = None  # the server's own, when it runs an authenticator
         self.device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
         self.segment = seg = build_segment(
             config.model, SERVER, config.cut, task=config.task, num_labels=config.num_labels,
@@ -116,13 +124,38 @@ class BackboneServer:
     # ------------------------------------------------------------ socket loop
 
     def bind(self, context: zmq.Context | None = None) -> str:
-        """Bind the ROUTER socket; returns the bound endpoint."""
+        """Bind the ROUTER socket, a CurveZMQ server with its authenticator
+        when the server has keys; returns the bound endpoint."""
+        if self.keys is not None and context is None:
+            # One ZAP authenticator serves a whole context: a context of its
+            # own keeps this server's allowlist from applying to other sockets.
+            context = self._context = zmq.Context()
         context = context or zmq.Context.instance()
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes + (1 << 20))
+        if self.keys is not None:
+            self.curve = CurveServer(self.keys, context)
+            self.curve.secure(self.socket)
         self.socket.bind(self.config.bind)
-        return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.keys is None:
+            log.warning(PLAIN_WARNING, endpoint)
+        else:
+            log.info("CurveZMQ on %s: %d client keys admitted from %s", endpoint, len(self.keys.allowed),
+                     self.keys.folder)
+        return endpoint
+
+    def close(self) -> None:
+        """Close the socket and stop the authenticator (and the server's own context)."""
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
+            self.curve = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
 
     def serve(self, should_stop=lambda: False, poll_ms: int = 200) -> None:
         """Serve until ``should_stop()`` is true."""
@@ -134,7 +167,7 @@ class BackboneServer:
             if poller.poll(poll_ms):
                 frames = self.socket.recv_multipart(copy=False)
                 routing_id, body = frames[0].bytes, frames[1:]
-                reply = self.handle(routing_id, body)
+                reply = self.handle(routing_id, body, peer_key(body[0]) if self.curve is not None and body else "")
                 self.socket.send_multipart([routing_id] + encode(reply), copy=False)
             self.tick()
 

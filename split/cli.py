@@ -1,4 +1,4 @@
-"""The ``fedsplit`` command: server, client and demo.
+"""The ``fedsplit`` command: server, client, demo and keys.
 
 This module is the composition root: the one module that imports both sides.
 Each subcommand imports its side when it runs, so a device that runs
@@ -91,14 +91,16 @@ def _add_lora_args(p: argparse.ArgumentParser) -> None:
                    help="learning rate of the new head (default: --lr)")
 
 
-SERVER_EXAMPLE = "fedsplit server --cut 1,1 --bind tcp://*:5555 --strategy fedit --rounds 10 --min-clients 4"
-CLIENT_EXAMPLE = ("fedsplit client --server tcp://SERVER_HOST:5555 --data train.jsonl --test-data test.jsonl "
-                  "--epochs 3 --out my-adapter")
+SERVER_EXAMPLE = ("fedsplit server --cut 1,1 --bind tcp://*:5555 --secret-key keys/server.key_secret "
+                  "--allow keys/clients --strategy fedit --rounds 10 --min-clients 4")
+CLIENT_EXAMPLE = ("fedsplit client --server tcp://SERVER_HOST:5555 --key keys/client1.key_secret "
+                  "--server-key keys/server.key --data train.jsonl --test-data test.jsonl --epochs 3 --out my-adapter")
 DEMO_EXAMPLE = "fedsplit demo --clients 4 --strategy flexlora --ranks 4,8,16 --rounds 5"
+KEYS_EXAMPLE = "fedsplit keys keys --name client1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fedsplit`` argument parser: server, client and demo subcommands."""
+    """The ``fedsplit`` argument parser: server, client, demo and keys subcommands."""
     parser = argparse.ArgumentParser(prog="fedsplit", description="Split LoRA fine-tuning over ZeroMQ.",
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedsplit')}",
@@ -108,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = _subparser(sub, "server", "host the backbone blocks for clients", SERVER_EXAMPLE)
     _add_model_args(s)
     s.add_argument("--cut", default="1,1", help="K1,K2: the server hosts blocks [K1, L-K2) (K2=0: two-part)")
-    s.add_argument("--bind", default="tcp://*:5555", help="ZeroMQ endpoint to listen on")
+    s.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                   help="ZeroMQ endpoint to listen on; one other machines can reach (tcp://*:5555) needs "
+                        "--secret-key and --allow")
+    s.add_argument("--secret-key", default=None, metavar="FILE",
+                   help="this server's NAME.key_secret (from `fedsplit keys`): CurveZMQ encryption and client "
+                        "authentication on; needs --allow. Without it: plain mode, loopback --bind only")
+    s.add_argument("--allow", default=None, metavar="DIR",
+                   help="folder of the client public keys (NAME.key) this server admits; read at start")
     # One class has nothing to learn, and clients refuse data with fewer than two labels.
     s.add_argument("--num-labels", type=int_at_least(2), default=2,
                    help="classes of the head (two-part split only; at least 2)")
@@ -175,7 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default=None,
                    help="tokenizer folder or hub id (default: the --model folder, which must then hold "
                         "tokenizer files)")
-    c.add_argument("--server", default="tcp://127.0.0.1:5555", help="the server's ZeroMQ endpoint")
+    c.add_argument("--server", default="tcp://127.0.0.1:5555",
+                   help="the server's ZeroMQ endpoint; one on another machine needs --key and --server-key")
+    c.add_argument("--key", default=None, metavar="FILE",
+                   help="this client's NAME.key_secret (from `fedsplit keys`): CurveZMQ on; needs --server-key. "
+                        "Without it: plain mode, loopback --server only")
+    c.add_argument("--server-key", default=None, metavar="FILE",
+                   help="the server's public NAME.key, copied from the server machine")
     c.add_argument("--data", default=None,
                    help="JSONL/CSV file: text,label for classification, text for causal-lm "
                         "(default: the built-in classification task)")
@@ -236,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--head-lr", type=positive_float, default=None,
                    help="head learning rate (default 2e-2; 5e-3 with one client)")
     d.add_argument("--out", default="fedsplit-demo", help="adapter (one client) or checkpoint folder")
+
+    k = _subparser(sub, "keys", "create a CurveZMQ key pair for a server or a client", KEYS_EXAMPLE)
+    k.add_argument("folder", metavar="DIR", help="folder to write NAME.key and NAME.key_secret into (made if missing)")
+    k.add_argument("--name", default="server",
+                   help="file name of the pair, e.g. server, client1 (one pair per machine)")
     return parser
 
 
@@ -250,6 +270,8 @@ def main(argv=None) -> int:
             return _server(args)
         if args.command == "client":
             return _client(args)
+        if args.command == "keys":
+            return _keys(args)
         from edge.demo import run_demo
 
         return run_demo(args)
@@ -294,22 +316,28 @@ def _server(args) -> int:
                           limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit),
                           federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                           save_every=args.save_every,
-                          server_lora=args.server_lora, device=args.device, dtype=args.dtype)
+                          server_lora=args.server_lora, device=args.device, dtype=args.dtype,
+                          secret_key=args.secret_key, allow=args.allow)
     server = BackboneServer(config)
     endpoint = server.bind()
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    print(f"fedsplit server: blocks {server.segment.cut.front}..{server.segment.num_layers - server.segment.cut.back - 1}"
-          f" of {server.segment.num_layers} ({server.segment.owned_bytes / 1e6:.1f} MB, {args.dtype} on "
-          f"{server.device}) listening on {endpoint}",
-          flush=True)
-    if server.coordinator is None:
-        server.serve(should_stop=lambda: bool(stopping))
+    try:
+        stopping = []
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+        wire = (f"CurveZMQ, {len(server.keys.allowed)} client keys" if server.keys is not None
+                else "plain, loopback only")
+        print(f"fedsplit server: blocks {server.segment.cut.front}.."
+              f"{server.segment.num_layers - server.segment.cut.back - 1} of {server.segment.num_layers} "
+              f"({server.segment.owned_bytes / 1e6:.1f} MB, {args.dtype} on {server.device}) listening on "
+              f"{endpoint} ({wire})", flush=True)
+        if server.coordinator is None:
+            server.serve(should_stop=lambda: bool(stopping))
+            return 0
+        # A federation ends once its last round closed and every client has left.
+        fed = server.coordinator
+        server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.by_client))
         return 0
-    # A federation ends once its last round closed and every client has left.
-    fed = server.coordinator
-    server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.by_client))
-    return 0
+    finally:
+        server.close()
 
 
 def _options(pairs: list[str]) -> dict:
@@ -348,7 +376,7 @@ def _client(args) -> int:
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
                           timeout=args.timeout, connect_timeout=args.connect_timeout,
                           reconnect_for=args.reconnect_for,
-                          device=args.device, dtype=args.dtype)
+                          device=args.device, dtype=args.dtype, key=args.key, server_key=args.server_key)
     options = TrainOptions(data=args.data, test_data=args.test_data, epochs=args.epochs, max_steps=args.steps,
                            batch_size=args.batch_size, max_length=args.max_length, adapter_out=args.out,
                            single_client_out=SINGLE_CLIENT_OUT, tokenizer=args.tokenizer,
@@ -359,6 +387,19 @@ def _client(args) -> int:
     summary = run_client(config, options)
     write_summary(summary, args.summary_json)
     print(_client_report(summary))
+    return 0
+
+
+def _keys(args) -> int:
+    from split.keys import create_keys
+
+    public, secret = create_keys(args.folder, args.name)
+    print(f"wrote {public} (public: may be copied anywhere)\n"
+          f"  and {secret} (secret: stays on this machine, readable by its owner only)\n"
+          f"if {args.name} is the server: start it with --secret-key {secret} --allow CLIENT_KEYS_DIR, and give "
+          f"each client {public.name} for its --server-key\n"
+          f"if {args.name} is a client: copy {public.name} into the server's --allow folder (then restart the "
+          f"server), and start the client with --key {secret} --server-key SERVER.key")
     return 0
 
 

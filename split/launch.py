@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from .security import ClientKeys
 from .transport import Connection, ServerUnavailable
 from .wire import Message
 
@@ -45,10 +46,11 @@ def start_server(model, cut: str, endpoint: str, *server_args: str, output=subpr
                             env=child_env())
 
 
-def wait_ready(endpoint: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Block until the server at ``endpoint`` answers a status request."""
+def wait_ready(endpoint: str, proc: subprocess.Popen, timeout: float = 120.0, keys: ClientKeys | None = None) -> None:
+    """Block until the server at ``endpoint`` answers a status request (an
+    encrypted server: from a client holding ``keys``)."""
     deadline = time.monotonic() + timeout
-    conn = Connection(endpoint, "probe", timeout=1.0)
+    conn = Connection(endpoint, "probe", timeout=1.0, keys=keys)
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -76,12 +78,14 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_server(model, cut: str = "1,1", *server_args: str):
-    """A ready ``fedsplit server`` process on a free loopback port; yields its endpoint."""
+def running_server(model, cut: str = "1,1", *server_args: str, probe_keys: ClientKeys | None = None):
+    """A ready ``fedsplit server`` process on a free loopback port; yields its
+    endpoint. An encrypted server (``--secret-key`` in ``server_args``) is
+    probed with ``probe_keys``, a client key pair it admits."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     proc = start_server(model, cut, endpoint, *server_args)
     try:
-        wait_ready(endpoint, proc)
+        wait_ready(endpoint, proc, keys=probe_keys)
         yield endpoint
     finally:
         stop(proc)

@@ -18,8 +18,8 @@ import threading
 import time
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
+from .security import ClientKeys, HandshakeWatch, check_plain, secure_client
 from .wire import ERROR_CODES, REPLIES, Limits, Message, WireError, decode, encode, frame_len
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,14 @@ class ServerError(RuntimeError):
     def __init__(self, text: str, code: str = "failed"):
         super().__init__(text)
         self.code = code
+
+
+class HandshakeFailed(ServerError):
+    """The server would not complete the ZeroMQ handshake: a key it does not
+    accept, or encryption on one side only. The text names the likely cause."""
+
+    def __init__(self, text: str):
+        super().__init__(text, "refused")
 
 
 class SessionLost(ServerError):
@@ -69,12 +77,20 @@ class Connection:
     its token. The socket's routing id is ZeroMQ's own random one, never
     chosen here. ``reconnect_for`` is how many seconds after a first failure a
     request keeps being resent (0: never).
+
+    With ``keys`` the socket is a CurveZMQ client of the server whose public
+    key they hold; without, ``address`` must be a loopback endpoint
+    (``split/security.py``). A handshake the server refuses ends a request
+    at once with ``HandshakeFailed``: no resend can change a refused key.
     """
 
     def __init__(self, address: str, client_id: str, timeout: float = 120.0, limits: Limits = Limits(),
-                 reconnect_for: float = 0.0):
+                 reconnect_for: float = 0.0, keys: ClientKeys | None = None):
         if reconnect_for < 0:
             raise ValueError(f"reconnect_for must be >= 0 seconds, got {reconnect_for}")
+        if keys is None:
+            check_plain(address, "--server", "--key and --server-key")
+        self.keys = keys
         self.address = address
         self.client_id = client_id
         self.timeout = timeout
@@ -92,25 +108,42 @@ class Connection:
         self._open()
 
     def _open(self) -> None:
-        """A fresh DEALER socket, and a monitor that reports when its connection drops."""
+        """A fresh DEALER socket, encrypted when there are keys, with the
+        monitor that reports a refused handshake or a dropped connection."""
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
-        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if self.keys is not None:
+            secure_client(self.socket, self.keys)
+        self.watch = HandshakeWatch(self.socket, self.address, self.keys)
+        self._pollers = {}
+        for event in (zmq.POLLIN, zmq.POLLOUT):
+            self._pollers[event] = poller = zmq.Poller()
+            poller.register(self.socket, event)
+            poller.register(self.watch.socket, zmq.POLLIN)
         self.socket.connect(self.address)
 
     def _close_socket(self) -> None:
-        self.socket.disable_monitor()
-        self._monitor.close(linger=0)
+        self.watch.close()
         self.socket.close(linger=0)
 
-    def _dropped(self) -> bool:
-        """Whether the connection dropped since the monitor was last read."""
-        dropped = False
-        while self._monitor.poll(0):
-            dropped |= recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED
-        return dropped
+    def _wait(self, seconds: float, event: int = zmq.POLLIN) -> bool:
+        """Wait up to ``seconds`` until a reply is there (POLLIN) or a message
+        can be queued (POLLOUT: after a refused handshake ZeroMQ drops the
+        connection and a send would block for ever); True when it is. A
+        handshake the server refuses ends the wait with its reason."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.watch.problem():
+                raise HandshakeFailed(self.watch.refused)
+            ready = dict(self._pollers[event].poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            if self.watch.socket in ready and self.watch.problem():
+                raise HandshakeFailed(self.watch.refused)
+            if self.socket in ready:
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def request(self, msg: Message, timeout: float | None = None, retry: bool = True) -> Message:
         """Send ``msg`` and wait for its reply; raise on timeout or error.
@@ -132,10 +165,13 @@ class Connection:
         frames = encode(msg)
         failed_at = None
         for attempt in itertools.count():
-            self._dropped()  # a drop before this send says nothing about it
-            self.bytes_sent += sum(frame_len(f) for f in frames)
-            self.socket.send_multipart(frames, copy=False)
-            reply, why = self._await(rid, wait)
+            self.watch.take_drop()  # a drop before this send says nothing about it
+            if self._wait(wait, zmq.POLLOUT):
+                self.bytes_sent += sum(frame_len(f) for f in frames)
+                self.socket.send_multipart(frames, copy=False)
+                reply, why = self._await(rid, wait)
+            else:
+                reply, why = None, f"ZeroMQ held no connection that takes messages for {wait:.0f}s"
             if reply is not None and not (reply.op == "error" and reply.meta.get("code") == "busy" and budget > 0):
                 return self._answer(reply)
             if reply is not None:
@@ -166,8 +202,8 @@ class Connection:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None, f"no reply within {wait:.0f}s"
-            if not self.socket.poll(min(POLL_SLICE_MS, max(1, int(left * 1000)))):
-                if self._dropped():
+            if not self._wait(min(POLL_SLICE_MS / 1000, left)):
+                if self.watch.take_drop():
                     return None, "the connection dropped"
                 continue
             # Junk and late replies are dropped; the deadline above still holds.
@@ -212,4 +248,5 @@ class Connection:
         raise ServerError(text, code if isinstance(code, str) and code in ERROR_CODES else "failed")
 
     def close(self) -> None:
+        """Close the socket and its monitor."""
         self._close_socket()

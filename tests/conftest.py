@@ -139,7 +139,7 @@ def threaded_server(model, cut: str = "1,1", **config):
     finally:
         stop.set()
         thread.join(10)
-        server.socket.close(linger=0)
+        server.close()
 
 
 @contextlib.contextmanager
