@@ -56,12 +56,29 @@ class _Remote(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, link, step):
         ctx.link, ctx.step = link, step
-        ctx.device, ctx.dtype = hidden.device, hidden.dtype
+        ctx.device, ctx.dtype, ctx.shape = hidden.device, hidden.dtype, tuple(hidden.shape)
         return link.remote_forward(hidden, step, train=True)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.link.remote_backward(ctx.step, grad).to(ctx.device, ctx.dtype), None, None
+        return ctx.link.remote_backward(ctx.step, grad, ctx.shape).to(ctx.device, ctx.dtype), None, None
+
+
+def reply_tensor(reply: Message, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Tensor ``name`` of a server's reply, checked before the client computes
+    with it: present, floating point, finite, and of ``shape`` (or, when
+    ``shape`` is shorter, starting with it). A server that sends anything else
+    gets a ``ServerError`` naming what was wrong, never a crash deeper in."""
+    tensor = reply.tensors.get(name)
+    if tensor is None:
+        raise ServerError(f"the server's reply lacks tensor {name!r}")
+    got = tuple(tensor.shape)
+    if not tensor.is_floating_point() or got[:len(shape)] != shape or len(got) < len(shape):
+        raise ServerError(f"the server's {name!r} must be a float tensor of shape {shape}"
+                          f"{' + ...' if name == 'logits' else ''}, got {got} {tensor.dtype}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ServerError(f"the server's {name!r} holds NaN or infinite values")
+    return tensor
 
 
 class BackboneLink:
@@ -107,14 +124,15 @@ class BackboneLink:
             tensors["labels"] = self.labels
         reply = self.conn.request(Message("forward", step=step, meta={"train": train}, tensors=tensors))
         # The reply is in the server's dtype; the client computes in its own.
-        if "hidden" in reply.tensors:
-            return reply.tensors["hidden"].to(hidden.device, hidden.dtype)
-        self.logits = reply.tensors["logits"].to(hidden.device, torch.float32)
-        return reply.tensors["loss"].reshape(()).to(hidden.device, torch.float32)
+        if self.labels is None:
+            return reply_tensor(reply, "hidden", tuple(hidden.shape)).to(hidden.device, hidden.dtype)
+        self.logits = reply_tensor(reply, "logits", tuple(hidden.shape[:1])).to(hidden.device, torch.float32)
+        return reply_tensor(reply, "loss", (1,)).reshape(()).to(hidden.device, torch.float32)
 
-    def remote_backward(self, step: int, grad: torch.Tensor) -> torch.Tensor:
+    def remote_backward(self, step: int, grad: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The gradient at the cut for step ``step``, whose forward sent a hidden state of ``shape``."""
         reply = self.conn.request(Message("backward", step=step, tensors={"grad": grad.contiguous()}))
-        return reply.tensors["grad"]
+        return reply_tensor(reply, "grad", shape)
 
     def through_server(self, hidden: torch.Tensor, training: bool) -> torch.Tensor:
         """The server's part applied to ``hidden``: differentiable when training
