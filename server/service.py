@@ -27,7 +27,7 @@ from split.wire import Limits, Message, WireError, decode, encode, error
 from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
 from .rounds import Coordinator, FederationConfig, FederationError
-from .sessions import RequestError, Session, Sessions, check_server_lora
+from .sessions import MB, RequestError, Session, Sessions, check_server_lora
 from .strategies.base import ClientInfo, StrategyError
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServerConfig:
-    """How the server is started."""
+    """How the server is started, and the limits of what clients may ask of it."""
 
     model: str | None = None
     cut: Cut = field(default_factory=Cut)
@@ -45,7 +45,7 @@ class ServerConfig:
     seed: int = 0
     dropout: bool = True
     session_timeout: float = 120.0
-    max_pending: int = 8
+    max_pending: int = 8  # forwards one client may leave waiting for their backward
     limits: Limits = field(default_factory=Limits)
     attn_implementation: str | None = None
     federation: FederationConfig | None = None
@@ -54,6 +54,10 @@ class ServerConfig:
     server_lora: str = "per-client"  # or "shared": one server-side adapter every client trains
     device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
     dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
+    max_rank: int = 256  # largest LoRA rank a hello may ask for (and at most each module's smaller dimension)
+    max_tokens: int = 16384  # largest batch x sequence of one forward
+    max_sessions: int = 64  # sessions held at once
+    max_pending_mb: float = 2048.0  # MiB all waiting forwards' graphs may hold together
 
     def __post_init__(self):
         check_server_lora(self.server_lora)  # before the model loads
@@ -61,6 +65,12 @@ class ServerConfig:
         resolve_dtype(self.dtype)
         if self.resume and (self.federation is None or self.checkpoint_dir is None):
             raise ValueError("--resume continues a federation: give its --strategy and --checkpoint-dir")
+        for name in ("max_pending", "max_rank", "max_tokens", "max_sessions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.max_pending_mb > 0:
+            raise ValueError(f"max_pending_mb must be > 0 MiB, got {self.max_pending_mb!r}")
 
 
 class BackboneServer:
@@ -76,8 +86,11 @@ class BackboneServer:
         heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else []
         place(seg.model, self.device, heads)
         self.model_info = ModelInfo.of(seg.path, seg.config)
-        self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed)
-        self.compute = BackboneCompute(seg, self.sessions, config.max_pending, self.device, dtype)
+        self.sessions = Sessions(seg, config.session_timeout, config.server_lora, config.seed,
+                                 max_sessions=config.max_sessions, max_rank=config.max_rank,
+                                 pending_budget=int(config.max_pending_mb * MB))
+        self.compute = BackboneCompute(seg, self.sessions, config.max_pending, self.device, dtype,
+                                       max_tokens=config.max_tokens)
         self.coordinator = None if config.federation is None else Coordinator(config.federation, self.sessions)
         if config.resume:
             self._resume()
