@@ -226,6 +226,10 @@ class Sessions:
         self.max_sessions = max_sessions
         self.max_rank = max_rank
         self.pending = PendingMemory(pending_budget)
+        # The compute thread alone changes by_client (open, drop, expire) and
+        # reads it freely; the loop thread reads it (get, status) and updates
+        # a session's clock and connection. Both hold this lock to do so.
+        self.lock = threading.Lock()
         self.hosted = list(segment.cut.server_blocks(segment.num_layers))
         # peft cannot add an adapter to a model whose adapters were all deleted,
         # so a rank-1 adapter that is never activated keeps the wrapper alive.
@@ -315,7 +319,8 @@ class Sessions:
             self.drop(client)
         session = Session(client, routing_id, secrets.token_hex(16), peer, adapter, cut, spec, settings, optimizer,
                           params, time.monotonic(), graphs=Graphs(self.pending), seed=seed)
-        self.by_client[client] = session
+        with self.lock:
+            self.by_client[client] = session
         self._active = None
         log.info("client %s joined: cut %s, LoRA r=%d, %d server-side tensors", client, cut, spec.rank, len(params))
         return session
@@ -355,18 +360,31 @@ class Sessions:
         """The session of ``client`` if ``token`` (and, on an encrypted socket,
         the peer's key) is its own; replies follow the session to the
         connection this request came from. Refreshes its clock."""
-        session = self.by_client.get(client)
-        if session is None or not _owns(session, token, peer, need_token=True):
-            # One answer for both cases, so a probe learns nothing about other clients' ids.
-            raise SessionError(f"no session for client {client!r} with this token: send hello first "
-                               "(or the session expired)")
-        session.routing_id = routing_id
-        session.last_seen = time.monotonic()
-        return session
+        with self.lock:
+            session = self.by_client.get(client)
+            if session is None or not _owns(session, token, peer, need_token=True):
+                # One answer for both cases, so a probe learns nothing about other clients' ids.
+                raise SessionError(f"no session for client {client!r} with this token: send hello first "
+                                   "(or the session expired)")
+            session.routing_id = routing_id
+            session.last_seen = time.monotonic()
+            return session
+
+    def current(self, session: Session) -> None:
+        """Refuse work for a session that was dropped or replaced while the work waited its turn."""
+        if self.by_client.get(session.client) is not session:
+            raise SessionError(f"the session of client {session.client!r} ended while this request waited: "
+                               "send hello again")
+
+    def touch(self, session: Session) -> None:
+        """Restart a session's clock: a client waiting for a reply is not silent."""
+        with self.lock:
+            session.last_seen = time.monotonic()
 
     def drop(self, client: str) -> None:
         """Free a client's graphs, adapter and optimizer."""
-        session = self.by_client.pop(client)
+        with self.lock:
+            session = self.by_client.pop(client)
         session.graphs.clear()
         if not session.shared:
             session.optimizer.state.clear()
@@ -377,19 +395,28 @@ class Sessions:
         self._active = None
         log.info("client %s left after %d steps", client, session.steps)
 
-    def expire(self, now: float | None = None) -> list[str]:
-        """Drop sessions silent for longer than the timeout; returns their ids."""
+    def expire(self, now: float | None = None, busy=lambda routing_id: False) -> list[str]:
+        """Drop sessions silent for longer than the timeout; returns their ids.
+        A session whose connection has requests waiting their turn
+        (``busy(routing_id)``) is not silent, however long they wait."""
         now = time.monotonic() if now is None else now
-        gone = [c for c, s in self.by_client.items() if now - s.last_seen > self.timeout]
+        with self.lock:
+            gone = [c for c, s in self.by_client.items()
+                    if now - s.last_seen > self.timeout and not busy(s.routing_id)]
         for client in gone:
             log.warning("client %s silent for more than %.0fs: its state is freed", client, self.timeout)
             self.drop(client)
         return gone
 
+    def count(self) -> int:
+        """Sessions held now (any thread may ask)."""
+        with self.lock:
+            return len(self.by_client)
+
     def status(self) -> dict:
         """Counts for the status op: anyone may ask, so no client ids."""
         pending, held = self.pending.totals()
-        return {"sessions": len(self.by_client), "pending": pending, "pending_mb": round(held / MB, 1)}
+        return {"sessions": self.count(), "pending": pending, "pending_mb": round(held / MB, 1)}
 
     def graphs_waiting(self) -> bool:
         """Whether any client's forward still waits for its backward."""

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="forwards one client may leave waiting for their backward")
     lim.add_argument("--max-pending-mb", type=positive_float, default=2048.0,
                      help="memory all waiting forwards may hold together, in MiB (each graph's saved tensors)")
+    lim.add_argument("--max-queued", type=positive_int, default=8,
+                     help="requests one connection may have waiting for their turn at the model")
     lim.add_argument("--max-header-kb", type=positive_float, default=1024.0,
                      help="largest message header (op, metadata, tensor list), in KiB")
     f = s.add_argument_group("federation (rounds of several clients; on when --strategy is given)")
@@ -271,7 +273,8 @@ def _server(args) -> int:
                           federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                           server_lora=args.server_lora, device=args.device, dtype=args.dtype,
                           max_rank=args.max_rank, max_tokens=args.max_tokens, max_sessions=args.max_sessions,
-                          max_pending=args.max_pending, max_pending_mb=args.max_pending_mb)
+                          max_pending=args.max_pending, max_pending_mb=args.max_pending_mb,
+                          max_queued=args.max_queued)
     server = BackboneServer(config)
     endpoint = server.bind()
     stopping = []
@@ -285,7 +288,7 @@ def _server(args) -> int:
         return 0
     # A federation ends once its last round closed and every client has left.
     fed = server.coordinator
-    server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.by_client))
+    server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.count()))
     return 0
 
 

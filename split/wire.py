@@ -22,7 +22,7 @@ import torch
 from .codecs import CODECS, DTYPE_NAMES, DTYPES, get_codec
 
 PROTOCOL = 1
-REQUESTS = ("hello", "forward", "backward", "adapter", "bye", "status", "join", "round", "upload")
+REQUESTS = ("hello", "forward", "backward", "adapter", "bye", "status", "join", "round", "upload", "ping")
 REPLIES = ("ok", "error")
 OPS = REQUESTS + REPLIES
 META_TYPES = (str, int, float, bool, type(None))
