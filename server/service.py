@@ -62,6 +62,14 @@ LOOP_OPS = ("status", "ping")
 # it milliseconds. A larger header (an upload of many tensors, a join listing
 # many labels) is decoded by the compute thread in its connection's turn.
 LOOP_HEADER_BYTES = 16 << 10
+# Connections that never complete their ZeroMQ handshake are closed after
+# this long (libzmq's default is 30 s), and ZMTP heartbeats drop peers that
+# stopped answering, so dead and half-open connections give back their file
+# descriptors. What remains: a peer that completes the handshake and answers
+# heartbeats holds its descriptor, so someone with more live connections than
+# the hard limit on open files (raised to at server start) can still fill it.
+HANDSHAKE_MS = 10_000
+HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS, HEARTBEAT_TTL_MS = 10_000, 30_000, 60_000
 
 
 @dataclass
@@ -90,6 +98,7 @@ class ServerConfig:
     max_sessions: int = 64  # sessions held at once
     max_pending_mb: float = 2048.0  # MiB all waiting forwards' graphs may hold together
     max_queued: int = 8  # requests one connection may have waiting for the compute thread
+    recv_hwm: int = 8  # messages ZeroMQ buffers per connection before the loop reads them
 
     def __post_init__(self):
         check_server_lora(self.server_lora)  # before the model loads
@@ -97,7 +106,7 @@ class ServerConfig:
         resolve_dtype(self.dtype)
         if self.resume and (self.federation is None or self.checkpoint_dir is None):
             raise ValueError("--resume continues a federation: give its --strategy and --checkpoint-dir")
-        for name in ("max_pending", "max_rank", "max_tokens", "max_sessions", "max_queued"):
+        for name in ("max_pending", "max_rank", "max_tokens", "max_sessions", "max_queued", "recv_hwm"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -156,12 +165,27 @@ class BackboneServer:
 
     def bind(self, context: zmq.Context | None = None) -> str:
         """Bind the ROUTER socket; returns the bound endpoint."""
+        raise_open_files_limit()
         context = context or zmq.Context.instance()
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.config.limits.max_message_bytes + (1 << 20))
+        self._limit_socket(self.socket)
         self.socket.bind(self.config.bind)
         return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _limit_socket(self, socket: zmq.Socket) -> None:
+        """What ZeroMQ holds for a connection before the loop sees it, and how
+        soon it lets go of a silent one. A frame may be up to twice the largest
+        header or tensor the wire accepts, so a client just over a limit gets a
+        refusal that names it; a larger frame drops the connection unread.
+        At most ``recv_hwm`` messages wait per connection."""
+        limits = self.config.limits
+        socket.setsockopt(zmq.MAXMSGSIZE, 2 * max(limits.max_header_bytes, limits.max_tensor_bytes))
+        socket.setsockopt(zmq.RCVHWM, self.config.recv_hwm)
+        socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
 
     def serve(self, should_stop=lambda: False, poll_ms: int = 200) -> None:
         """Serve until ``should_stop()`` is true: this thread runs the loop,
@@ -487,3 +511,25 @@ def _wake(socket: zmq.Socket) -> None:
     except zmq.Again:
         pass  # a thousand wake-ups already wait unread: the loop will find this reply with them
 
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit;
+    returns the soft limit now in force. Each TCP connection holds a file
+    descriptor: at the common soft limit of 1024, about a thousand idle
+    connections leave libzmq unable to accept any other (accept fails with
+    EMFILE), locking every new client out."""
+    try:
+        import resource
+    except ImportError:  # not on this platform (Windows): nothing to raise
+        log.warning("cannot raise the limit on open files on this platform")
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the limit on open files from %d to %d (%s): about %d connections at once",
+                    soft, hard, exc, soft)
+        return soft
+    return hard

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests one connection may have waiting for their turn at the model")
     lim.add_argument("--max-header-kb", type=positive_float, default=1024.0,
                      help="largest message header (op, metadata, tensor list), in KiB")
+    lim.add_argument("--recv-hwm", type=positive_int, default=8,
+                     help="messages ZeroMQ buffers per connection before the server reads them")
     f = s.add_argument_group("federation (rounds of several clients; on when --strategy is given)")
     f.add_argument("--strategy", default=None,
                    help="aggregation method: fedit, flexlora, hetlora, ... (every method: docs/algorithms.md)")
@@ -274,7 +276,7 @@ def _server(args) -> int:
                           server_lora=args.server_lora, device=args.device, dtype=args.dtype,
                           max_rank=args.max_rank, max_tokens=args.max_tokens, max_sessions=args.max_sessions,
                           max_pending=args.max_pending, max_pending_mb=args.max_pending_mb,
-                          max_queued=args.max_queued)
+                          max_queued=args.max_queued, recv_hwm=args.recv_hwm)
     server = BackboneServer(config)
     endpoint = server.bind()
     stopping = []

@@ -19,7 +19,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import VOCAB, random_batch, threaded_server
+from conftest import VOCAB, random_batch, status, threaded_server
 from edge.client import ClientConfig, SplitClient
 from server.service import BackboneServer, ServerConfig, gc_paused
 from split.launch import child_env
@@ -315,6 +315,42 @@ def test_a_header_over_the_limit_is_refused_without_decoding_it(tiny_models):
     assert spent < decoding / 4
 
 
+def test_the_router_socket_limits_what_zeromq_buffers(tiny_models):
+    path = tiny_models("bert")
+    limits = Limits(max_tensor_bytes=64 << 10, max_message_bytes=64 << 10, max_header_bytes=32 << 10)
+    with threaded_server(path, "1,1", num_labels=3, limits=limits, recv_hwm=5) as (endpoint, server):
+        sock = server.socket
+        assert sock.getsockopt(zmq.RCVHWM) == 5
+        assert sock.getsockopt(zmq.MAXMSGSIZE) == 2 * (64 << 10)
+        assert sock.getsockopt(zmq.HANDSHAKE_IVL) > 0 and sock.getsockopt(zmq.HEARTBEAT_IVL) > 0
+        assert sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) > 0
+
+        seen = []
+        admit = server._admit
+        server._admit = lambda routing_id, frames, *rest, **kw: seen.append(frames) or admit(routing_id, frames,
+                                                                                              *rest, **kw)
+        big = zmq.Context.instance().socket(zmq.DEALER)
+        big.setsockopt(zmq.LINGER, 0)
+        big.connect(endpoint)
+        header = msgpack.packb({"v": 1, "op": "status", "client": "", "step": 0, "meta": {}, "tensors": []})
+        try:
+            # Over the wire's limit but within MAXMSGSIZE: read, and refused with the reason.
+            padded = msgpack.packb({"v": 1, "op": "status", "client": "", "step": 0, "meta": {"pad": "x" * (40 << 10)},
+                                    "tensors": []})
+            big.send_multipart([padded])
+            assert big.poll(10_000)
+            assert f"exceeds the limit of {32 << 10}" in decode(big.recv_multipart()).meta["error"]
+            # Over MAXMSGSIZE: ZeroMQ drops the connection; the server never sees the message.
+            count = len(seen)
+            big.send_multipart([header, bytes(3 * (64 << 10))])
+            assert not big.poll(1500)
+            assert len(seen) == count
+        finally:
+            big.close()
+        assert status(endpoint)["sessions"] == 0  # everyone else is answered as before
+        assert len(seen) == count + 1
+
+
 # ---------------------------------------------------------------- options
 
 
@@ -323,11 +359,12 @@ def test_the_server_options_default_to_the_configs_limits_and_refuse_bad_values(
 
     args = build_parser().parse_args(["server"])
     config = ServerConfig.__dataclass_fields__
-    for name in ("max_rank", "max_tokens", "max_sessions", "max_pending", "max_pending_mb", "max_queued"):
+    for name in ("max_rank", "max_tokens", "max_sessions", "max_pending", "max_pending_mb", "max_queued",
+                 "recv_hwm"):
         assert getattr(args, name) == config[name].default, name
     assert args.max_header_kb * 1024 == Limits().max_header_bytes
     for option in ("--max-rank", "--max-tokens", "--max-sessions", "--max-pending", "--max-pending-mb",
-                   "--max-queued", "--max-header-kb"):
+                   "--max-queued", "--max-header-kb", "--recv-hwm"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["server", option, "0"])
         assert f"argument {option}:" in capsys.readouterr().err

@@ -6,6 +6,9 @@ heavy request's own duration in the same run, never with fixed thresholds."""
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +21,7 @@ from conftest import VOCAB, random_batch, threaded_server
 from edge.client import ClientConfig, SplitClient
 from server.scheduler import Scheduler
 from server.service import BackboneServer, ServerConfig
+from split.launch import child_env, fedsplit_command, free_port, stop, wait_ready
 from split.lora import LoraSpec
 from split.partition import Cut, load_config
 from split.protocol import Hello, ModelInfo, OptimizerSettings
@@ -296,3 +300,49 @@ def test_a_failing_compute_thread_stops_the_server_with_its_error(tiny_models):
         assert "no space left" in str(stopped.value.__cause__)
     finally:
         server.socket.close(linger=0)
+
+
+# ---------------------------------------------------------------- idle connections
+
+
+def _low_open_files():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file-descriptor limits as Linux sets them")
+def test_1100_idle_connections_do_not_lock_a_new_client_out(tiny_models):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4096:
+        pytest.skip(f"the hard limit on open files is {hard}: too low to show the soft limit being raised")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))  # this process opens the 1100
+    path = tiny_models("bert")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    # Started as under a login shell's usual soft limit of 1024 open files.
+    proc = subprocess.Popen(fedsplit_command("server", "--model", str(path), "--num-labels", "3", "--bind", endpoint),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+                            preexec_fn=_low_open_files)
+    # Idle peers that complete the ZeroMQ handshake and answer heartbeats: neither
+    # the handshake timeout nor heartbeats close them, so only a higher limit helps.
+    context = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, 2048)
+    idle = []
+    try:
+        wait_ready(endpoint, proc)
+        for _ in range(1100):
+            peer = context.socket(zmq.DEALER)
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(endpoint)
+            idle.append(peer)
+        time.sleep(2.0)  # they connect in the background
+        client = SplitClient(ClientConfig(server=endpoint, model=str(path), num_labels=3, connect_timeout=20,
+                                          timeout=20))
+        try:
+            assert client.train_step(random_batch(0, VOCAB)) > 0
+        finally:
+            client.close()
+    finally:
+        for peer in idle:
+            peer.close()
+        context.term()
+        stop(proc)
