@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from split.launch import fedsplit_command, free_port, start_server, stop, wait_ready  # noqa: E402
+from split.launch import free_port, start_server, stop, wait_ready  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "soak"
 SMALL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,

@@ -10,12 +10,19 @@ holding NaN or infinity is refused before it is used, and a backward whose
 gradients come out non-finite is refused before they are applied. One such
 step would otherwise poison the client's server-side LoRA, or, with a shared
 one, every client's.
+
+Limits: a forward carries at most ``max_tokens`` tokens (batch x sequence)
+and no longer a sequence than the model has positions, which bounds the time
+and memory of one call; a client leaves at most ``max_pending`` forwards
+waiting for their backward; and what every waiting graph holds (measured as
+the bytes of the tensors autograd saved for the backward) stays within the
+sessions' ``PendingMemory`` budget.
 """
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -25,29 +32,45 @@ from split.placeholders import Passthrough
 from split.seeds import seeded_rng
 
 from .admission import value_problem
-from .sessions import SHARED, Pending, RequestError, Session, Sessions
+from .sessions import MB, SHARED, BusyError, RequestError, Session, Sessions
 
 
 class BackboneCompute:
     """The backbone's share of a split step, on behalf of a session."""
 
     def __init__(self, segment: Segment, sessions: Sessions, max_pending: int = 8,
-                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32, *,
+                 max_tokens: int):
         self.segment = segment
         self.sessions = sessions
         self.max_pending = max_pending
+        self.max_tokens = max_tokens
         # Received tensors arrive as CPU bytes in the sender's dtype; they are
         # moved to this device and the frozen weights' dtype here.
         self.device, self.dtype = device, dtype
-        self.width = segment.config.get_text_config().hidden_size
+        text = segment.config.get_text_config()
+        self.width = text.hidden_size
+        # Positions the model was trained for (None: it names none); GPT-2 calls them n_positions.
+        self.max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
-    def _check_inputs(self, tensors: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def check_inputs(self, tensors: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The hidden state, mask and positions of a forward, refused when
+        malformed or over the limits. Reads nothing but the tensors and the
+        config, so the loop thread refuses a forward before it waits its turn."""
         hidden, mask = tensors.get("hidden"), tensors.get("attention_mask")
         if hidden is None or mask is None:
             raise RequestError("forward needs tensors 'hidden' and 'attention_mask'")
         if hidden.dim() != 3 or hidden.shape[-1] != self.width or not hidden.is_floating_point():
             raise RequestError(f"'hidden' must be a float tensor of shape (batch, tokens, {self.width}), "
                                f"got {tuple(hidden.shape)} {hidden.dtype}")
+        batch, length = hidden.shape[:2]
+        if batch * length > self.max_tokens:
+            raise RequestError(f"a forward of {batch} x {length} = {batch * length} tokens exceeds the server's "
+                               f"limit of {self.max_tokens} tokens per request (--max-tokens); send smaller "
+                               "batches or shorter sequences")
+        if self.max_positions is not None and length > self.max_positions:
+            raise RequestError(f"sequences of {length} tokens exceed the model's {self.max_positions} positions; "
+                               f"truncate them (--max-length {self.max_positions} at most)")
         _refuse_nonfinite("the forward's 'hidden'", hidden)
         if tuple(mask.shape) != tuple(hidden.shape[:2]):
             raise RequestError(f"'attention_mask' must have shape {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
@@ -56,15 +79,26 @@ class BackboneCompute:
             raise RequestError(f"'position_ids' must have shape (batch or 1, {hidden.shape[1]})")
         return hidden, mask, positions
 
+    def _check_room(self, session: Session, step: int) -> None:
+        """Refuse a training forward before it runs when its graph could not be
+        kept: the client has its limit of forwards waiting, or all waiting
+        graphs together have spent the budget. Both pass once backwards arrive."""
+        if len(session.graphs) >= self.max_pending:
+            raise BusyError(f"{len(session.graphs)} forwards are waiting for their backward, this server's limit "
+                            "per client (--max-pending); send the backward of earlier steps first")
+        if step in session.graphs:
+            raise RequestError(f"step {step} already has a forward waiting for its backward")
+        if self.sessions.pending.full():
+            count, held = self.sessions.pending.totals()
+            raise BusyError(f"{count} waiting forwards hold {held / MB:.0f} MiB, the server's whole budget "
+                            f"(--max-pending-mb {self.sessions.pending.budget / MB:.0f}); retry after some backwards")
+
     def forward(self, session: Session, step: int, tensors: dict, train: bool) -> dict[str, torch.Tensor]:
         """Run the client's server blocks (and, in a two-part split, norm, head
         and loss) on the received hidden state; returns the reply tensors."""
-        hidden, mask, positions = self._check_inputs(tensors)
-        if train and len(session.graphs) >= self.max_pending:
-            raise RequestError(f"{len(session.graphs)} forwards are waiting for their backward; "
-                               "send the backward of earlier steps first")
-        if train and step in session.graphs:
-            raise RequestError(f"step {step} already has a forward waiting for its backward")
+        hidden, mask, positions = self.check_inputs(tensors)
+        if train:
+            self._check_room(session, step)
         self.sessions.activate(session)
         seg = self.segment
         mask = mask.to(self.device, torch.long)
@@ -75,7 +109,7 @@ class BackboneCompute:
         if positions is not None:
             kwargs["position_ids"] = positions.to(self.device, torch.long)
         try:
-            with self._client_blocks(session.cut), torch.set_grad_enabled(train), \
+            with self._client_blocks(session.cut), torch.set_grad_enabled(train), self._saved_bytes(train) as held, \
                     seeded_rng(h_in.device, session.seed, "dropout", "server", step):
                 if session.cut.two_part:
                     labels = self._check_labels(tensors.get("labels"), hidden.shape[:2])
@@ -94,8 +128,30 @@ class BackboneCompute:
             _refuse_nonfinite(f"the server's output {name!r}", value,
                               "the server-side LoRA may have diverged; lower the learning rate")
         if train:
-            session.graphs[step] = Pending(h_in, keep, time.monotonic())
+            # Refused here, the graph is freed with this frame; kept, it is counted until its backward.
+            session.graphs.put(step, h_in, keep, _storage_bytes(held, h_in, keep))
         return result
+
+    @contextmanager
+    def _saved_bytes(self, measure: bool) -> Iterator[dict[int, int]]:
+        """While a training forward runs, the storages autograd saves for its
+        backward (data pointer -> bytes), without the model's own parameters
+        and buffers, which exist anyway: what keeping the graph costs."""
+        held: dict[int, int] = {}
+        if not measure:
+            yield held
+            return
+        model = self.sessions.model
+        weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                held[storage.data_ptr()] = storage.nbytes()
+            return tensor  # saved as it is: the hook only counts
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield held
 
     def backward(self, session: Session, step: int, grad: torch.Tensor | None) -> torch.Tensor:
         """Backpropagate the client's gradient through the kept graph, step the
@@ -196,3 +252,11 @@ def _refuse_nonfinite(what: str, tensor: torch.Tensor,
     problem = value_problem(tensor)
     if problem is not None:
         raise RequestError(f"{what} {problem}; refused ({hint})")
+
+
+def _storage_bytes(held: dict[int, int], *tensors: torch.Tensor) -> int:
+    """Bytes of the saved storages plus those of ``tensors``, each storage once."""
+    storages = dict(held)
+    for tensor in tensors:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())

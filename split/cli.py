@@ -130,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest message (and tensor) accepted, in MiB")
     s.add_argument("--server-lora", choices=["per-client", "shared"], default="per-client",
                    help="one server-side LoRA per client (aggregated in rounds) or one shared by all")
+    lim = s.add_argument_group("limits (what clients may ask of the server; beyond them a request is refused)")
+    lim.add_argument("--max-rank", type=positive_int, default=256,
+                     help="largest LoRA rank a client may ask for (and at most each module's smaller dimension)")
+    lim.add_argument("--max-tokens", type=positive_int, default=16384,
+                     help="largest batch x sequence of one forward (a sequence is also at most the model's positions)")
+    lim.add_argument("--max-sessions", type=positive_int, default=64, help="clients served at once")
+    lim.add_argument("--max-pending", type=positive_int, default=8,
+                     help="forwards one client may leave waiting for their backward")
+    lim.add_argument("--max-pending-mb", type=positive_float, default=2048.0,
+                     help="memory all waiting forwards may hold together, in MiB (each graph's saved tensors)")
+    lim.add_argument("--max-queued", type=positive_int, default=8,
+                     help="requests one connection may have waiting for their turn at the model")
+    lim.add_argument("--max-header-kb", type=positive_float, default=1024.0,
+                     help="largest message header (op, metadata, tensor list), in KiB")
+    lim.add_argument("--recv-hwm", type=positive_int, default=8,
+                     help="messages ZeroMQ buffers per connection before the server reads them")
     f = s.add_argument_group("federation (rounds of several clients; on when --strategy is given)")
     f.add_argument("--strategy", default=None,
                    help="aggregation method: fedit, flexlora, hetlora, ... (every method: docs/algorithms.md)")
@@ -313,11 +329,15 @@ def _server(args) -> int:
     config = ServerConfig(model=args.model, cut=Cut.parse(args.cut), bind=args.bind, task=args.task,
                           num_labels=args.num_labels, seed=args.seed, dropout=not args.no_dropout,
                           session_timeout=args.session_timeout, pending_timeout=args.pending_timeout,
-                          limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit),
+                          limits=Limits(max_tensor_bytes=limit, max_message_bytes=limit,
+                                        max_header_bytes=int(args.max_header_kb * (1 << 10))),
                           federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                           save_every=args.save_every,
                           server_lora=args.server_lora, device=args.device, dtype=args.dtype,
-                          secret_key=args.secret_key, allow=args.allow)
+                          secret_key=args.secret_key, allow=args.allow,
+                          max_rank=args.max_rank, max_tokens=args.max_tokens, max_sessions=args.max_sessions,
+                          max_pending=args.max_pending, max_pending_mb=args.max_pending_mb,
+                          max_queued=args.max_queued, recv_hwm=args.recv_hwm)
     server = BackboneServer(config)
     endpoint = server.bind()
     try:
@@ -334,7 +354,7 @@ def _server(args) -> int:
             return 0
         # A federation ends once its last round closed and every client has left.
         fed = server.coordinator
-        server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.by_client))
+        server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.count()))
         return 0
     finally:
         server.close()

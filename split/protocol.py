@@ -35,6 +35,11 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 MAX_SOURCE = 512
 MAX_LABELS = 100_000
+# LoRA targets of a hello: each module name is matched against every target,
+# so a list of a million would cost the server minutes (the family's own
+# lists have 2 to 7 names).
+MAX_TARGETS = 64
+MAX_TARGET_NAME = 200
 
 
 class ProtocolError(WireError):
@@ -230,6 +235,11 @@ class Hello:
     def from_message(cls, msg: Message) -> "Hello":
         op, meta = "hello", msg.meta
         lora = _field(meta, op, "lora", "map")
+        targets = lora.get("targets")
+        if isinstance(targets, list) and (len(targets) > MAX_TARGETS or any(
+                isinstance(t, str) and len(t) > MAX_TARGET_NAME for t in targets)):
+            raise ProtocolError(f"hello: at most {MAX_TARGETS} LoRA targets of at most {MAX_TARGET_NAME} "
+                                f"characters each, got {len(targets)}")
         try:
             spec = LoraSpec.from_dict(lora)
         except (KeyError, TypeError, ValueError) as exc:
