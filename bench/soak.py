@@ -12,17 +12,15 @@ the window's samples; target under 5%), client errors (target 0), resends and
 registrations, and steps per second. Written under --out: ``summary.json``,
 ``samples.json`` and ``soak.png`` (steps/s and server memory over time).
 
-    python bench/soak.py                          # 16 clients, 10 minutes, a small BERT
+    python bench/soak.py                          # 16 clients, 10 minutes, all-MiniLM-L6-v2
     python bench/soak.py --clients 4 --minutes 1  # smoke run
-    python bench/soak.py --model minilm           # the built-in all-MiniLM-L6-v2
+    python bench/soak.py --model small            # a random 4 x 128 BERT: seven times the steps
 
-Which model: a soak finds what grows per step, so it needs many steps. On 2
-cores, 16 clients of all-MiniLM-L6-v2 share the server's blocks at about one
-step per second in all (seconds per client step): some forty steps per client
-in 10 minutes, too few to tell a per-step leak from warm-up. The default is
-therefore a random BERT of MiniLM's vocabulary and 4 blocks of width 128
-(``--model small``), which runs tens of steps per second through the same
-code; ``--model minilm`` runs the real one.
+Which model: the built-in all-MiniLM-L6-v2 fits 16 clients on 2 cores (one
+torch thread per process; about 5 steps per second in all, some 200 steps per
+client in 10 minutes). A soak finds what grows per step, so ``--model small``
+(a random BERT of MiniLM's vocabulary, 4 blocks of width 128) runs the same
+code about seven times as many steps.
 
 Not part of the test suite: it runs for minutes.
 """
@@ -61,10 +59,11 @@ def worker(args) -> int:
     from split.partition import load_config, resolve_model_path
 
     torch.set_num_threads(1)
-    path = resolve_model_path(args.model)
+    model = None if args.model == "minilm" else args.model  # None: the built-in one
+    path = resolve_model_path(model)
     vocab = load_config(path, "classification", 2, True).vocab_size
     progress = open(args.progress, "a", buffering=1)
-    client = SplitClient(ClientConfig(server=args.server, model=args.model, num_labels=2, client_id=args.id,
+    client = SplitClient(ClientConfig(server=args.server, model=model, num_labels=2, client_id=args.id,
                                       seed=args.index, lr=1e-4, reconnect_for=120.0))
     gen = torch.Generator().manual_seed(args.index)
     last, code = 0.0, 0
@@ -107,8 +106,7 @@ def start_clients(args, endpoint: str, work: Path) -> list[subprocess.Popen]:
         cmd = [sys.executable, __file__, "--worker", "--server", endpoint, "--id", f"soak{k}", "--index", str(k),
                "--progress", str(work / f"client{k}.jsonl"), "--stop", str(work / "stop"),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-        if args.model is not None:
-            cmd += ["--model", args.model]
+        cmd += ["--model", "minilm" if args.model is None else args.model]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"client{k}.err", "w"),
                                       env={**os.environ, "PYTHONPATH": str(ROOT)}))
     return procs
@@ -272,7 +270,7 @@ def main() -> int:
                              "(default: 60, or 20 for a window under 3 minutes)")
     parser.add_argument("--warmup-steps", type=int, default=20,
                         help="steps every client takes before measuring (allocator and per-session state settle)")
-    parser.add_argument("--model", default="small",
+    parser.add_argument("--model", default="minilm",
                         help="small (a random 4 x 128 BERT), minilm (the built-in all-MiniLM-L6-v2) or a folder")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32, help="longest batch, in tokens (shortest: half)")

@@ -251,14 +251,46 @@ def test_a_resent_hello_gets_the_same_welcome(tiny_models):
 
 def test_the_heartbeat_keeps_a_session_alive_while_the_client_works_locally(tiny_models):
     path = tiny_models("bert")
-    with threaded_server(path, "1,1", num_labels=3, session_timeout=1.0) as (endpoint, server):
+    with threaded_server(path, "1,1", num_labels=3, session_timeout=2.0) as (endpoint, server):
         client = SplitClient(ClientConfig(server=endpoint, model=str(path), num_labels=3, timeout=30))
         try:
             client.train_step(random_batch(0, VOCAB))
-            time.sleep(3.0)  # "local work": three session timeouts without a request of its own
+            time.sleep(5.0)  # "local work": two and a half session timeouts without a request of its own
             assert client.conn.client_id in server.sessions.by_client
-            assert client.heartbeat.pings >= 3
+            assert client.heartbeat.pings >= 4  # one every 0.5 s of silence
             client.train_step(random_batch(1, VOCAB))
             assert client.registrations == 0
         finally:
             client.close()
+
+
+# ---------------------------------------------------------------- the coordinator after a lost session
+
+
+def test_a_client_joining_again_mid_round_gets_the_round_again_and_returning_counts_apply():
+    from server.rounds import Coordinator, FederationConfig
+    from server.strategies.base import ClientInfo
+    from test_rounds import CLIENT_MODULE, FakeServer
+
+    def join(coord, client):
+        coord.join(client, ClientInfo(client, 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)})
+
+    coord = Coordinator(FederationConfig(min_clients=2, client_init="local"), FakeServer())
+    for client in ("c0", "c1"):
+        join(coord, client)
+    coord.tick(now=0.0)
+    first = coord.poll("c0")
+    assert first.status == "train" and coord.poll("c0").status == "wait"
+    loads = len(coord.server.loads)
+    join(coord, "c0")  # its session was lost after it took the round: it joins again
+    again = coord.poll("c0")
+    assert again.status == "train" and again.round == first.round
+    assert len(coord.server.loads) == loads + 1  # its server-side adapter was set up for the round again
+    assert coord.members["c0"].rounds == 1  # the round counts once
+    # A resumed coordinator takes a restored client's counts; a fresh client starts from zero.
+    resumed = Coordinator(FederationConfig(min_clients=2), FakeServer())
+    resumed.returning["c0"] = (3, 2)
+    join(resumed, "c0")
+    join(resumed, "c1")
+    assert (resumed.members["c0"].synced, resumed.members["c0"].rounds) == (3, 2)
+    assert (resumed.members["c1"].synced, resumed.members["c1"].rounds) == (0, 0)
