@@ -270,12 +270,12 @@ def test_the_heartbeat_keeps_a_session_alive_while_the_client_works_locally(tiny
 def test_a_client_joining_again_mid_round_gets_the_round_again_and_returning_counts_apply():
     from server.rounds import Coordinator, FederationConfig
     from server.strategies.base import ClientInfo
-    from test_rounds import CLIENT_MODULE, FakeServer
+    from round_helpers import CLIENT_MODULE, LAYOUT, FakeServer
 
     def join(coord, client):
         coord.join(client, ClientInfo(client, 4, 8.0, None, 10), {CLIENT_MODULE: (6, 5)})
 
-    coord = Coordinator(FederationConfig(min_clients=2, client_init="local"), FakeServer())
+    coord = Coordinator(FederationConfig(min_clients=2, client_init="local"), FakeServer(), LAYOUT)
     for client in ("c0", "c1"):
         join(coord, client)
     coord.tick(now=0.0)
@@ -288,7 +288,7 @@ def test_a_client_joining_again_mid_round_gets_the_round_again_and_returning_cou
     assert len(coord.server.loads) == loads + 1  # its server-side adapter was set up for the round again
     assert coord.members["c0"].rounds == 1  # the round counts once
     # A resumed coordinator takes a restored client's counts; a fresh client starts from zero.
-    resumed = Coordinator(FederationConfig(min_clients=2), FakeServer())
+    resumed = Coordinator(FederationConfig(min_clients=2), FakeServer(), LAYOUT)
     resumed.returning["c0"] = (3, 2)
     join(resumed, "c0")
     join(resumed, "c1")
