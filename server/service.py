@@ -281,16 +281,37 @@ class BackboneServer:
         """Take up to ``most`` waiting messages (then replies get their turn to be sent)."""
         for _ in range(most):
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames, extra = self._receive_frames()
             except zmq.Again:
                 return
             routing_id, body = frames[0].bytes, frames[1:]
             peer = peer_key(body[0]) if self.curve is not None and body else ""
-            admitted = self._admit(routing_id, body, peer, defer=True)
+            if extra:
+                admitted = _malformed(routing_id, WireError(
+                    f"a message of {len(body) + extra} frames exceeds the limit of "
+                    f"{self.config.limits.max_tensors + 1} (a header and one frame per tensor)"))
+            else:
+                admitted = self._admit(routing_id, body, peer, defer=True)
             if isinstance(admitted, Job) and not self.scheduler.put(routing_id, admitted):
                 admitted = self._busy(admitted)
             if isinstance(admitted, Message):
                 self.socket.send_multipart([routing_id] + encode(admitted), copy=False)
+
+    def _receive_frames(self) -> tuple[list, int]:
+        """One message's frames, read one by one: past a header and
+        ``max_tensors`` tensor frames (plus the routing id) the rest are read
+        and dropped unkept, so a message of a million empty frames costs no
+        million frame objects. Returns (kept frames, frames dropped)."""
+        keep = self.config.limits.max_tensors + 2
+        frames = [self.socket.recv(zmq.NOBLOCK, copy=False)]
+        dropped = 0
+        while self.socket.getsockopt(zmq.RCVMORE):
+            if len(frames) < keep:
+                frames.append(self.socket.recv(copy=False))
+            else:
+                self.socket.recv(copy=True)
+                dropped += 1
+        return frames, dropped
 
     def _busy(self, job: Job) -> Message:
         msg = job.msg or Message("error")

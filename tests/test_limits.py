@@ -386,3 +386,21 @@ def test_a_client_within_the_limits_trains_as_before(tiny_models):
             assert all(torch.isfinite(torch.tensor(losses)))
         finally:
             client.close()
+
+
+def test_a_message_of_too_many_frames_is_refused_without_keeping_them(tiny_models):
+    path = tiny_models("bert")
+    with threaded_server(path, "1,1", num_labels=3, limits=Limits(max_tensors=16)) as (endpoint, server):
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        try:
+            header = msgpack.packb({"v": 1, "op": "status", "client": "", "step": 0, "meta": {}, "tensors": []})
+            sock.send_multipart([header] + [b""] * 5000)
+            assert sock.poll(30_000)
+            reply = decode(sock.recv_multipart())
+        finally:
+            sock.close()
+        assert reply.op == "error" and reply.meta["code"] == "malformed"
+        assert "a message of 5001 frames exceeds the limit of 17" in reply.meta["error"]
+        assert status(endpoint)["sessions"] == 0  # the server answers on
