@@ -131,11 +131,11 @@ def test_status_and_ping_answer_while_a_long_forward_runs(tiny_models):
 
 def test_a_large_header_is_decoded_in_its_turn_not_by_the_loop(tiny_models):
     path = tiny_models("bert")
-    # Half a MiB of empty lists, under the header limit and, here, the item
+    # Nearly a MiB of empty lists, under the header limit and, here, the item
     # limit: validating it takes a while.
-    header = msgpack.packb({"v": 1, "op": "status", "client": "", "step": 0, "meta": {"x": [[]] * (1 << 19)},
+    header = msgpack.packb({"v": 1, "op": "status", "client": "", "step": 0, "meta": {"x": [[]] * (15 << 16)},
                             "tensors": []})
-    with threaded_server(path, "1,1", num_labels=3, limits=Limits(max_header_items=1 << 20)) as (endpoint, _):
+    with threaded_server(path, "1,1", num_labels=3, limits=Limits(max_header_items=1 << 21)) as (endpoint, _):
         slow = zmq.Context.instance().socket(zmq.DEALER)
         slow.setsockopt(zmq.LINGER, 0)
         slow.connect(endpoint)
@@ -152,8 +152,9 @@ def test_a_large_header_is_decoded_in_its_turn_not_by_the_loop(tiny_models):
             slow.close()
     print(f"a {len(header) / 1e6:.1f} MB header took {duration:.2f} s to answer; status meanwhile within "
           f"{max(waits) * 1000:.0f} ms ({len(waits)} answers)")
-    assert len(waits) >= 2
-    assert max(waits) < duration / 4
+    # The loop answered all along: never held for as long as half the decode.
+    assert len(waits) >= 3
+    assert max(waits) < duration / 2
 
 
 def test_a_light_clients_steps_interleave_with_a_heavy_clients_forwards(tiny_models):
