@@ -183,7 +183,9 @@ class Connection:
                     f"no answer from the server at {self.address} (op {msg.op}): {why}"
                     + (f"; resent for {now - failed_at:.0f}s" if budget > 0 else "")
                     + ". Is `fedsplit server` running there, and is the address reachable from this machine?"
-                    + ("" if budget > 0 else " (--reconnect-for lets a client wait for a restarting server)"))
+                    # Only a connection set never to resend is told how to wait (a first hello is never resent).
+                    + ("" if self.reconnect_for > 0 else
+                       " (--reconnect-for lets a client wait for a restarting server)"))
             pause = min(backoff(attempt, self._rng), max(0.0, failed_at + budget - now))
             log.warning("%s: %s; resending %s (step %d, retry %d) in %.1fs", self.client_id, why, msg.op, msg.step,
                         attempt + 1, pause)
