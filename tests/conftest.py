@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zmq
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
                           ElectraConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig,
@@ -147,6 +148,14 @@ def server_process(model, cut: str = "1,1", *extra: str):
     """A real ``fedsplit server`` process on a free loopback port; yields its endpoint."""
     with running_server(model, cut, *extra) as endpoint:
         yield endpoint
+
+
+def dealer(endpoint: str) -> zmq.Socket:
+    """A raw DEALER socket connected to ``endpoint``, for sending frames no client would."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
 
 
 def status(endpoint: str) -> dict:

@@ -22,7 +22,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import VOCAB, random_batch, status, threaded_server
+from conftest import VOCAB, dealer, random_batch, status, threaded_server
 from edge.client import ClientConfig, SplitClient
 from split.codecs import DTYPES
 from split.transport import Connection, ServerError, ServerUnavailable
@@ -31,13 +31,6 @@ from split.wire import OPS, Message, decode, encode
 FUZZ_MESSAGES = 10_000
 PAUSE = 0.1  # seconds the client waits between steps
 TRAINER = "trainer"  # the training client's id: the fuzzer uses it too, without its token
-
-
-def _dealer(endpoint: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
 
 
 def _exchange(sock: zmq.Socket, frames: list) -> Message:
@@ -66,7 +59,7 @@ def _header(**fields) -> bytes:
 def test_a_list_or_map_dtype_or_codec_gets_an_error_and_the_server_keeps_answering(tiny_models, field, value):
     entry = {"name": "hidden", "dtype": "float32", "shape": [2], "codec": "raw", "nbytes": 8, field: value}
     with threaded_server(tiny_models("bert"), "1,1", num_labels=3) as (endpoint, _):
-        sock = _dealer(endpoint)
+        sock = dealer(endpoint)
         try:
             reply = _exchange(sock, [_header(tensors=[entry]), bytes(8)])
             assert reply.op == "error" and field in reply.meta["error"], reply.meta
@@ -82,7 +75,7 @@ def test_a_token_with_non_ascii_characters_is_refused_by_name(tiny_models, caplo
     path = tiny_models("bert")
     with threaded_server(path, "1,1", num_labels=3) as (endpoint, _):
         client = _trainer(endpoint, path)
-        sock = _dealer(endpoint)
+        sock = dealer(endpoint)
         try:
             for op in ("adapter", "bye"):
                 reply = _exchange(sock, [_header(op=op, client=TRAINER, meta={"token": "é" * 32})])
@@ -286,7 +279,7 @@ def test_fuzzed_messages_all_get_answers_while_a_client_trains_exactly(tiny_mode
     caplog.set_level(logging.ERROR)  # the server's 10,000 warnings stay out of the report
     with threaded_server(path, "1,1", num_labels=3) as (endpoint, _), short_gil_slices():
         training = Training(_trainer(endpoint, path))
-        sock = _dealer(endpoint)
+        sock = dealer(endpoint)
         start = time.monotonic()
         try:
             training.start()

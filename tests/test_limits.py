@@ -19,7 +19,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import VOCAB, random_batch, status, threaded_server
+from conftest import VOCAB, dealer, random_batch, status, threaded_server
 from edge.client import ClientConfig, SplitClient
 from server.service import BackboneServer, ServerConfig, gc_paused
 from split.launch import child_env
@@ -298,9 +298,7 @@ def test_a_header_over_the_limit_is_refused_without_decoding_it(tiny_models):
         decode([header], Limits(max_header_bytes=16 << 20, max_header_items=1 << 24))
     decoding = time.perf_counter() - start
     with threaded_server(path, "1,1", num_labels=3) as (endpoint, _):
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
+        sock = dealer(endpoint)
         try:
             start = time.perf_counter()
             sock.send_multipart([header])
@@ -329,9 +327,7 @@ def test_the_router_socket_limits_what_zeromq_buffers(tiny_models):
         admit = server._admit
         server._admit = lambda routing_id, frames, *rest, **kw: seen.append(frames) or admit(routing_id, frames,
                                                                                               *rest, **kw)
-        big = zmq.Context.instance().socket(zmq.DEALER)
-        big.setsockopt(zmq.LINGER, 0)
-        big.connect(endpoint)
+        big = dealer(endpoint)
         header = msgpack.packb({"v": 1, "op": "status", "client": "", "step": 0, "meta": {}, "tensors": []})
         try:
             # Over the wire's limit but within MAXMSGSIZE: read, and refused with the reason.
@@ -391,9 +387,7 @@ def test_a_client_within_the_limits_trains_as_before(tiny_models):
 def test_a_message_of_too_many_frames_is_refused_without_keeping_them(tiny_models):
     path = tiny_models("bert")
     with threaded_server(path, "1,1", num_labels=3, limits=Limits(max_tensors=16)) as (endpoint, server):
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
+        sock = dealer(endpoint)
         try:
             header = msgpack.packb({"v": 1, "op": "status", "client": "", "step": 0, "meta": {}, "tensors": []})
             sock.send_multipart([header] + [b""] * 5000)

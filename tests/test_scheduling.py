@@ -17,7 +17,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import VOCAB, random_batch, threaded_server
+from conftest import VOCAB, dealer, random_batch, threaded_server
 from edge.client import ClientConfig, SplitClient
 from server.scheduler import Scheduler
 from server.service import BackboneServer, ServerConfig
@@ -136,9 +136,7 @@ def test_a_large_header_is_decoded_in_its_turn_not_by_the_loop(tiny_models):
     header = msgpack.packb({"v": 1, "op": "status", "client": "", "step": 0, "meta": {"x": [[]] * (15 << 16)},
                             "tensors": []})
     with threaded_server(path, "1,1", num_labels=3, limits=Limits(max_header_items=1 << 21)) as (endpoint, _):
-        slow = zmq.Context.instance().socket(zmq.DEALER)
-        slow.setsockopt(zmq.LINGER, 0)
-        slow.connect(endpoint)
+        slow = dealer(endpoint)
         try:
             start = time.perf_counter()
             slow.send_multipart([header])

@@ -15,9 +15,8 @@ import time
 import msgpack
 import pytest
 import torch
-import zmq
 
-from conftest import VOCAB, random_batch, save_tiny, status, threaded_server
+from conftest import VOCAB, dealer, random_batch, save_tiny, status, threaded_server
 from edge.client import ClientConfig, ServerRefused, ServerUnavailable, SplitClient
 from split.launch import child_env, free_port
 from split.lora import LoraSpec
@@ -41,9 +40,7 @@ def client_for(path, endpoint, **kw) -> SplitClient:
 
 
 def raw_request(endpoint: str, frames: list) -> Message:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = dealer(endpoint)
     try:
         sock.send_multipart(frames)
         assert sock.poll(10_000), "the server did not answer a malformed message"
