@@ -71,7 +71,6 @@ class BackboneCompute:
         if self.max_positions is not None and length > self.max_positions:
             raise RequestError(f"sequences of {length} tokens exceed the model's {self.max_positions} positions; "
                                f"truncate them (--max-length {self.max_positions} at most)")
-        _refuse_nonfinite("the forward's 'hidden'", hidden)
         if tuple(mask.shape) != tuple(hidden.shape[:2]):
             raise RequestError(f"'attention_mask' must have shape {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
         positions = tensors.get("position_ids")
@@ -97,6 +96,9 @@ class BackboneCompute:
         """Run the client's server blocks (and, in a two-part split, norm, head
         and loss) on the received hidden state; returns the reply tensors."""
         hidden, mask, positions = self.check_inputs(tensors)
+        # Scanned here, not in check_inputs: the loop thread checks shapes and
+        # limits only, so the values are read once, in the forward's turn.
+        _refuse_nonfinite("the forward's 'hidden'", hidden)
         if train:
             self._check_room(session, step)
         self.sessions.activate(session)
