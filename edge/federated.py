@@ -35,6 +35,7 @@ from split.wire import Message
 
 from .client import MAX_REDO, SplitClient
 from .hetlora import HetLoRAOptions, RankRegulariser
+from .metering import RoundMeter, upload_bytes
 from .personal import PersonalAdapter
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class RoundRecord:
     loss: float | None
     bytes_sent: int
     bytes_received: int
+    record: dict = field(default_factory=dict)  # what was metered (split.records), as sent with the upload
 
 
 @dataclass
@@ -61,6 +63,8 @@ class FederatedOptions:
     personal: bool = False  # FedDPA: a second, local adapter that is trained but never uploaded
     personal_test: object | None = None  # batches of the client's own held-out data
     labels: tuple[str, ...] | None = None  # class names in head order, checked against the other clients'
+    budget_bytes: int | None = None  # the device profile's memory budget, reported in each round record
+    observers: list = field(default_factory=list)  # edge.metering.RoundObserver: display, run folder, ...
 
 
 def _head_name(param_name: str) -> str:
@@ -131,6 +135,7 @@ class FederatedClient:
         self.personal = PersonalAdapter(self.client) if self.options.personal else None
         self.started: RoundStart | None = None  # the latest round this client began
         self.redone = 0  # rounds begun again after the server lost this client's session
+        self.meter = RoundMeter(self.client, self.options.budget_bytes)
 
     def _request(self, msg):
         return self.client.conn.request(msg)
@@ -202,13 +207,21 @@ class FederatedClient:
             return self.personal.evaluate_global(self.test)
         return self.client.evaluate(self.test)
 
-    def _upload(self, round_index: int) -> None:
+    def _payload(self, round_index: int) -> UploadPayload:
         factors = get_factors(self.client.model, modules=self._trained_modules())
-        payload = UploadPayload(round_index, self.num_samples, self.rank,
-                                A={m: a[:self.rank].contiguous() for m, (a, _) in factors.items()},
-                                B={m: b[:, :self.rank].contiguous() for m, (_, b) in factors.items()},
-                                head={n: p.detach().clone() for n, p in head_params(self.client).items()})
-        self._request(payload.to_message())
+        return UploadPayload(round_index, self.num_samples, self.rank,
+                             A={m: a[:self.rank].contiguous() for m, (a, _) in factors.items()},
+                             B={m: b[:, :self.rank].contiguous() for m, (_, b) in factors.items()},
+                             head={n: p.detach().clone() for n, p in head_params(self.client).items()})
+
+    def _notify(self, hook: str, *args) -> None:
+        for observer in self.options.observers:
+            getattr(observer, hook)(*args)
+
+    def _metered_step(self, batch, penalty) -> float:
+        loss, record = self.meter.step(lambda: self.client.train_step(batch, penalty))
+        self._notify("step_done", record)
+        return loss
 
     def _train_round(self, offer: RoundOffer) -> list[float]:
         """The round's local steps, with HetLoRA's regulariser and pruning when
@@ -218,7 +231,7 @@ class FederatedClient:
         hetlora = HetLoRAOptions.from_options(offer.options)
         regulariser = None if hetlora is None else RankRegulariser(self.layers, hetlora, self.rank)
         penalty = None if regulariser is None else regulariser.penalty
-        losses = [self.client.train_step(next(batches), penalty) for _ in range(self._steps())]
+        losses = [self._metered_step(next(batches), penalty) for _ in range(self._steps())]
         if regulariser is not None:
             rank = regulariser.prune()
             if rank < self.rank:
@@ -285,10 +298,19 @@ class FederatedClient:
     def _take_part(self, offer: RoundOffer) -> None:
         """Train the offered round and upload it."""
         conn = self.client.conn
+        self.meter.start(offer.round)
+        self._notify("round_started", offer.round, self.settings.rounds, self._steps())
         accuracy = self._evaluate_global() if self.options.evaluate and self.test is not None else None
         sent, received = conn.bytes_sent, conn.bytes_received
         losses = self._train_round(offer)
-        self._upload(offer.round)
+        payload = self._payload(offer.round)
+        extra = {}
+        for observer in self.options.observers:
+            extra.update(observer.record_extra())
+        payload.record = self.meter.finish(accuracy, upload_bytes(payload.to_message()), extra)
+        self._request(payload.to_message())
+        self.meter.uploaded()
         self.records.append(RoundRecord(offer.round, accuracy, sum(losses) / len(losses),
-                                        conn.bytes_sent - sent, conn.bytes_received - received))
-        log.info("round %d: loss %.3f", offer.round, self.records[-1].loss)
+                                        conn.bytes_sent - sent, conn.bytes_received - received, payload.record))
+        log.debug("round %d: loss %.3f", offer.round, self.records[-1].loss)
+        self._notify("round_done", offer.round, payload.record)

@@ -9,19 +9,22 @@ client runtime.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
-import warnings
 from importlib.metadata import version
 
 import torch
+from rich.console import Console
+
+from edge import report
 
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
+from split.console import setup_logging
 from split.lora import LoraSpec
 from split.partition import Cut
+from split.summary import round_table
 from split.wire import Limits
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -62,8 +65,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="seed of LoRA initialisation, the new head, data order and every random draw")
     p.add_argument("--no-dropout", action="store_true", help="turn the model's dropout off")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
-                   help="logging level")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="level of fedsplit's own log lines (libraries log warnings and worse only)")
 
 
 def device_name(text: str) -> str:
@@ -193,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint-dir: a federation from its newest round; clients that "
                         "register again get their saved server-side adapters back")
+    k.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="write every client's round records (clients.jsonl) and every round (rounds.jsonl) "
+                        "here, for `fedsplit report DIR`; a federation only")
 
     c = _subparser(sub, "client", "train through a server on local data", CLIENT_EXAMPLE)
     _add_model_args(c)
@@ -233,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "restart); the client then registers again by itself (0: fail at once)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--summary-json", default=None, help="write the run's summary (metrics, bytes) to this file")
+    c.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="write every training step (steps.jsonl) and round record (clients.jsonl) here, for "
+                        "`fedsplit report DIR`")
     g = c.add_argument_group("federation (when the server runs rounds)")
     g.add_argument("--num-clients", type=positive_int, default=1, help="clients the training data is split among")
     g.add_argument("--client-index", type=nonnegative_int, default=0,
@@ -272,15 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("folder", metavar="DIR", help="folder to write NAME.key and NAME.key_secret into (made if missing)")
     k.add_argument("--name", default="server",
                    help="file name of the pair, e.g. server, client1 (one pair per machine)")
+    report.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    # peft still calls a transformers property deprecated in v5; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(getattr(args, "log_level", "INFO"))
     try:
         if args.command == "server":
             return _server(args)
@@ -288,6 +295,8 @@ def main(argv=None) -> int:
             return _client(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "report":
+            return report.run(args)
         from edge.demo import run_demo
 
         return run_demo(args)
@@ -337,7 +346,7 @@ def _server(args) -> int:
                           secret_key=args.secret_key, allow=args.allow,
                           max_rank=args.max_rank, max_tokens=args.max_tokens, max_sessions=args.max_sessions,
                           max_pending=args.max_pending, max_pending_mb=args.max_pending_mb,
-                          max_queued=args.max_queued, recv_hwm=args.recv_hwm)
+                          max_queued=args.max_queued, recv_hwm=args.recv_hwm, run_dir=args.run_dir)
     server = BackboneServer(config)
     endpoint = server.bind()
     try:
@@ -355,6 +364,9 @@ def _server(args) -> int:
         # A federation ends once its last round closed and every client has left.
         fed = server.coordinator
         server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.count()))
+        table = server.runlog.table()
+        if table is not None:
+            Console().print(table)
         return 0
     finally:
         server.close()
@@ -403,9 +415,11 @@ def _client(args) -> int:
                            progress=not args.no_progress, partition=args.partition,
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
-                           blocks=args.blocks)
+                           blocks=args.blocks, run_dir=args.run_dir)
     summary = run_client(config, options)
     write_summary(summary, args.summary_json)
+    if summary.get("round_records"):
+        Console().print(round_table(summary["round_records"], "fedsplit client: per round"))
     print(_client_report(summary))
     return 0
 

@@ -401,7 +401,10 @@ class RoundOffer:
 @dataclass
 class UploadPayload:
     """A client's upload for ``round``: its client-side factors (at ``rank``:
-    HetLoRA may have pruned it), its head and its sample count."""
+    HetLoRA may have pruned it), its head, its sample count and its round
+    record (``split.records``). The record is taken as sent here and checked
+    by the coordinator (``server.admission.check_record``), so a bad one is
+    refused like a bad tensor: the round stops waiting for that client."""
 
     round: int
     num_samples: int
@@ -409,9 +412,11 @@ class UploadPayload:
     A: dict[str, torch.Tensor] = field(default_factory=dict)
     B: dict[str, torch.Tensor] = field(default_factory=dict)
     head: dict[str, torch.Tensor] = field(default_factory=dict)
+    record: object = field(default_factory=dict)
 
     def to_message(self) -> Message:
-        return Message("upload", meta={"round": self.round, "num_samples": self.num_samples, "rank": self.rank},
+        return Message("upload", meta={"round": self.round, "num_samples": self.num_samples, "rank": self.rank,
+                                       "record": self.record},
                        tensors=pack(A=self.A, B=self.B, head=self.head))
 
     @classmethod
@@ -424,4 +429,5 @@ class UploadPayload:
             odd = sorted(set(groups[FACTOR_A]) ^ set(groups[FACTOR_B]))
             raise ProtocolError(f"upload: modules {odd[:3]} have one LoRA factor but not the other")
         return cls(_field(meta, op, "round", "count"), _field(meta, op, "num_samples", "count"),
-                   _field(meta, op, "rank", "positive"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD])
+                   _field(meta, op, "rank", "positive"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD],
+                   meta.get("record", {}))
