@@ -300,7 +300,8 @@ class FederatedClient:
         conn = self.client.conn
         self.meter.start(offer.round)
         self._notify("round_started", offer.round, self.settings.rounds, self._steps())
-        accuracy = self._evaluate_global() if self.options.evaluate and self.test is not None else None
+        evaluate = self.options.evaluate and self.test is not None
+        accuracy = self.meter.evaluate(self._evaluate_global) if evaluate else None
         sent, received = conn.bytes_sent, conn.bytes_received
         losses = self._train_round(offer)
         payload = self._payload(offer.round)

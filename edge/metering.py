@@ -80,8 +80,9 @@ class RoundMeter:
     ``start`` resets the process's peak resident size (Linux; elsewhere the
     peak is the process's so far) and the CUDA peak; ``finish`` returns the
     round's record. Traffic counts from the end of the previous round's upload
-    (or the meter's creation), so a round's bytes hold its polls, its download,
-    its evaluation and its steps; the upload itself is ``upload_bytes``."""
+    (or the meter's creation), so a round's bytes hold its polls, its download
+    and its steps; the upload itself is ``upload_bytes``, and an evaluation of
+    the global model (``evaluate``) is counted apart, in ``eval_bytes``."""
 
     def __init__(self, client, budget_bytes: int | None = None):
         self.client = client
@@ -103,6 +104,9 @@ class RoundMeter:
         self.losses: list[float] = []
         self.peak_uss = 0
         self._uss_at = 0.0
+        self.eval_s = 0.0
+        self.eval_up = self.eval_down = 0
+        self.evaluated = False
 
     def start(self, round_index: int) -> None:
         """Begin metering round ``round_index``."""
@@ -127,6 +131,19 @@ class RoundMeter:
             self._sample_uss()
         return loss, record
 
+    def evaluate(self, evaluation: Callable[[], float]) -> float:
+        """Run ``evaluation()`` (an accuracy), its time and traffic counted apart from training's."""
+        sent, received = self._counters()
+        started = time.perf_counter()
+        try:
+            return evaluation()
+        finally:
+            self.eval_s += time.perf_counter() - started
+            now = self._counters()
+            self.eval_up += now[0] - sent
+            self.eval_down += now[1] - received
+            self.evaluated = True
+
     def _sample_uss(self) -> None:
         self.peak_uss = max(self.peak_uss, self._process.memory_full_info().uss)
         self._uss_at = time.perf_counter()
@@ -139,8 +156,11 @@ class RoundMeter:
         sent, received = self._counters()
         record = {"steps": self.count, "seconds": time.perf_counter() - self.started,
                   "compute_s": self.compute_s, "network_s": self.network_s, "server_s": self.server_s,
-                  "bytes_up": sent - self._mark[0], "bytes_down": received - self._mark[1], "upload_bytes": upload,
+                  "bytes_up": sent - self._mark[0] - self.eval_up,
+                  "bytes_down": received - self._mark[1] - self.eval_down, "upload_bytes": upload,
                   "peak_rss": peak_rss(), "peak_uss": self.peak_uss}
+        if self.evaluated:
+            record.update(eval_s=self.eval_s, eval_bytes=self.eval_up + self.eval_down)
         if self.losses:
             record["loss"] = sum(self.losses) / len(self.losses)
         if accuracy is not None:

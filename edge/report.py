@@ -173,8 +173,8 @@ def _bytes(plt, by_client: dict[str, list[dict]]):
         rounds = [r["round"] for r in rows]
         up.plot(rounds, [sent(r) / scale for r in rows], marker="o", label=client)
         down.plot(rounds, [r.get("bytes_down", 0) / scale for r in rows], marker="o", label=client)
-    for ax, what in ((up, "sent (polls, evaluation, steps and upload)"),
-                     (down, "received (download, evaluation and steps)")):
+    for ax, what in ((up, "sent (steps and upload; evaluation aside)"),
+                     (down, "received (download and steps; evaluation aside)")):
         ax.set_title(what)
         ax.set_xlabel("round")
         ax.set_ylabel(unit)

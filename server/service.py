@@ -197,7 +197,7 @@ class BackboneServer:
         self.socket = None
         self._replies: deque[tuple[bytes, list]] = deque()  # (routing id, encoded reply) from the compute thread
         self._worker_error: BaseException | None = None
-        log.info("server segment: blocks %s of %d, %.1f MB of %.1f MB", self.sessions.hosted, seg.num_layers,
+        log.debug("server segment: blocks %s of %d, %.1f MB of %.1f MB", self.sessions.hosted, seg.num_layers,
                  seg.owned_bytes / 1e6, seg.checkpoint_bytes / 1e6)
 
     # ------------------------------------------------------------ socket loop

@@ -14,14 +14,13 @@ import sys
 from importlib.metadata import version
 
 import torch
-from rich.console import Console
 
 from edge import report
 
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
-from split.console import setup_logging
+from split.console import setup_logging, table_console
 from split.lora import LoraSpec
 from split.partition import Cut
 from split.summary import round_table
@@ -366,7 +365,7 @@ def _server(args) -> int:
         server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.count()))
         table = server.runlog.table()
         if table is not None:
-            Console().print(table)
+            table_console().print(table)
         return 0
     finally:
         server.close()
@@ -419,7 +418,7 @@ def _client(args) -> int:
     summary = run_client(config, options)
     write_summary(summary, args.summary_json)
     if summary.get("round_records"):
-        Console().print(round_table(summary["round_records"], "fedsplit client: per round"))
+        table_console().print(round_table(summary["round_records"], "fedsplit client: per round"))
     print(_client_report(summary))
     return 0
 

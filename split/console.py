@@ -32,6 +32,13 @@ def stderr_console() -> Console:
     return _stderr
 
 
+def table_console() -> Console:
+    """A console on stdout for summary tables: the terminal's width, or 120
+    columns in a file or a pipe (rich's 80 would cut a table's cells)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 class ConciseFormatter(logging.Formatter):
     """``HH:MM:SS message``; warnings and errors also say their level."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich import box
 from rich.table import Table
 
 MB = 1e6
@@ -66,24 +67,32 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    # No vertical rules: a table of nine columns still fits 80 characters.
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for i, name in enumerate(columns):
+        # A narrow terminal folds a cell onto two lines rather than cutting its numbers.
+        table.add_column(name, justify="left" if i == 0 and name == "client" else "right", overflow="fold")
+    return table
+
+
 def client_table(rows: list[dict], title: str = "per client") -> Table:
     """One row per client: rounds, steps, last loss and accuracy, traffic,
     the steps' time split and peak memory (against the budget, when known)."""
     totals = client_totals(rows)
     cuda = any(t.peak_cuda is not None for t in totals.values())
     budget = any(t.budget_bytes is not None for t in totals.values())
-    table = Table(title=title)
-    columns = ["client", "rounds", "steps", "last loss", "accuracy", "MB up", "MB down", "compute s", "network s",
-               "server s", "peak RSS MB", "peak USS MB"] + (["peak CUDA MB"] if cuda else []) + \
-        (["budget MB"] if budget else [])
-    for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 else "right")
+    table = _table(title, ["client", "rounds", "steps", "last loss", "accuracy", "MB up/down",
+                           "steps: compute/network/server s", "peak RSS/USS MB"]
+                   + (["peak CUDA MB"] if cuda else []) + (["budget MB"] if budget else []))
     for t in totals.values():
-        cells = [t.client, str(t.rounds), str(t.steps), _num(t.loss, ".3f"),
-                 _num(None if t.accuracy is None else 100 * t.accuracy, ".1f") + ("%" if t.accuracy is not None
-                                                                                  else ""),
-                 f"{t.bytes_up / MB:.1f}", f"{t.bytes_down / MB:.1f}", f"{t.compute_s:.1f}", f"{t.network_s:.1f}",
-                 f"{t.server_s:.1f}", f"{t.peak_rss / MB:.0f}", f"{t.peak_uss / MB:.0f}"]
+        cells = [t.client, str(t.rounds), str(t.steps), _num(t.loss, ".3f"), _accuracy(t.accuracy),
+                 f"{t.bytes_up / MB:.1f}/{t.bytes_down / MB:.1f}",
+                 f"{t.compute_s:.1f}/{t.network_s:.1f}/{t.server_s:.1f}", f"{t.peak_rss / MB:.0f}/{t.peak_uss / MB:.0f}"]
         if cuda:
             cells.append(_num(None if t.peak_cuda is None else t.peak_cuda / MB, ".0f"))
         if budget:
@@ -94,17 +103,13 @@ def client_table(rows: list[dict], title: str = "per client") -> Table:
 
 def round_table(rows: list[dict], title: str = "per round") -> Table:
     """One row per round of one client: loss, accuracy, time split, traffic, peak memory."""
-    table = Table(title=title)
-    columns = ["round", "steps", "loss", "accuracy", "seconds", "compute s", "network s", "server s", "MB up",
-               "MB down", "peak RSS MB", "peak USS MB"]
-    for name in columns:
-        table.add_column(name, justify="right")
+    table = _table(title, ["round", "steps", "loss", "accuracy", "seconds", "steps: compute/network/server s",
+                           "MB up/down", "peak RSS/USS MB"])
     for row in sorted(rows, key=lambda r: r["round"]):
-        acc = row.get("accuracy")
         table.add_row(str(row["round"]), str(row.get("steps", 0)), _num(row.get("loss"), ".3f"),
-                      "-" if acc is None else f"{100 * acc:.1f}%", f"{row.get('seconds', 0.0):.1f}",
-                      f"{row.get('compute_s', 0.0):.1f}", f"{row.get('network_s', 0.0):.1f}",
-                      f"{row.get('server_s', 0.0):.1f}", f"{sent(row) / MB:.2f}",
-                      f"{row.get('bytes_down', 0) / MB:.2f}", f"{row.get('peak_rss', 0) / MB:.0f}",
-                      f"{row.get('peak_uss', 0) / MB:.0f}")
+                      _accuracy(row.get("accuracy")), f"{row.get('seconds', 0.0):.1f}",
+                      f"{row.get('compute_s', 0.0):.1f}/{row.get('network_s', 0.0):.1f}/"
+                      f"{row.get('server_s', 0.0):.1f}",
+                      f"{sent(row) / MB:.2f}/{row.get('bytes_down', 0) / MB:.2f}",
+                      f"{row.get('peak_rss', 0) / MB:.0f}/{row.get('peak_uss', 0) / MB:.0f}")
     return table

@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import split.transport as transport
 from conftest import VOCAB, random_batch, save_tiny_with_tokenizer, threaded_server
@@ -138,6 +140,22 @@ def test_check_record_refuses_a_non_map_and_too_many_keys():
         check_record({f"k{i}": 1 for i in range(len(RECORD_FIELDS) + 1)})
 
 
+VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                  max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(record=st.dictionaries(st.sampled_from(sorted(RECORD_FIELDS)) | st.text(max_size=6), VALUES, max_size=6)
+       | VALUES)
+def test_any_record_is_taken_or_refused_by_name(record):
+    try:
+        checked = check_record(record)
+    except RecordError:
+        return  # refused, saying why; any other exception fails the test
+    assert set(checked) <= set(RECORD_FIELDS) and all(math.isfinite(v) for v in checked.values())
+
+
 @pytest.mark.parametrize("record, match", [({**honest_record(), "loss": float("nan")}, "'loss' must be finite"),
                                            ({**honest_record(), "bytes_up": -5}, "'bytes_up' must be in"),
                                            ({"x" * 10_000: 1}, "unknown key 'xxxx"),
@@ -220,13 +238,17 @@ def test_round_records_reach_the_servers_run_folder_with_the_upload(federation):
         for row in own:
             assert row["steps"] == LOCAL_STEPS and row["bytes_up"] > 0 and row["upload_bytes"] > 0
             assert row["peak_rss"] > 0 and row["peak_uss"] > 0 and row["server_s"] > 0
-            assert ("accuracy" in row) == (k == 0)
+            assert ("accuracy" in row) == ("eval_bytes" in row) == ("eval_s" in row) == (k == 0)
         steps = _jsonl(tmp / f"client{k}" / STEPS)
         assert [s["round"] for s in steps] == [t for t in range(ROUNDS_RUN) for _ in range(LOCAL_STEPS)]
         for t, row in enumerate(own):
             mine = [s for s in steps if s["round"] == t]
             assert math.isclose(sum(s["server_s"] for s in mine), row["server_s"], rel_tol=1e-9)
-            assert sum(s["bytes_up"] for s in mine) < row["bytes_up"]  # the round adds polls and evaluation
+            # The round adds its polls and its download; an evaluation is counted apart.
+            assert sum(s["bytes_up"] for s in mine) < row["bytes_up"]
+            assert sum(s["bytes_down"] for s in mine) < row["bytes_down"]
+            if k == 0:
+                assert row["eval_bytes"] > 0 and row["eval_s"] > 0  # the test set went through the server
     rounds = _jsonl(tmp / "server" / ROUNDS)
     assert [(r["round"], r["aggregated"], r["uploaded"]) for r in rounds] == [
         (t, True, ["c0", "c1"]) for t in range(ROUNDS_RUN)]
