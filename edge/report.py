@@ -224,7 +224,7 @@ def _time(plt, by_client: dict[str, list[dict]]):
     ax.set_title("Where each client's training steps spent their time (all rounds)")
     bottom = [0.0] * len(names)
     for label, key, color in (("client compute", "compute_s", "tab:blue"),
-                              ("network (waiting, server compute aside)", "network_s", "tab:orange"),
+                              ("waiting: network and server queue", "network_s", "tab:orange"),
                               ("server compute", "server_s", "tab:green")):
         values = [getattr(totals[c], key) for c in names]
         ax.bar(names, values, 0.6, bottom=bottom, label=label, color=color)

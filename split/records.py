@@ -42,7 +42,7 @@ RECORD_FIELDS: dict[str, Field] = {
     "accuracy": Field("float", 0.0, 1.0, "", "accuracy of the downloaded global model, before local training"),
     "seconds": Field("float", 0.0, MAX_SECONDS, "s", "wall time of the round on the client"),
     "compute_s": Field("float", 0.0, MAX_SECONDS, "s", "steps: client computation"),
-    "network_s": Field("float", 0.0, MAX_SECONDS, "s", "steps: waiting on the network (server compute aside)"),
+    "network_s": Field("float", 0.0, MAX_SECONDS, "s", "steps: waiting on the network and the server's queue (its compute aside)"),
     "server_s": Field("float", 0.0, MAX_SECONDS, "s", "steps: the server's computation, as it reported it"),
     "bytes_up": Field("int", 0, MAX_BYTES, "B", "frames sent before the upload (polls, steps)"),
     "bytes_down": Field("int", 0, MAX_BYTES, "B", "frames received before the upload (polls, download, steps)"),
