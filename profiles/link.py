@@ -95,7 +95,7 @@ def _probe(conn: Connection, request: ProbeRequest) -> tuple[ProbeReply, float]:
         reply = conn.request(msg, retry=False)
     except ServerError as exc:
         raise ConnectionError(f"the server at {conn.address} refused a probe ({exc}); a server older than this "
-                              "fedsplit does not answer probes: give the link figures instead (--uplink-mbps, --downlink-mbps, "
-                              "--rtt-ms)") from None
+                              "fedsplit does not answer probes: give the link figures instead (--uplink-mbps, "
+                              "--downlink-mbps, --rtt-ms)") from None
     seconds = time.perf_counter() - start
     return ProbeReply.from_message(reply, request), seconds

@@ -222,13 +222,17 @@ def measure_profile(server: str | None = None, *, keys=None, name: str | None = 
 
 def _link(server: str, keys, timeout: float, stamp: str, sources: dict) -> dict:
     """The link figures measured against ``server``, their sources added to ``sources``."""
-    from split.transport import Connection
+    from split.transport import Connection, ServerUnavailable
 
     from .link import measure_link
 
     conn = Connection(server, "profile-" + socket.gethostname()[:100], timeout=timeout, keys=keys)
     try:
         link = measure_link(conn)
+    except ServerUnavailable:
+        raise ConnectionError(f"no answer from the server at {server} within {timeout:g}s: is `fedsplit server` "
+                              "running there, and is the address reachable from this machine? (--timeout waits "
+                              "longer)") from None
     finally:
         conn.close()
     how = {"rtt_ms": f"median of {link.round_trips} empty probe round trips",

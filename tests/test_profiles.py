@@ -13,12 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import threaded_server
+from profiles import measure
 from profiles.link import next_size, rate_mbps
 from profiles.measure import matmul_gflops
 from profiles.schema import (FIGURES, DeviceProfile, ProfileError, builtin_profiles, load_profile, parse_profile,
                              profile_to_toml, resolve_profile)
 from split.cli import main
 from split.keys import create_keys
+from split.launch import free_port
 from split.probe import MAX_PROBE_BYTES, PAYLOAD, ProbeReply, ProbeRequest
 from split.transport import Connection, ServerError
 from split.wire import Limits, Message
@@ -210,6 +212,38 @@ def test_matmul_gflops_is_positive_finite_and_quick():
         matmul_gflops(seconds=float("nan"))
 
 
+def test_a_jetson_gpu_is_unified_and_a_discrete_one_cuda(monkeypatch, tmp_path):
+    # No GPU here: torch's CUDA queries are stood in for, the decision is the code's own.
+    class Props:
+        name, is_integrated = "Orin", 0
+
+    monkeypatch.setattr(measure, "resolve_device", lambda name: torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    monkeypatch.setattr(measure, "TEGRA_RELEASE", tmp_path / "nv_tegra_release")
+    assert measure.detect_accelerator("cuda").kind == "cuda"
+    (tmp_path / "nv_tegra_release").write_text("# R36 (release)")
+    found = measure.detect_accelerator("cuda")
+    assert (found.kind, found.device) == ("unified", "cuda:0") and "Jetson" in found.found
+    (tmp_path / "nv_tegra_release").unlink()
+    Props.is_integrated = 1
+    assert measure.detect_accelerator("cuda").kind == "unified"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2 ** 30, 24 * 2 ** 30))
+    budget, how = measure.memory_budget(measure.Accelerator("cuda", "cuda:0", "a GPU"))
+    assert budget == int(9 * 2 ** 30) and "GPU memory free" in how
+
+
+@pytest.mark.parametrize("half, kept", [(300.0, 300.0), (105.0, None)])
+def test_a_gpus_fp16_figure_is_kept_where_it_differs(monkeypatch, half, kept):
+    monkeypatch.setattr(measure, "detect_accelerator", lambda device: measure.Accelerator("cuda", "cuda", "a GPU"))
+    monkeypatch.setattr(measure, "memory_budget", lambda accel: (2 ** 30, "all of it"))
+    monkeypatch.setattr(measure, "matmul_gflops", lambda device, dtype, seconds: 100.0 if dtype == torch.float32
+                        else half)
+    monkeypatch.setattr(measure, "bitsandbytes_usable", lambda device: (True, "it quantized"))
+    profile = measure.measure_profile(uplink_mbps=1.0, downlink_mbps=2.0, rtt_ms=3.0)
+    assert (profile.accelerator, profile.gflops_fp32, profile.gflops_fp16) == ("cuda", 100.0, kept)
+    assert ("gflops_fp16" in profile.sources) == (kept is not None)
+
+
 def test_link_arithmetic():
     assert rate_mbps(1_000_000, 1.01, 0.01) == pytest.approx(8.0)
     with pytest.raises(ValueError, match="too fast to time"):
@@ -267,6 +301,8 @@ def test_without_a_server_the_link_figures_are_required(tmp_path, capsys):
     assert info.value.code == 2 and "argument --uplink-mbps: must be > 0" in capsys.readouterr().err
     assert main(["profile", "--out", str(tmp_path / "no" / "such" / "dir.toml"), "--rtt-ms", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["profile", "--server", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1"]) == 2
+    assert "no answer from the server at tcp://127.0.0.1:" in capsys.readouterr().err
 
 
 def test_fedsplit_profile_measures_an_encrypted_link_with_the_clients_keys(tiny_models, tmp_path, capsys):
