@@ -188,6 +188,7 @@ def measure_profile(server: str | None = None, *, keys=None, name: str | None = 
     if server is not None and not missing:
         raise ValueError("--server is there to measure the link, and all its figures are given (--uplink-mbps, "
                          "--downlink-mbps, --rtt-ms): drop --server, or the figures to be measured")
+    accel = detect_accelerator(device)  # a device this machine lacks fails before anything is measured
     facts = host_facts()
     stamp = (f"measured by fedsplit profile on {facts['host']} at "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
@@ -199,7 +200,6 @@ def measure_profile(server: str | None = None, *, keys=None, name: str | None = 
             values[key] = value
             sources[key] = f"given on the command line (--{key.replace('_', '-')}) to fedsplit profile on " \
                            f"{facts['host']}"
-    accel = detect_accelerator(device)
     sources["accelerator"] = f"{stamp}: {accel.found}"
     memory, how = memory_budget(accel)
     sources["memory_gb"] = f"{stamp}: {how}"
