@@ -25,7 +25,7 @@ from split.transport import Connection, HandshakeFailed, ServerError
 
 # argparse dest -> the option that sets it, for what a plan decides.
 PLANNED = {"cut": "--cut", "rank": "--rank", "batch_size": "--batch-size", "max_length": "--max-length",
-           "blocks": "--blocks"}
+           "blocks": "--blocks", "dtype": "--dtype"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class PlannedOptions:
     batch_size: int
     max_length: int
     blocks: list[int] | None
+    dtype: str
 
     def value(self, dest: str):
         return getattr(self, dest)
@@ -56,7 +57,7 @@ def planned_options(plan: ClientPlan, num_layers: int) -> PlannedOptions:
         raise ValueError(f"the server's plan for {plan.device!r} trains block {outside[0]}, but this client's model "
                          f"has blocks 0..{num_layers - 1}: are both started with the same --model?")
     blocks = None if plan.trainable == list(range(num_layers)) else list(plan.trainable)
-    return PlannedOptions(cut, plan.rank, plan.batch, plan.seq_len, blocks)
+    return PlannedOptions(cut, plan.rank, plan.batch, plan.seq_len, blocks, plan.dtype)
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str], dests) -> set[str]:
@@ -76,12 +77,13 @@ def _shown(dest: str, value) -> str:
     return str(value)
 
 
-def check_conflicts(planned: PlannedOptions, given: dict, device: str) -> None:
+def check_conflicts(planned: PlannedOptions, given: dict, device: str, num_layers: int) -> None:
     """Refuse an option given on the command line that says otherwise than the plan."""
     for dest, value in given.items():
         mine = planned.value(dest)
-        if dest == "blocks" and value is not None and mine is not None:
+        if dest == "blocks" and value is not None:
             value = sorted(set(value))
+            value = None if value == list(range(num_layers)) else value
         if dest == "cut" and isinstance(value, str):
             value = Cut.parse(value)
         if value != mine:
@@ -118,12 +120,13 @@ def apply_profile(args: argparse.Namespace, argv: list[str]) -> str:
     plan = fetch_plan(args.server, device, args.id, args.key, args.server_key, args.connect_timeout)
     planned = planned_options(plan, config.num_hidden_layers)
     given = given_options(args.client_parser, argv, PLANNED)
-    check_conflicts(planned, {dest: getattr(args, dest) for dest in given}, device)
+    check_conflicts(planned, {dest: getattr(args, dest) for dest in given}, device, config.num_hidden_layers)
     args.cut = str(planned.cut)
-    args.rank, args.batch_size, args.max_length, args.blocks = (planned.rank, planned.batch_size,
-                                                                planned.max_length, planned.blocks)
-    print(f"fedsplit client: plan for {device!r}: cut {planned.cut}, rank {planned.rank}, batch {planned.batch_size}, "
-          f"max length {planned.max_length}, blocks {_shown('blocks', planned.blocks)} (predicted peak "
+    args.rank, args.batch_size, args.max_length, args.blocks, args.dtype = (
+        planned.rank, planned.batch_size, planned.max_length, planned.blocks, planned.dtype)
+    print(f"fedsplit client: plan for {device!r}: cut {planned.cut}, rank {planned.rank}, batch "
+          f"{planned.batch_size}, max length {planned.max_length}, {planned.dtype}, blocks "
+          f"{_shown('blocks', planned.blocks)} (predicted peak "
           f"{plan.predicted_peak_bytes / 2**30:.2f} GiB of {plan.budget_bytes / 2**30:.2f} GiB, "
           f"{plan.predicted_step_s:.3f} s a step)", flush=True)
     return device

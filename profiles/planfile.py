@@ -144,7 +144,8 @@ def device_name(value, where: str) -> str:
 
 
 ENTRY_FIELDS = ("k1", "k2", "rank", "trainable", "batch", "seq_len", "predicted_peak_bytes", "budget_bytes",
-                "bytes_up", "bytes_down", "predicted_step_s", "train_memory_bytes", "capacity")
+                "bytes_up", "bytes_down", "predicted_step_s", "train_memory_bytes", "capacity", "dtype")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def client_plan(device: str, data, where: str) -> ClientPlan:
@@ -167,11 +168,18 @@ def client_plan(device: str, data, where: str) -> ClientPlan:
                       _int(data, "predicted_peak_bytes", where, 0), _int(data, "budget_bytes", where, 1),
                       _int(data, "bytes_up", where, 0), _int(data, "bytes_down", where, 0),
                       _float(data, "predicted_step_s", where, 0.0), _int(data, "train_memory_bytes", where, 0),
-                      _int(data, "capacity", where, 1))
+                      _int(data, "capacity", where, 1), _dtype(data, where))
     if plan.capacity != len(trainable):
         raise PlanFileError(f"{where}: field 'capacity' is {plan.capacity} but 'trainable' lists {len(trainable)} "
                             "blocks; capacity is the number of trainable blocks")
     return plan
+
+
+def _dtype(data: dict, where: str) -> str:
+    value = data.get("dtype")
+    if value not in DTYPES:
+        raise PlanFileError(f"{where}: field 'dtype' must be one of {', '.join(DTYPES)}, got {_show(value)}")
+    return value
 
 
 def parse_plan(text: str, source: str) -> PlanFile:

@@ -94,6 +94,7 @@ class ClientPlan:
     predicted_step_s: float
     train_memory_bytes: int
     capacity: int
+    dtype: str = "float32"  # the frozen weights' dtype the predictions assume
 
     @property
     def cut(self) -> tuple[int, int]:
@@ -101,7 +102,8 @@ class ClientPlan:
 
     def plan(self) -> Plan:
         """The cost model's view of this plan."""
-        return Plan(self.k1, self.k2, self.rank, self.batch, self.seq_len, frozenset(self.trainable))
+        return Plan(k1=self.k1, k2=self.k2, rank=self.rank, batch=self.batch, seq_len=self.seq_len,
+                    trainable=frozenset(self.trainable), dtype=self.dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +125,7 @@ class PlanOptions:
     order: str = "top"
     offload: bool = False
     server_seconds: float = 0.0  # the server's share of a step, added to every device's step time
+    dtype: str = "float32"  # the client's frozen weights (and the throughput figure that applies)
 
     def check(self, num_layers: int) -> None:
         """Raise a PlanningError naming the first option out of range."""
@@ -205,7 +208,7 @@ def assess(shape: ModelShape, profile: DeviceProfile, plan: Plan, server_seconds
     trainable = sorted(plan.trainable)
     return ClientPlan(profile.name, plan.k1, plan.k2, plan.rank, trainable, plan.batch, plan.seq_len,
                       int(memory.total), profile.memory_bytes, int(up), int(down), float(time.total),
-                      sum(int(block_memory(shape, plan, b)) for b in trainable), len(trainable))
+                      sum(int(block_memory(shape, plan, b)) for b in trainable), len(trainable), plan.dtype)
 
 
 def usable_bytes(profile: DeviceProfile, margin: float) -> int:
@@ -246,12 +249,12 @@ def plan_clients(shape: ModelShape, profiles: list[DeviceProfile], *, seq_len: i
                  ranks: tuple[int, ...] = DEFAULT_RANKS, server_cut: tuple[int, int] = (1, 1),
                  margin: float = 0.15, batch: int = 16, max_batch: int = 64, same_rank: bool = False,
                  all_blocks: bool = False, min_capacity: int = 1, order: str = "top", offload: bool = False,
-                 server_seconds: float = 0.0) -> list[ClientPlan]:
+                 server_seconds: float = 0.0, dtype: str = "float32") -> list[ClientPlan]:
     """One plan per profile, in the order given (module docstring: objective
     and tie-breaks). Raises PlanningError for options out of range, a profile
     listed twice, or devices that cannot fit the smallest plan."""
     options = PlanOptions(seq_len, tuple(sorted(ranks)), tuple(server_cut), margin, batch, max_batch, same_rank,
-                          all_blocks, min_capacity, order, offload, server_seconds)
+                          all_blocks, min_capacity, order, offload, server_seconds, dtype)
     return plan_with(shape, profiles, options)
 
 
@@ -273,7 +276,8 @@ def plan_with(shape: ModelShape, profiles: list[DeviceProfile], options: PlanOpt
     floor_blocks = trainable_blocks(layers, capacity, options.order)
 
     def plan(rank: int, blocks: frozenset[int], batch: int, cut: tuple[int, int] = (k1, k2)) -> Plan:
-        return Plan(cut[0], cut[1], rank, batch, options.seq_len, blocks)
+        return Plan(k1=cut[0], k2=cut[1], rank=rank, batch=batch, seq_len=options.seq_len, trainable=blocks,
+                    dtype=options.dtype)
 
     _check_smallest(devices, plan(ranks[0], floor_blocks, 1), options)
     batches = batch_ladder(options.batch, options.max_batch)
