@@ -110,11 +110,13 @@ def fetch_plan(server: str, profile: str, client_id: str, key: str | None, serve
         raise ServerError(f"the server at {server} sent a bad plan: {exc}") from None
 
 
-def apply_profile(args: argparse.Namespace, argv: list[str]) -> str:
+def apply_profile(args: argparse.Namespace, argv: list[str]) -> ClientPlan:
     """Fetch the plan for ``args.profile`` from ``args.server`` and set the
-    client's cut, rank, batch size, max length and blocks from it (``argv``:
-    the client subcommand's own arguments, to tell options given from
-    defaults). Returns the profile name the client joins with."""
+    client's cut, rank, batch size, max length, dtype and blocks from it
+    (``argv``: the client subcommand's own arguments, to tell options given
+    from defaults). Returns the plan; its ``device`` is the profile name the
+    client joins with, its ``capacity`` and ``train_memory`` what layer
+    allocation needs."""
     device = resolve_profile(args.profile).name
     config = load_config(resolve_model_path(args.model), args.task, 2, True)
     plan = fetch_plan(args.server, device, args.id, args.key, args.server_key, args.connect_timeout)
@@ -129,4 +131,4 @@ def apply_profile(args: argparse.Namespace, argv: list[str]) -> str:
           f"{_shown('blocks', planned.blocks)} (predicted peak "
           f"{plan.predicted_peak_bytes / 2**30:.2f} GiB of {plan.budget_bytes / 2**30:.2f} GiB, "
           f"{plan.predicted_step_s:.3f} s a step)", flush=True)
-    return device
+    return plan

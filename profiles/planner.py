@@ -97,6 +97,11 @@ class ClientPlan:
     dtype: str = "float32"  # the frozen weights' dtype the predictions assume
 
     @property
+    def train_memory(self) -> int:
+        """Fed-piLot's M_i in bytes (the name layer allocation uses)."""
+        return self.train_memory_bytes
+
+    @property
     def cut(self) -> tuple[int, int]:
         return self.k1, self.k2
 

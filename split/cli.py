@@ -406,7 +406,7 @@ def _client(args, argv: list[str]) -> int:
     if args.profile:
         from edge.planned import apply_profile
 
-        profile = apply_profile(args, argv[argv.index("client") + 1:])
+        profile = apply_profile(args, argv[argv.index("client") + 1:]).device
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut) if args.cut else None,
                           task=args.task, lora=_lora_spec(args), lr=args.lr, head_lr=args.head_lr,
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
