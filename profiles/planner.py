@@ -135,8 +135,8 @@ class PlanOptions:
     def check(self, num_layers: int) -> None:
         """Raise a PlanningError naming the first option out of range."""
         k1, k2 = self.server_cut
-        if self.seq_len < 1:
-            raise PlanningError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.seq_len < 2:
+            raise PlanningError(f"seq_len must be >= 2 (a client's --max-length), got {self.seq_len}")
         if not self.ranks or any(r < 1 for r in self.ranks) or len(set(self.ranks)) != len(self.ranks):
             raise PlanningError(f"ranks must be distinct integers >= 1, got {list(self.ranks)}")
         if k1 < 1 or k2 < 0 or k1 + k2 >= num_layers:
