@@ -1,4 +1,4 @@
-"""The ``fedsplit`` command: server, client, demo and keys.
+"""The ``fedsplit`` command: server, client, demo, keys, profile and plan.
 
 This module is the composition root: the one module that imports both sides.
 Each subcommand imports its side when it runs, so a device that runs
@@ -17,13 +17,13 @@ from importlib.metadata import version
 
 import torch
 
+from profiles import cli_profile, plan_command
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
 from split.lora import LoraSpec
 from split.partition import Cut
 from split.wire import Limits
-from profiles import plan_command
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 SINGLE_CLIENT_OUT = "fedsplit-adapter"  # where a single (non-federated) client saves without --out
@@ -101,7 +101,7 @@ KEYS_EXAMPLE = "fedsplit keys keys --name client1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fedsplit`` argument parser: server, client, demo, keys and plan subcommands."""
+    """The ``fedsplit`` argument parser: server, client, demo, keys, profile and plan subcommands."""
     parser = argparse.ArgumentParser(prog="fedsplit", description="Split LoRA fine-tuning over ZeroMQ.",
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedsplit')}",
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("folder", metavar="DIR", help="folder to write NAME.key and NAME.key_secret into (made if missing)")
     k.add_argument("--name", default="server",
                    help="file name of the pair, e.g. server, client1 (one pair per machine)")
+    cli_profile.add_parser(sub, HelpFormatter)
     plan_command.add_arguments(_subparser(sub, "plan", plan_command.HELP, plan_command.EXAMPLE))
     return parser
 
@@ -297,6 +298,8 @@ def main(argv=None) -> int:
             return _client(args, sys.argv[1:] if argv is None else list(argv))
         if args.command == "keys":
             return _keys(args)
+        if args.command == "profile":
+            return cli_profile.run(args)
         if args.command == "plan":
             return _plan(args)
         from edge.demo import run_demo
