@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a device with time and memory to spare takes more blocks off the server (a deeper cut)")
     p.add_argument("--server-seconds", type=nonnegative_float, default=0.0,
                    help="the server's share of a step in seconds, added to every device's predicted step time")
+    p.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
+                   help="what the clients train (the head and its activations differ)")
     p.add_argument("--num-labels", type=int_at_least(2), default=2, help="classes of the classification head")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="precision of the clients' frozen weights (their --dtype)")
@@ -93,8 +95,8 @@ def run(args, strategy: tuple[bool, bool] | None = None) -> int:
         heterogeneous_ranks, block_subsets = strategy
         same_rank, all_blocks = same_rank or not heterogeneous_ranks, all_blocks or not block_subsets
     profiles = [resolve_profile(name) for name in args.profiles]
-    path, config, model = _model(args.model, args.num_labels)
-    shape = ModelShape.from_config(config, num_labels=args.num_labels)
+    path, config, model = _model(args.model, args.num_labels, args.task)
+    shape = ModelShape.from_config(config, num_labels=args.num_labels, task=args.task)
     options = PlanOptions(seq_len=args.seq_len, ranks=args.ranks, server_cut=(cut.front, cut.back),
                           margin=args.margin, batch=args.batch, max_batch=args.max_batch, same_rank=same_rank,
                           all_blocks=all_blocks, min_capacity=args.min_blocks, order=args.order,
@@ -114,7 +116,7 @@ def run(args, strategy: tuple[bool, bool] | None = None) -> int:
     return 0
 
 
-def _model(model: str | None, num_labels: int):
+def _model(model: str | None, num_labels: int, task: str = "classification"):
     """(folder, config, PlanModel) of ``model``: its config only, and the
     checkpoint fingerprint when the folder holds the weights."""
     from split.fingerprint import checkpoint_fingerprint
@@ -123,7 +125,7 @@ def _model(model: str | None, num_labels: int):
     from .planfile import PlanModel
 
     path = resolve_model_path(model)
-    config = load_config(path, "classification", num_labels, dropout=True)
+    config = load_config(path, task, num_labels, dropout=True)
     weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     fingerprint = checkpoint_fingerprint(path) if weights else None
     return path, config, PlanModel(config.model_type, config.num_hidden_layers, config.get_text_config().hidden_size,

@@ -363,6 +363,8 @@ def _server(args) -> int:
               f"{server.segment.num_layers - server.segment.cut.back - 1} of {server.segment.num_layers} "
               f"({server.segment.owned_bytes / 1e6:.1f} MB, {args.dtype} on {server.device}) listening on "
               f"{endpoint} ({wire})", flush=True)
+        if server.plan is not None:
+            print(f"fedsplit server: plan {args.plan} for {', '.join(map(repr, server.plan.clients))}", flush=True)
         if server.coordinator is None:
             server.serve(should_stop=lambda: bool(stopping))
             return 0
