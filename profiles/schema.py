@@ -93,6 +93,11 @@ class DeviceProfile:
     def __post_init__(self):
         values = {k: getattr(self, k) for k in FIELDS}
         _check_values(values, self.sources, f"profile {self.name!r}" if isinstance(self.name, str) else "profile")
+        # TOML's 4 and 4.0 are one figure; and a profile's sources are its own, not its caller's dict.
+        for key, (kind, _, _) in FIELDS.items():
+            if kind == "number" and values[key] is not None:
+                object.__setattr__(self, key, float(values[key]))
+        object.__setattr__(self, "sources", dict(self.sources))
 
     @property
     def memory_bytes(self) -> int:
@@ -144,7 +149,7 @@ def _check_values(values: dict, sources, source: str) -> None:
                            f"got {_show(sources)}")
     for key, text in sources.items():
         if key not in FIGURES:
-            raise ProfileError(f"{source}: [sources] has an entry for unknown field {key!r}; "
+            raise ProfileError(f"{source}: [sources] has an entry for unknown field {_show(key)}; "
                                f"figures: {', '.join(FIGURES)}")
         if not (isinstance(text, str) and text.strip() and len(text) <= MAX_SOURCE and text.isprintable()):
             raise ProfileError(f"{source}: [sources] {key!r} must be one line of 1 to {MAX_SOURCE} printable "
@@ -166,7 +171,7 @@ def parse_profile(text: str, source: str) -> DeviceProfile:
         raise ProfileError(f"{source}: not valid TOML ({exc}); see docs/devices.md for the schema") from None
     for key in data:
         if key not in FIELDS and key != "sources":
-            raise ProfileError(f"{source}: unknown field {key!r}; a profile has {', '.join(FIELDS)} and a "
+            raise ProfileError(f"{source}: unknown field {_show(key)}; a profile has {', '.join(FIELDS)} and a "
                                f"[sources] table")
     for key in FIELDS:
         if key not in data and key not in OPTIONAL:

@@ -89,6 +89,8 @@ def test_a_profile_round_trips_through_toml():
     parsed = parse_profile(GOOD, "good.toml")
     assert parse_profile(profile_to_toml(parsed), "again") == parsed
     assert (parsed.gflops("float32"), parsed.gflops("float16"), parsed.gflops(torch.bfloat16)) == (16.0, 32.0, 32.0)
+    whole = parse_profile(_with("memory_gb = 3.5", "memory_gb = 4"), "x")
+    assert isinstance(whole.memory_gb, float) and whole.memory_bytes == 4 * 2 ** 30
     without_half = parse_profile(_with("gflops_fp16", None), "x")
     assert without_half.gflops_fp16 is None and without_half.gflops("float16") == 16.0
     with pytest.raises(ProfileError, match="float64"):
@@ -133,23 +135,25 @@ def test_the_parser_answers_any_text_with_a_profile_or_a_profile_error(key, valu
 # (what is wrong, the edit to GOOD, the field the error must name, what it must say)
 NUMBER = "must be a finite number > 0"
 BAD = [
-    ("missing field", ("memory_gb", None), "memory_gb", "is missing; expected a finite number > 0"),
-    ("missing name", ("name", None), "name", "is missing; expected a printable string"),
-    ("string for a number", ("memory_gb", 'memory_gb = "4"'), "memory_gb", NUMBER),
-    ("bool for a number", ("gflops_fp32", "gflops_fp32 = true"), "gflops_fp32", NUMBER),
-    ("number for a bool", ("bitsandbytes =", "bitsandbytes = 1"), "bitsandbytes", "must be true or false"),
-    ("number for a string", ("accelerator =", "accelerator = 3"), "accelerator", "must be one of cpu, cuda, unified"),
-    ("negative memory", ("memory_gb", "memory_gb = -1.0"), "memory_gb", NUMBER),
-    ("zero memory", ("memory_gb", "memory_gb = 0"), "memory_gb", NUMBER),
-    ("zero bandwidth", ("uplink_mbps", "uplink_mbps = 0.0"), "uplink_mbps", NUMBER),
-    ("negative bandwidth", ("downlink_mbps", "downlink_mbps = -5"), "downlink_mbps", NUMBER),
-    ("zero throughput", ("gflops_fp32", "gflops_fp32 = 0.0"), "gflops_fp32", NUMBER),
-    ("negative rtt", ("rtt_ms", "rtt_ms = -1.0"), "rtt_ms", "must be a finite number >= 0"),
-    ("NaN", ("memory_gb", "memory_gb = nan"), "memory_gb", NUMBER),
-    ("infinity", ("gflops_fp16", "gflops_fp16 = inf"), "gflops_fp16", NUMBER),
-    ("unknown key", ("rtt_ms", "rtt_ms = 1.0\ncores = 4"), "cores", "unknown field"),
-    ("unknown accelerator", ("accelerator =", 'accelerator = "tpu"'), "accelerator", "must be one of cpu, cuda"),
-    ("empty name", ("name", 'name = ""'), "name", "must be a printable string of 1 to"),
+    ("missing field", ("memory_gb = 3.5", None), "memory_gb", "is missing; expected a finite number > 0"),
+    ("missing name", ("name = ", None), "name", "is missing; expected a printable string"),
+    ("string for a number", ("memory_gb = 3.5", 'memory_gb = "4"'), "memory_gb", NUMBER),
+    ("bool for a number", ("gflops_fp32 = 16", "gflops_fp32 = true"), "gflops_fp32", NUMBER),
+    ("number for a bool", ("bitsandbytes = false", "bitsandbytes = 1"), "bitsandbytes", "must be true or false"),
+    ("number for a string", ('accelerator = "unified"', "accelerator = 3"), "accelerator",
+     "must be one of cpu, cuda, unified"),
+    ("negative memory", ("memory_gb = 3.5", "memory_gb = -1.0"), "memory_gb", NUMBER),
+    ("zero memory", ("memory_gb = 3.5", "memory_gb = 0"), "memory_gb", NUMBER),
+    ("zero bandwidth", ("uplink_mbps = 20", "uplink_mbps = 0.0"), "uplink_mbps", NUMBER),
+    ("negative bandwidth", ("downlink_mbps = 40", "downlink_mbps = -5"), "downlink_mbps", NUMBER),
+    ("zero throughput", ("gflops_fp32 = 16", "gflops_fp32 = 0.0"), "gflops_fp32", NUMBER),
+    ("negative rtt", ("rtt_ms = 12", "rtt_ms = -1.0"), "rtt_ms", "must be a finite number >= 0"),
+    ("NaN", ("memory_gb = 3.5", "memory_gb = nan"), "memory_gb", NUMBER),
+    ("infinity", ("gflops_fp16 = 32", "gflops_fp16 = inf"), "gflops_fp16", NUMBER),
+    ("unknown key", ("rtt_ms = 12", "rtt_ms = 1.0\ncores = 4"), "cores", "unknown field"),
+    ("unknown accelerator", ('accelerator = "unified"', 'accelerator = "tpu"'), "accelerator",
+     "must be one of cpu, cuda"),
+    ("empty name", ("name = ", 'name = ""'), "name", "must be a printable string of 1 to"),
     ("figure without source", ('rtt_ms = "assumed"', None), "rtt_ms", "has no source: add rtt_ms ="),
     ("source of an unknown field", ('rtt_ms = "assumed"', 'rtt_ms = "assumed"\ncores = "lscpu"'), "cores",
      "unknown field"),
@@ -157,7 +161,7 @@ BAD = [
     ("empty source", ('memory_gb = "datasheet"', 'memory_gb = " "'), "memory_gb", "must be one line of 1 to"),
     ("source not a string", ('memory_gb = "datasheet"', "memory_gb = 4"), "memory_gb", "must be one line of"),
     ("no sources table", ("[sources]", "[elsewhere]"), "elsewhere", "unknown field"),
-    ("bad TOML", ("rtt_ms", "rtt_ms = = 3"), "line 8", "not valid TOML"),
+    ("bad TOML", ("rtt_ms = 12", "rtt_ms = = 3"), "line 8", "not valid TOML"),
 ]
 
 
