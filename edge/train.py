@@ -52,6 +52,7 @@ class TrainOptions:
     blocks: list[int] | None = None  # blocks whose LoRA this client trains (None: all)
     eval_rounds: bool = False
     personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
+    profile: str = ""  # the device profile's name, sent at join (``--profile``)
 
     def __post_init__(self):
         # The CLI checks each value as it parses; this covers the Python API.
@@ -199,7 +200,8 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
     train = Batches(mine, dataset, tokenizer, options.max_length, options.batch_size, True, cfg.seed)
     test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False) if options.eval_rounds else None
     runner = FederatedClient(client, train, len(mine), test,
-                             FederatedOptions(blocks=options.blocks, evaluate=options.eval_rounds,
+                             FederatedOptions(blocks=options.blocks, profile=options.profile,
+                                              evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test,
                                               labels=tuple(dataset.labels)))
     records = runner.run()
