@@ -1,0 +1,234 @@
+"""Device emulation (edge/emulate.py): the link's delays measured on real
+messages, time dilation of compute stretches, the memory budget, and the
+`fedsplit client --emulate` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+import torch
+
+from conftest import random_batch, save_tiny_with_tokenizer, threaded_server
+from edge.client import ClientConfig, SplitClient
+from edge.emulate import GIB, EmulatedDevice, MemoryBudgetExceeded, link_seconds
+from edge.meter import current_rss, peak_rss, reset_peak
+from profiles.schema import FIGURES, DeviceProfile, profile_to_toml
+from split.cli import main
+from split.transport import Connection
+from split.wire import Message
+
+HOST = 100.0  # a fake host speed (GFLOP/s): dilation factors are set exactly, not measured
+
+
+def profile(name="test-device", memory_gb=64.0, gflops=HOST, uplink=1e4, downlink=1e4, rtt=0.0) -> DeviceProfile:
+    """A custom device; the defaults impose nothing (host speed, a fast link, a large budget)."""
+    return DeviceProfile(name=name, memory_gb=memory_gb, gflops_fp32=gflops, gflops_fp16=None, accelerator="cpu",
+                         uplink_mbps=uplink, downlink_mbps=downlink, rtt_ms=rtt, bitsandbytes=False,
+                         sources={k: "a test's figure" for k in FIGURES if k != "gflops_fp16"})
+
+
+SLOW_LINK = dict(uplink=8.0, downlink=4.0, rtt=40.0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny BERT with the built-in tokenizer (the CLI client tokenizes)."""
+    return save_tiny_with_tokenizer("bert", tmp_path_factory.mktemp("emulate-bert"))
+
+
+def spin(seconds: float) -> None:
+    """Busy the CPU for ``seconds`` of wall-clock: a compute stretch of known length."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def implied(sent: int, received: int, messages: int, p: DeviceProfile) -> float:
+    """The link time the profile implies for ``messages`` request/reply pairs of these byte totals."""
+    return sent * 8 / (p.uplink_mbps * 1e6) + received * 8 / (p.downlink_mbps * 1e6) + messages * p.rtt_ms / 1000
+
+
+def test_link_seconds():
+    # 1 MB at 8 Mbit/s is 1 s; half the round trip each way.
+    assert link_seconds(1_000_000, 8.0, 40.0) == pytest.approx(1.02)
+    assert link_seconds(0, 8.0, 0.0) == 0
+
+
+def timed_statuses(endpoint: str, shaper, n: int) -> tuple[float, Connection]:
+    conn = Connection(endpoint, "probe", timeout=10.0)
+    conn.shaper = shaper
+    try:
+        start = time.perf_counter()
+        for _ in range(n):
+            conn.request(Message("status"))
+        return time.perf_counter() - start, conn
+    finally:
+        conn.close()
+
+
+def timed_forwards(endpoint: str, model, emulator, batch, n: int) -> tuple[float, int, int]:
+    """Seconds ``n`` evaluation forwards of ``batch`` took, and the bytes they sent and received."""
+    client = SplitClient(ClientConfig(server=endpoint, model=str(model), num_labels=3, reconnect_for=0),
+                         emulator)
+    try:
+        client.predict(batch)  # warm-up: the first forward builds caches on both sides
+        sent, received = client.conn.bytes_sent, client.conn.bytes_received
+        start = time.perf_counter()
+        for _ in range(n):
+            client.predict(batch)
+        elapsed = time.perf_counter() - start
+        return elapsed, client.conn.bytes_sent - sent, client.conn.bytes_received - received
+    finally:
+        client.close(say_bye=False)
+
+
+def test_link_delays_on_real_messages_match_the_profile(model, capsys):
+    """Status requests (RTT-bound) and forward requests of a 16x48x32 hidden
+    state (bandwidth-bound) against a real server: the time the emulated link
+    adds is within 10% of what 8 Mbit/s up, 4 down and 40 ms RTT imply."""
+    p = profile(**SLOW_LINK)
+    batch = random_batch(0, 96, batch=16, max_len=48)
+    with threaded_server(model, "1,1") as (endpoint, _):
+        plain, _ = timed_statuses(endpoint, None, 10)
+        emulator = EmulatedDevice(p, HOST)
+        slow, conn = timed_statuses(endpoint, emulator, 10)
+        status_implied = implied(conn.bytes_sent, conn.bytes_received, 10, p)
+        assert emulator.network_s == pytest.approx(status_implied)
+        status_measured = slow - plain
+
+        plain, _, _ = timed_forwards(endpoint, model, None, batch, 3)
+        emulator = EmulatedDevice(p, HOST)
+        slow, sent, received = timed_forwards(endpoint, model, emulator, batch, 3)
+        forward_implied = implied(sent, received, 3, p)
+        forward_measured = slow - plain
+    assert sent > 3 * 16 * 48 * 32 * 4 and received > 3 * 16 * 48 * 32 * 4  # the hidden states crossed the link
+    with capsys.disabled():
+        print(f"\nemulated link, status x10: measured {status_measured:.3f}s, implied {status_implied:.3f}s; "
+              f"forward x3 ({sent} B up, {received} B down): measured {forward_measured:.3f}s, "
+              f"implied {forward_implied:.3f}s")
+    assert status_measured == pytest.approx(status_implied, rel=0.1)
+    assert forward_measured == pytest.approx(forward_implied, rel=0.1)
+
+
+def test_a_compute_stretch_lasts_slowdown_times_as_long():
+    emulator = EmulatedDevice(profile(gflops=HOST / 4), HOST)
+    assert emulator.slowdown == 4
+    start = time.perf_counter()
+    with emulator.computing("a stretch"):
+        spin(0.05)
+    elapsed = time.perf_counter() - start
+    assert elapsed == pytest.approx(0.2, rel=0.1)
+    assert emulator.host_compute_s == pytest.approx(0.05, rel=0.1)
+    assert emulator.compute_s == pytest.approx(4 * emulator.host_compute_s)
+    assert emulator.slept_s == pytest.approx(3 * emulator.host_compute_s, rel=0.1)
+
+
+def test_messages_split_stretches_and_are_not_dilated(model):
+    """A block of two 30 ms stretches around a real request: the stretches are
+    dilated 4x, the request's own time is not."""
+    with threaded_server(model, "1,1") as (endpoint, _):
+        plain, _ = timed_statuses(endpoint, None, 1)
+        emulator = EmulatedDevice(profile(gflops=HOST / 4), HOST)
+        conn = Connection(endpoint, "probe", timeout=10.0)
+        conn.shaper = emulator
+        try:
+            start = time.perf_counter()
+            with emulator.computing("a block"):
+                spin(0.03)
+                conn.request(Message("status"))
+                spin(0.03)
+            elapsed = time.perf_counter() - start
+        finally:
+            conn.close()
+    assert elapsed == pytest.approx(4 * 0.06 + plain, rel=0.1)
+    assert emulator.host_compute_s == pytest.approx(0.06, rel=0.1)
+
+
+def test_a_training_step_is_dilated(model):
+    """A real split training step: its compute stretches sleep 3x their length (slowdown 4)."""
+    with threaded_server(model, "1,1") as (endpoint, _):
+        emulator = EmulatedDevice(profile(gflops=HOST / 4), HOST)
+        client = SplitClient(ClientConfig(server=endpoint, model=str(model), num_labels=3, reconnect_for=0),
+                             emulator)
+        try:
+            start = time.perf_counter()
+            client.train_step(random_batch(1, 96, batch=8, max_len=24))
+            elapsed = time.perf_counter() - start
+        finally:
+            client.close()
+    assert emulator.host_compute_s > 0
+    assert emulator.slept_s == pytest.approx(3 * emulator.host_compute_s, rel=0.1)
+    assert elapsed >= emulator.compute_s
+
+
+def test_a_device_faster_than_the_host_warns_and_runs_at_host_speed(caplog):
+    with caplog.at_level(logging.WARNING, logger="edge.emulate"):
+        emulator = EmulatedDevice(profile(name="fast-board", gflops=HOST * 10), HOST)
+    assert "cannot emulate a device faster than this host" in caplog.text and "fast-board" in caplog.text
+    assert emulator.slowdown == 1
+    with emulator.computing("a stretch"):
+        spin(0.02)
+    assert emulator.slept_s == 0
+
+
+def test_a_cpu_device_is_not_emulated_on_a_gpu():
+    with pytest.raises(ValueError, match="without a GPU.*--device cpu"):
+        EmulatedDevice(profile(), HOST, device="cuda")
+
+
+def test_exceeding_the_budget_after_a_block_names_budget_and_peak():
+    reset_peak()  # where it cannot, the budget still starts above the peak so far
+    budget = (max(current_rss(), peak_rss()) + 100 * (1 << 20)) / GIB
+    emulator = EmulatedDevice(profile(name="small-board", memory_gb=budget), HOST)
+    with emulator.computing("a small block"):
+        small = torch.ones(1 << 20)  # 4 MiB
+    del small
+    with pytest.raises(MemoryBudgetExceeded) as info:
+        with emulator.computing("a big block"):
+            big = torch.ones(80 << 20)  # 320 MiB, touched
+            del big
+    text = str(info.value)
+    assert "'small-board'" in text and f"{budget:g} GiB" in text
+    assert "peak RSS" in text and "after a big block" in text
+    assert emulator.peak_bytes > emulator.budget_bytes
+
+
+def client_args(endpoint, model, tmp_path, toml) -> list[str]:
+    lines = [json.dumps({"text": f"{w} is a {'fruit' if i % 2 else 'colour'} word", "label": "ab"[i % 2]})
+             for i, w in enumerate(["red", "apple", "blue", "pear", "green", "plum", "teal", "fig"] * 2)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return ["client", "--server", endpoint, "--model", str(model), "--data", str(tmp_path / "train.jsonl"),
+            "--steps", "2", "--batch-size", "4", "--max-length", "16", "--out", str(tmp_path / "adapter"),
+            "--summary-json", str(tmp_path / "summary.json"), "--no-progress", "--reconnect-for", "0",
+            "--emulate", str(toml)]
+
+
+def test_cli_client_over_its_budget_exits_with_the_message(model, tmp_path, capsys):
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(profile_to_toml(profile(name="tiny-board", memory_gb=0.01)))
+    with threaded_server(model, "1,1") as (endpoint, _):
+        code = main(client_args(endpoint, model, tmp_path, toml))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "fedsplit client: error:" in err and "'tiny-board'" in err
+    assert "budget of 0.01 GiB" in err and "peak RSS" in err and "after loading the model" in err
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_cli_client_reports_emulated_times(model, tmp_path, capsys):
+    toml = tmp_path / "board.toml"
+    toml.write_text(profile_to_toml(profile(name="board", gflops=1e6, uplink=100.0, downlink=100.0, rtt=10.0)))
+    with threaded_server(model, "1,1") as (endpoint, _):
+        code = main(client_args(endpoint, model, tmp_path, toml))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "emulating board" in out.err and "emulated board:" in out.out
+    emulation = json.loads((tmp_path / "summary.json").read_text())["emulation"]
+    assert emulation["profile"] == "board" and emulation["slowdown"] == 1
+    # hello, evaluation before and after, 2 steps of forward and backward, the adapter, bye: 10 ms RTT each
+    assert emulation["network_s"] > 0.08
+    assert emulation["wall_s"] >= emulation["network_s"] + emulation["host_compute_s"]
+    assert 0 < emulation["peak_memory_bytes"] <= emulation["memory_budget_bytes"]
