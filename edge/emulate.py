@@ -83,7 +83,8 @@ class EmulatedDevice:
     client computes); ``emulated_device`` measures it. Counters, in seconds:
     ``compute_s`` (compute as long as it lasts on the device), ``host_compute_s``
     (as long as it took here), ``network_s`` (the delays the link imposed) and
-    ``slept_s`` (all sleeps, dilation and link). ``wall_s()`` is the real time
+    ``slept_s`` (all sleeps, dilation and link), and ``stretches`` counts the
+    compute stretches. ``wall_s()`` is the real time
     since the emulation began, sleeps included: the device's wall-clock.
     The client's ``Connection`` calls ``on_send`` / ``on_receive`` for every
     message; ``computing()`` marks the client's compute blocks."""
@@ -105,10 +106,12 @@ class EmulatedDevice:
                         "this host's, longer than the device's", profile.name, self.device_gflops, dtype,
                         self.host_gflops)
         self.compute_s = self.host_compute_s = self.network_s = self.slept_s = 0.0
+        self.stretches = 0  # compute stretches dilated so far
         self.peak_bytes = 0  # the largest memory reading checked against the budget
         self.started = time.perf_counter()
         self._depth = 0  # nested compute blocks
         self._open: float | None = None  # when the current compute stretch began (None: none open)
+        self._overslept = 0.0  # seconds past their deadline the sleeps so far woke
 
     # ------------------------------------------------------------ time
 
@@ -117,14 +120,19 @@ class EmulatedDevice:
         return time.perf_counter() - self.started
 
     def _sleep(self, seconds: float) -> None:
-        """Sleep ``seconds``, to a deadline (``time.sleep`` may wake early on a signal)."""
-        if seconds <= 0:
+        """Sleep ``seconds``, less what earlier sleeps overshot: a busy host
+        wakes a sleeper late, and over many short stretches that would add up."""
+        want = seconds - self._overslept
+        if want <= 0:
+            self._overslept = -want
             return
         start = time.perf_counter()
-        end = start + seconds
-        while (left := end - time.perf_counter()) > 0:
+        end = start + want
+        while (left := end - time.perf_counter()) > 0:  # to a deadline: a signal may wake it early
             time.sleep(left)
-        self.slept_s += time.perf_counter() - start
+        slept = time.perf_counter() - start
+        self.slept_s += slept
+        self._overslept = slept - want
 
     def _close_stretch(self, dilate: bool = True) -> None:
         """End the open compute stretch; with ``dilate``, sleep so that it
@@ -133,6 +141,7 @@ class EmulatedDevice:
             return
         real = time.perf_counter() - self._open
         self._open = None
+        self.stretches += 1
         self.host_compute_s += real
         self.compute_s += real * self.slowdown
         if dilate:
@@ -186,7 +195,7 @@ class EmulatedDevice:
     @property
     def budget_bytes(self) -> int:
         """The profile's memory budget in bytes."""
-        return int(self.profile.memory_gb * GIB)
+        return self.profile.memory_bytes
 
     def memory_used(self) -> tuple[int, str]:
         """The client's peak memory as the device would hold it, and what was
@@ -222,7 +231,8 @@ class EmulatedDevice:
                 "device_gflops": self.device_gflops, "slowdown": self.slowdown, "uplink_mbps": p.uplink_mbps,
                 "downlink_mbps": p.downlink_mbps, "rtt_ms": p.rtt_ms, "memory_budget_bytes": self.budget_bytes,
                 "peak_memory_bytes": self.peak_bytes, "wall_s": self.wall_s(), "compute_s": self.compute_s,
-                "host_compute_s": self.host_compute_s, "network_s": self.network_s, "slept_s": self.slept_s}
+                "host_compute_s": self.host_compute_s, "network_s": self.network_s, "slept_s": self.slept_s,
+                "stretches": self.stretches}
 
     def describe(self) -> str:
         """One line saying what is emulated, for the start of a run."""
