@@ -154,7 +154,8 @@ def _check_values(values: dict, sources, source: str) -> None:
             raise ProfileError(f"{source}: field {key!r} has no source: add {key} = \"where the figure comes "
                                f"from\" to the [sources] table")
         if values.get(key) is None and key in sources:
-            raise ProfileError(f"{source}: [sources] names a source for {key!r}, but the profile gives no {key}")
+            raise ProfileError(f"{source}: [sources] names a source for {key!r}, but the profile gives no {key}: "
+                               f"give the figure, or remove its source")
 
 
 def parse_profile(text: str, source: str) -> DeviceProfile:

@@ -16,7 +16,7 @@ Threads, and who owns what (``serve``):
 
 - The loop thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe).
   It receives, validates, answers what needs no model at once (``status``,
-  ``ping``, refusals of malformed or out-of-bounds requests, "busy" when a
+  ``ping``, ``probe``, refusals of malformed or out-of-bounds requests, "busy" when a
   connection's queue is full), queues the rest, and sends every reply.
 - The compute thread owns the model: adapters, optimizers, waiting graphs,
   the coordinator and checkpoints. It runs queued requests one at a time, a
@@ -54,6 +54,7 @@ from .admission import model_layout
 from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
 from .persist import CLIENTS, SessionStore, mismatch, owned_by, restore, session_record, token_digest
+from .probe import ProbeResponder
 from .replies import StepReused, replay_key
 from .rounds import Coordinator, FederationConfig, FederationError
 from .scheduler import Scheduler
@@ -63,7 +64,7 @@ from .strategies.base import ClientInfo, StrategyError
 log = logging.getLogger(__name__)
 
 # Ops the loop thread answers itself, at once, whatever the compute thread is doing.
-LOOP_OPS = ("status", "ping")
+LOOP_OPS = ("status", "ping", "probe")
 # The loop decodes a header up to this size itself: even one built to be slow
 # to validate (a map of a million empty lists takes about 3 s per MiB) costs
 # it milliseconds. A larger header (an upload of many tensors, a join listing
@@ -179,12 +180,13 @@ class BackboneServer:
             self._resume_plain()
         # Ops that need no session get the routing id; the others get the caller's session.
         self.open_ops: dict[str, Callable[[bytes, str, Message], Message]] = {
-            "hello": self._hello, "status": self._status}
+            "hello": self._hello, "status": self._status, "probe": self._probe}
         self.session_ops: dict[str, Callable[[Session, Message], Message]] = {
             "forward": self._idempotent(self._forward), "backward": self._idempotent(self._backward),
             "adapter": self._adapter, "bye": self._bye, "ping": self._ping,
             "join": self._idempotent(self._join), "round": self._idempotent(self._round),
             "upload": self._idempotent(self._upload)}
+        self.probes = ProbeResponder(config.limits)
         self.scheduler = Scheduler(config.max_queued)
         self.socket = None
         self._replies: deque[tuple[bytes, list]] = deque()  # (routing id, encoded reply) from the compute thread
@@ -540,6 +542,10 @@ class BackboneServer:
 
     def _status(self, routing_id: bytes, peer: str, msg: Message) -> Message:
         return Message("ok", meta={**self.sessions.status(), "queued": self.scheduler.queued()})
+
+    def _probe(self, routing_id: bytes, peer: str, msg: Message) -> Message:
+        # Open like status: a device times its link before it registers (split/probe.py).
+        return self.probes.answer(msg)
 
     def _ping(self, session: Session, msg: Message) -> Message:
         return Message("ok", msg.client, msg.step)  # Sessions.get has refreshed the session's clock

@@ -1,4 +1,4 @@
-"""The ``fedsplit`` command: server, client, demo and keys.
+"""The ``fedsplit`` command: server, client, demo, keys and profile.
 
 This module is the composition root: the one module that imports both sides.
 Each subcommand imports its side when it runs, so a device that runs
@@ -17,6 +17,7 @@ from importlib.metadata import version
 
 import torch
 
+from profiles import cli_profile
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
@@ -100,7 +101,7 @@ KEYS_EXAMPLE = "fedsplit keys keys --name client1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fedsplit`` argument parser: server, client, demo and keys subcommands."""
+    """The ``fedsplit`` argument parser: server, client, demo, keys and profile subcommands."""
     parser = argparse.ArgumentParser(prog="fedsplit", description="Split LoRA fine-tuning over ZeroMQ.",
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedsplit')}",
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("folder", metavar="DIR", help="folder to write NAME.key and NAME.key_secret into (made if missing)")
     k.add_argument("--name", default="server",
                    help="file name of the pair, e.g. server, client1 (one pair per machine)")
+    cli_profile.add_parser(sub, HelpFormatter)
     return parser
 
 
@@ -292,6 +294,8 @@ def main(argv=None) -> int:
             return _client(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "profile":
+            return cli_profile.run(args)
         from edge.demo import run_demo
 
         return run_demo(args)
