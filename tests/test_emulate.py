@@ -58,32 +58,26 @@ def test_link_seconds():
     assert link_seconds(0, 8.0, 0.0) == 0
 
 
-def timed_statuses(endpoint: str, shaper, n: int) -> tuple[float, Connection]:
-    conn = Connection(endpoint, "probe", timeout=10.0)
-    conn.shaper = shaper
-    try:
+def alternating(conn: Connection, emulator: EmulatedDevice, send, n: int) -> tuple[float, float, int, int]:
+    """``send()`` ``n`` times plain and ``n`` times through the emulated link,
+    alternating (so a change in the machine's load falls on both alike).
+    Returns the plain and the emulated seconds and the bytes the emulated
+    ones sent and received."""
+    plain = slow = 0.0
+    sent = received = 0
+    for _ in range(n):
+        conn.shaper = None
         start = time.perf_counter()
-        for _ in range(n):
-            conn.request(Message("status"))
-        return time.perf_counter() - start, conn
-    finally:
-        conn.close()
-
-
-def timed_forwards(endpoint: str, model, emulator, batch, n: int) -> tuple[float, int, int]:
-    """Seconds ``n`` evaluation forwards of ``batch`` took, and the bytes they sent and received."""
-    client = SplitClient(ClientConfig(server=endpoint, model=str(model), num_labels=3, reconnect_for=0),
-                         emulator)
-    try:
-        client.predict(batch)  # warm-up: the first forward builds caches on both sides
-        sent, received = client.conn.bytes_sent, client.conn.bytes_received
+        send()
+        plain += time.perf_counter() - start
+        conn.shaper = emulator
+        before = conn.bytes_sent, conn.bytes_received
         start = time.perf_counter()
-        for _ in range(n):
-            client.predict(batch)
-        elapsed = time.perf_counter() - start
-        return elapsed, client.conn.bytes_sent - sent, client.conn.bytes_received - received
-    finally:
-        client.close(say_bye=False)
+        send()
+        slow += time.perf_counter() - start
+        sent, received = sent + conn.bytes_sent - before[0], received + conn.bytes_received - before[1]
+    conn.shaper = None
+    return plain, slow, sent, received
 
 
 def test_link_delays_on_real_messages_match_the_profile(model, capsys):
@@ -93,16 +87,24 @@ def test_link_delays_on_real_messages_match_the_profile(model, capsys):
     p = profile(**SLOW_LINK)
     batch = random_batch(0, 96, batch=16, max_len=48)
     with threaded_server(model, "1,1") as (endpoint, _):
-        plain, _ = timed_statuses(endpoint, None, 10)
-        emulator = EmulatedDevice(p, HOST)
-        slow, conn = timed_statuses(endpoint, emulator, 10)
-        status_implied = implied(conn.bytes_sent, conn.bytes_received, 10, p)
+        conn = Connection(endpoint, "probe", timeout=10.0)
+        try:
+            conn.request(Message("status"))  # connected
+            emulator = EmulatedDevice(p, HOST)
+            plain, slow, sent, received = alternating(conn, emulator, lambda: conn.request(Message("status")), 10)
+        finally:
+            conn.close()
+        status_implied = implied(sent, received, 10, p)
         assert emulator.network_s == pytest.approx(status_implied)
         status_measured = slow - plain
 
-        plain, _, _ = timed_forwards(endpoint, model, None, batch, 3)
-        emulator = EmulatedDevice(p, HOST)
-        slow, sent, received = timed_forwards(endpoint, model, emulator, batch, 3)
+        client = SplitClient(ClientConfig(server=endpoint, model=str(model), num_labels=3, reconnect_for=0))
+        try:
+            client.predict(batch)  # warm-up: the first forward builds caches on both sides
+            emulator = EmulatedDevice(p, HOST)
+            plain, slow, sent, received = alternating(client.conn, emulator, lambda: client.predict(batch), 3)
+        finally:
+            client.close(say_bye=False)
         forward_implied = implied(sent, received, 3, p)
         forward_measured = slow - plain
     assert sent > 3 * 16 * 48 * 32 * 4 and received > 3 * 16 * 48 * 32 * 4  # the hidden states crossed the link
