@@ -83,11 +83,11 @@ class EmulatedDevice:
     client computes); ``emulated_device`` measures it. Counters, in seconds:
     ``compute_s`` (compute as long as it lasts on the device), ``host_compute_s``
     (as long as it took here), ``network_s`` (the delays the link imposed) and
-    ``slept_s`` (all sleeps, dilation and link), and ``stretches`` counts the
-    compute stretches. ``wall_s()`` is the real time
-    since the emulation began, sleeps included: the device's wall-clock.
-    The client's ``Connection`` calls ``on_send`` / ``on_receive`` for every
-    message; ``computing()`` marks the client's compute blocks."""
+    ``slept_s`` (all sleeps, dilation and link); ``stretches`` counts the
+    compute stretches. ``wall_s()`` is the real time since the emulation
+    began, sleeps included: the device's wall-clock. The client's
+    ``Connection`` calls ``on_send`` / ``on_receive`` for every message;
+    ``computing()`` marks the client's compute blocks."""
 
     def __init__(self, profile, host_gflops: float, *, dtype: str = "float32", device: str | torch.device = "cpu"):
         self.profile = profile
