@@ -88,8 +88,10 @@ def _accuracy(client: SplitClient, batches) -> dict:
     return {"accuracy": client.evaluate(batches)}
 
 
-def run_client(config: ClientConfig, options: TrainOptions) -> dict:
-    """Join the server, train, evaluate and save; returns a summary dict."""
+def run_client(config: ClientConfig, options: TrainOptions, emulator=None) -> dict:
+    """Join the server, train, evaluate and save; returns a summary dict.
+    With an ``emulator`` (``edge.emulate.EmulatedDevice``) the client runs
+    under a device's limits; its ``summary()`` holds the emulated times."""
     path = resolve_model_path(config.model)
     model_config = load_config(path, config.task, config.num_labels, config.dropout)
     family_for(model_config).head_modules(config.task)  # a task the family lacks is refused before any work
@@ -115,7 +117,7 @@ def run_client(config: ClientConfig, options: TrainOptions) -> dict:
         summary = {"labels": dataset.labels, "train_samples": len(dataset.train), "test_samples": len(dataset.test)}
     reset_peak()
     rss_before = current_rss()
-    client = SplitClient(config)
+    client = SplitClient(config, emulator)
     try:
         if client.federation is not None:
             if config.task != "classification":

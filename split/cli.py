@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this device's profile (a built-in name such as pi5, or a .toml file): take the cut, rank, "
                         "batch size, max length, dtype and blocks from the server's --plan entry for it")
     c.set_defaults(client_parser=c)  # to tell options given from defaults (edge.planned)
+    c.add_argument("--emulate", default=None, metavar="PROFILE",
+                   help="run as a device would: a built-in profile (pi5, jetson-nano, ...) or a .toml file; "
+                        "compute slowed to its speed, its link's bandwidth and RTT on every message, its memory "
+                        "budget enforced (the summary gains the emulated times)")
     g = c.add_argument_group("federation (when the server runs rounds)")
     g.add_argument("--num-clients", type=positive_int, default=1, help="clients the training data is split among")
     g.add_argument("--client-index", type=nonnegative_int, default=0,
@@ -425,9 +429,19 @@ def _client(args, argv: list[str]) -> int:
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
                            blocks=args.blocks, profile=profile)
-    summary = run_client(config, options)
+    emulator = None
+    if args.emulate:
+        from edge.emulate import emulated_device
+
+        emulator = emulated_device(args.emulate, args.device, args.dtype)
+        print(f"fedsplit client: {emulator.describe()}", file=sys.stderr, flush=True)
+    summary = run_client(config, options, emulator)
+    if emulator is not None:
+        summary["emulation"] = emulator.summary()
     write_summary(summary, args.summary_json)
     print(_client_report(summary))
+    if emulator is not None:
+        print(emulator.report())
     return 0
 
 
