@@ -50,6 +50,7 @@ class RoundRecord:
     loss: float | None
     bytes_sent: int
     bytes_received: int
+    seconds: float = 0.0  # the round's wall-clock here (an emulated device's, sleeps included)
     record: dict = field(default_factory=dict)  # what was metered (split.records), as sent with the upload
 
 
@@ -302,7 +303,7 @@ class FederatedClient:
         self._notify("round_started", offer.round, self.settings.rounds, self._steps())
         evaluate = self.options.evaluate and self.test is not None
         accuracy = self.meter.evaluate(self._evaluate_global) if evaluate else None
-        sent, received = conn.bytes_sent, conn.bytes_received
+        sent, received, started = conn.bytes_sent, conn.bytes_received, time.perf_counter()
         losses = self._train_round(offer)
         payload = self._payload(offer.round)
         extra = {}
@@ -312,6 +313,7 @@ class FederatedClient:
         self._request(payload.to_message())
         self.meter.uploaded()
         self.records.append(RoundRecord(offer.round, accuracy, sum(losses) / len(losses),
-                                        conn.bytes_sent - sent, conn.bytes_received - received, payload.record))
+                                        conn.bytes_sent - sent, conn.bytes_received - received,
+                                        time.perf_counter() - started, payload.record))
         log.debug("round %d: loss %.3f", offer.round, self.records[-1].loss)
         self._notify("round_done", offer.round, payload.record)

@@ -55,6 +55,7 @@ class TrainOptions:
     blocks: list[int] | None = None  # blocks whose LoRA this client trains (None: all)
     eval_rounds: bool = False
     personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
+    profile: str = ""  # the device profile's name, sent at join (``--profile``)
     run_dir: str | None = None  # steps.jsonl and clients.jsonl of this run (split.runfolder)
     budget_bytes: int | None = None  # the device profile's memory budget, reported in each round record
 
@@ -92,8 +93,10 @@ def _accuracy(client: SplitClient, batches) -> dict:
     return {"accuracy": client.evaluate(batches)}
 
 
-def run_client(config: ClientConfig, options: TrainOptions) -> dict:
-    """Join the server, train, evaluate and save; returns a summary dict."""
+def run_client(config: ClientConfig, options: TrainOptions, emulator=None) -> dict:
+    """Join the server, train, evaluate and save; returns a summary dict.
+    With an ``emulator`` (``edge.emulate.EmulatedDevice``) the client runs
+    under a device's limits; its ``summary()`` holds the emulated times."""
     runlog = ClientRunLog(options.run_dir, config.client_id)  # a bad --run-dir fails before any work
     path = resolve_model_path(config.model)
     model_config = load_config(path, config.task, config.num_labels, config.dropout)
@@ -120,7 +123,7 @@ def run_client(config: ClientConfig, options: TrainOptions) -> dict:
         summary = {"labels": dataset.labels, "train_samples": len(dataset.train), "test_samples": len(dataset.test)}
     reset_peak()
     rss_before = current_rss()
-    client = SplitClient(config)
+    client = SplitClient(config, emulator)
     runlog.client_id = client.conn.client_id
     try:
         if client.federation is not None:
@@ -217,7 +220,8 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
     test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False) if options.eval_rounds else None
     display = round_display(options.progress)
     runner = FederatedClient(client, train, len(mine), test,
-                             FederatedOptions(blocks=options.blocks, evaluate=options.eval_rounds,
+                             FederatedOptions(blocks=options.blocks, profile=options.profile,
+                                              evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test,
                                               labels=tuple(dataset.labels), budget_bytes=options.budget_bytes,
                                               observers=[display, runlog]))
