@@ -53,18 +53,20 @@ class ConciseFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO") -> None:
     """fedsplit's own loggers at ``level``, libraries at WARNING (or
     ``level`` if that is stricter); on a terminal through rich, elsewhere as
-    plain lines on stderr. Silences ``SILENCED``."""
+    plain lines on stderr. Silences ``SILENCED``. Like ``logging.basicConfig``
+    it leaves a process whose logging is already set up (an application
+    embedding fedsplit, a test harness) as it is, warnings filters aside."""
     for message, category in SILENCED:
         warnings.filterwarnings("ignore", message=message, category=category)
+    root = logging.getLogger()
+    if root.handlers:
+        return
     numeric = getattr(logging, level.upper())
     if sys.stderr.isatty():
         handler: logging.Handler = RichHandler(console=stderr_console(), show_path=False, log_time_format="%X")
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(ConciseFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(max(numeric, logging.WARNING))
     for name in OWN_LOGGERS:

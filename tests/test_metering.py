@@ -5,8 +5,11 @@ bad ones refused), the client's one line per round, and ``fedsplit report``."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,7 +207,13 @@ def federation(tmp_path_factory):
     data.write_text("".join(json.dumps({"text": f"{w} is a {'fruit' if i % 2 else 'colour'}", "label": "abc"[i % 3]})
                             + "\n" for i, w in enumerate(WORDS * 4)))
     config = FederationConfig(rounds=ROUNDS_RUN, min_clients=2, local_steps=LOCAL_STEPS)
-    with threaded_server(model, "1,1", dropout=False, federation=config, run_dir=str(tmp / "server")) as (endpoint, _):
+    server_log = logging.getLogger("server")
+    lines = ServerLines()
+    server_log.addHandler(lines)
+    level = server_log.level
+    server_log.setLevel(logging.INFO)  # setLevel, not .level: it clears the children's cached levels
+    with threaded_server(model, "1,1", dropout=False, federation=config, run_dir=str(tmp / "server"),
+                         checkpoint_dir=str(tmp / "ckpt")) as (endpoint, _):
         args = ["client", "--server", endpoint, "--model", str(model), "--no-dropout", "--rank", "4", "--alpha", "8",
                 "--id", "c1", "--data", str(data), "--num-clients", "2", "--client-index", "1", "--batch-size", "4",
                 "--max-length", "16", "--connect-timeout", "120", "--run-dir", str(tmp / "client1")]
@@ -218,8 +227,21 @@ def federation(tmp_path_factory):
                                     eval_rounds=True, progress=False, run_dir=str(tmp / "client0")))
         finally:
             out, err = proc.communicate(timeout=300)
+            server_log.removeHandler(lines)
+            server_log.setLevel(level)
     assert proc.returncode == 0, err[-3000:]
-    return tmp, out
+    return tmp, out, lines.lines
+
+
+class ServerLines(logging.Handler):
+    """Keeps the server's log lines (its console) as level and text."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record):
+        self.lines.append((record.levelname, record.getMessage()))
 
 
 def _jsonl(path):
@@ -227,7 +249,7 @@ def _jsonl(path):
 
 
 def test_round_records_reach_the_servers_run_folder_with_the_upload(federation):
-    tmp, _ = federation
+    tmp, _, _ = federation
     server_rows = _jsonl(tmp / "server" / CLIENTS)
     assert sorted((r["client"], r["round"]) for r in server_rows) == [
         (f"c{k}", t) for k in range(2) for t in range(ROUNDS_RUN)]
@@ -255,15 +277,45 @@ def test_round_records_reach_the_servers_run_folder_with_the_upload(federation):
 
 
 def test_a_client_not_on_a_terminal_prints_one_line_per_round(federation):
-    _, out = federation
+    _, out, _ = federation
     lines = [line for line in out.splitlines() if line.startswith("round ")]
     assert [line.split(":")[0] for line in lines] == [f"round {t + 1}/{ROUNDS_RUN}" for t in range(ROUNDS_RUN)]
     assert all(f"{LOCAL_STEPS} steps, loss " in line and "MB up" in line for line in lines)
     assert "per round" in out  # the closing table
 
 
+def test_the_servers_console_tells_the_federation_as_it_happens(federation):
+    _, _, lines = federation
+    said = [text for level, text in lines if level == "INFO"]
+
+    def first(fragment: str) -> int:
+        return next(i for i, text in enumerate(said) if fragment in text)
+
+    joins = [first(f"client c{k} joined the federation") for k in range(2)]
+    for t in range(ROUNDS_RUN):
+        selected = first(f"round {t}: 2 of 2 clients selected: c0, c1")
+        uploads = [first(f"round {t}: upload from c{k} (") for k in range(2)]
+        closed = first(f"round {t} closed: 2 of 2 uploads aggregated")
+        checkpoint = next(i for i, text in enumerate(said) if re.fullmatch(rf"checkpoint .*round_{t}", text))
+        assert max(joins) < selected < min(uploads) <= max(uploads) < closed < checkpoint
+    assert any(f"{LOCAL_STEPS} steps, loss" in text and "MB up" in text for text in said if "upload from" in text)
+    # Nothing went wrong, so nothing but the loopback notice is a warning.
+    assert [text for level, text in lines if level != "INFO" and "plain mode" not in text] == []
+
+
+def test_console_logging_shows_fedsplit_at_info_and_libraries_warnings_only():
+    code = ("import logging; from split.console import setup_logging; setup_logging(); "
+            "logging.getLogger('server.rounds').info('round 0 closed'); logging.getLogger('server').debug('hidden'); "
+            "logging.getLogger('somelib').info('library chatter'); logging.getLogger('somelib').warning('library said')")
+    run = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60)
+    lines = run.stderr.splitlines()
+    assert len(lines) == 2, run.stderr
+    assert re.fullmatch(r"\d\d:\d\d:\d\d round 0 closed", lines[0])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING library said", lines[1])
+
+
 def test_report_writes_the_four_plots(federation, tmp_path, capsys):
-    tmp, _ = federation
+    tmp, _, _ = federation
     assert main(["report", str(tmp / "server"), "--out", str(tmp_path / "plots")]) == 0
     for name in PLOTS:
         png = (tmp_path / "plots" / name).read_bytes()
