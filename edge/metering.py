@@ -15,12 +15,14 @@ that the client writes to its run folder and sends with its upload.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import psutil
 
+from split.records import check_record
 from split.wire import encode, frame_len
 
 from .meter import cuda_peak, peak_rss, reset_peak
@@ -172,7 +174,9 @@ class RoundMeter:
             record["budget_bytes"] = self.budget_bytes
         record.update(extra or {})
         self.run_peak_rss = max(self.run_peak_rss, record["peak_rss"])
-        return record
+        # A loss that diverged is not a measurement the schema takes: it is left out, not sent.
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        return check_record(record)  # a key no one registered fails here, not at the server
 
     def uploaded(self) -> None:
         """The round's upload is done: the next round's traffic counts from here."""
@@ -197,4 +201,4 @@ class RoundObserver:
         return {}
 
     def close(self) -> None:
-        """The federation is over (or the client stops)."""
+        """The federation is over or the client stops (called by whoever made the observer)."""

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from split.records import RecordError, check_record
-from split.runfolder import CLIENTS
+from split.runfolder import CLIENTS, STEPS
 from split.summary import MB, client_totals, sent
 
 EXAMPLE = "fedsplit report runs/federation --out plots"
@@ -63,8 +63,10 @@ def load_rows(run_dir: str | Path) -> list[dict]:
                           "`fedsplit server` or `fedsplit client`")
     path = folder / CLIENTS
     if not path.is_file():
-        raise ReportError(f"{folder} holds no round records: expected {CLIENTS}, which `fedsplit server --run-dir` "
-                          "and `fedsplit client --run-dir` write as rounds finish")
+        plain = " (its steps.jsonl is from plain split training, which has no rounds)" if (folder / STEPS).is_file() \
+            else ""
+        raise ReportError(f"{folder} holds no round records{plain}: expected {CLIENTS}, which `fedsplit server "
+                          "--run-dir` and `fedsplit client --run-dir` write as the rounds of a federation finish")
     rows: dict[tuple[str, int], dict] = {}
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):

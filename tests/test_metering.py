@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 import split.transport as transport
 from conftest import VOCAB, random_batch, save_tiny_with_tokenizer, threaded_server
 from edge.client import BackboneLink, ClientConfig, SplitClient
-from edge.metering import StepMeter
+from edge.metering import RoundMeter, StepMeter
 from edge.report import PLOTS, ReportError, load_rows
 from edge.train import TrainOptions, run_client
 from round_helpers import coordinator, payload, upload
@@ -101,6 +102,29 @@ def test_a_bad_server_time_in_a_reply_is_a_server_error(meta, shown):
     with pytest.raises(ServerError, match=rf"'server_s' as a finite number of seconds >= 0, got {shown}"):
         link.remote_backward(0, torch.ones(2, 5, 8), (2, 5, 8))
     assert link.served == 0.0
+
+
+def test_a_round_record_leaves_out_a_diverged_loss_and_refuses_unregistered_keys():
+    conn, link = SimpleNamespace(bytes_sent=0, bytes_received=0), SimpleNamespace(waited=0.0, served=0.0)
+    client = SimpleNamespace(conn=conn, link=link, steps=0, device=torch.device("cpu"))
+    meter = RoundMeter(client, budget_bytes=2 ** 30)
+    meter.start(0)
+
+    def step():  # a step that sent 100 bytes, waited 10 ms of which the server computed 4, and diverged
+        client.steps += 1
+        conn.bytes_sent += 100
+        link.waited += 0.010
+        link.served += 0.004
+        return float("nan")
+
+    meter.step(step)
+    record = meter.finish(accuracy=0.5, upload=10)
+    assert "loss" not in record
+    assert (record["steps"], record["bytes_up"], record["upload_bytes"]) == (1, 100, 10)
+    assert (record["accuracy"], record["budget_bytes"]) == (0.5, 2 ** 30)
+    assert math.isclose(record["network_s"], 0.006) and math.isclose(record["server_s"], 0.004)
+    with pytest.raises(RecordError, match="unknown key 'flops'"):
+        meter.finish(extra={"flops": 1.0})
 
 
 # ---------------------------------------------------------------- the record schema
