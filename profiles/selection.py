@@ -24,6 +24,10 @@ from split.seeds import stable_seed
 
 DEFAULT_RESOLUTION = 1000  # memory units a budget is cut into for the knapsack
 PILOT_GLOBAL_WEIGHT = 0.5  # share of the global term in the Fed-piLot score
+# Added to the value of a block the client never trained: measured values lie
+# in [0, 1], so each client tries every block it can afford before the
+# measurements decide.
+EXPLORE_BONUS = 1.0
 
 
 # ---------------------------------------------------------------- FedRA
@@ -150,20 +154,26 @@ def fedpilot_scores(blocks: Sequence[int], local: Mapping[int, float], agreement
     this client's data moves in the block, discounted as its direction
     departs from the federation's; the global term is how much the block
     moves for everyone. An unknown quantity takes its largest value (u = 1,
-    c = 1, g = 1): blocks never trained get explored."""
+    c = 1, g = 1), and a block this client never trained gets
+    ``EXPLORE_BONUS`` on top: it is explored before measured blocks."""
     if not 0 <= global_weight <= 1:
         raise ValueError(f"global_weight must be in [0, 1], got {global_weight}")
     u, g = _relative(local), _relative(global_)
     out = {}
     for b in blocks:
-        c = min(1.0, max(-1.0, agreement.get(b, 1.0))) if b in u else 1.0
-        out[b] = (1 - global_weight) * u.get(b, 1.0) * (1 + c) / 2 + global_weight * g.get(b, 1.0)
+        if b in u:
+            c = min(1.0, max(-1.0, agreement.get(b, 1.0)))
+            mine = u[b] * (1 + c) / 2
+        else:
+            mine = 1.0
+        out[b] = (1 - global_weight) * mine + global_weight * g.get(b, 1.0) + (0.0 if b in u else EXPLORE_BONUS)
     return out
 
 
 def fisher_scores(blocks: Sequence[int], fisher: Mapping[int, float]) -> dict[int, float]:
     """One client's Fisher value of each block: its latest per-step sum of
     squared gradients of the block's LoRA parameters, over the largest
-    block's; a block never measured takes the largest value, 1."""
+    block's; a block never measured takes the largest value, 1, plus
+    ``EXPLORE_BONUS``: it is measured before measured blocks are preferred."""
     rel = _relative(fisher)
-    return {b: rel.get(b, 1.0) for b in blocks}
+    return {b: rel.get(b, 1.0 + EXPLORE_BONUS) for b in blocks}

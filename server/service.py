@@ -55,6 +55,7 @@ from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
 from .persist import CLIENTS, SessionStore, mismatch, owned_by, restore, session_record, token_digest
 from .replies import StepReused, replay_key
+from .allocation import Resources
 from .rounds import Coordinator, FederationConfig, FederationError
 from .scheduler import Scheduler
 from .sessions import MB, RequestError, Session, Sessions, check_server_lora
@@ -172,6 +173,7 @@ class BackboneServer:
                                        max_tokens=config.max_tokens)
         self.coordinator = None if config.federation is None else Coordinator(
             config.federation, self.sessions, model_layout(seg.config, seg.family, seg.task))
+        self.sessions.score_gradients = self.coordinator is not None and self.coordinator.allocation.wants_gradients
         self._tick_error: str | None = None
         if config.resume and not plain:
             self._resume()
@@ -602,7 +604,8 @@ class BackboneServer:
         if join.labels is not None and self.segment.task != "classification":
             raise RequestError(f"join names class labels, but this server trains {self.segment.task!r}")
         info = ClientInfo(session.client, join.rank, join.alpha, join.blocks, join.num_samples)
-        settings = self._federation().join(session.client, info, join.modules, join.profile, join.labels)
+        resources = Resources(join.capacity, join.train_memory, join.block_costs)
+        settings = self._federation().join(session.client, info, join.modules, join.profile, join.labels, resources)
         return Message("ok", msg.client, msg.step, meta=settings.to_meta())
 
     def _round(self, session: Session, msg: Message) -> Message:

@@ -139,10 +139,10 @@ def test_fedpilot_scores_follow_local_global_and_agreement():
     assert v[0] == pytest.approx(1.0)  # largest update, agreeing: full local and global terms
     assert v[1] == pytest.approx(0.5)  # the same update against the federation's direction keeps the global term
     assert v[2] == pytest.approx(0.5 * 0.5 + 0.5)
-    assert v[3] == pytest.approx(0.5 + 0.5 * 0.5)  # never trained here: optimistic local term
-    assert fedpilot_scores([5], {}, {}, {})[5] == 1.0  # nothing known: the largest value
+    assert v[3] == pytest.approx(0.5 + 0.5 * 0.5 + 1)  # never trained here: optimistic, and explored first
+    assert fedpilot_scores([5], {}, {}, {})[5] == 2.0  # nothing known: above every measured value
 
 
 def test_fisher_scores_are_relative_and_optimistic():
     v = fisher_scores([0, 1, 2], {0: 4.0, 1: 1.0})
-    assert v == {0: 1.0, 1: 0.25, 2: 1.0}
+    assert v == {0: 1.0, 1: 0.25, 2: 2.0}  # never measured: above every measured value
