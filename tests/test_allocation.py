@@ -5,10 +5,13 @@ move the allocation. Real tiny clients against an in-process server."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import VOCAB, random_batch, threaded_server
 from edge.client import ClientConfig, SplitClient
@@ -19,6 +22,8 @@ from server.rounds import Coordinator, FederationConfig, FederationError
 from server.strategies.base import ClientInfo, Factors, GlobalModel, StrategyError, Upload
 from split.families import block_of
 from split.lora import LoraSpec
+from split.protocol import MAX_BLOCKS, Join, ProtocolError, RoundOffer, UploadPayload
+from split.wire import Message, decode, encode
 
 LAYERS = 4  # tiny bert: blocks 0..3; cut 2,1 leaves 0, 1 and 3 to the client, 2 to the server
 
@@ -166,6 +171,70 @@ def test_fisher_scores_come_from_both_sides_and_drive_the_next_round(tiny_models
             assert values[entry["client"]][b] == pytest.approx(mine[b] / top if b in mine else 2.0)
 
 
+# ---------------------------------------------------------------- the wire
+
+
+def wire(msg: Message) -> Message:
+    return decode(encode(msg))
+
+
+def test_allocation_fields_round_trip():
+    join = Join(4, 8.0, 30, {"m": (4, 4)}, capacity=2, train_memory=1 << 30, block_costs={0: 5, 11: 7})
+    assert Join.from_message(wire(join.to_message())) == join
+    offer = RoundOffer("train", 1, rank=4, blocks=frozenset({0, 3}), fisher=True)
+    back = RoundOffer.from_message(wire(offer.to_message("c")))
+    assert (back.blocks, back.fisher) == ({0, 3}, True)
+    assert RoundOffer.from_message(wire(RoundOffer("train", 1, rank=4).to_message("c"))).blocks is None
+    upload = UploadPayload(1, 3, 4, fisher={0: 0.5, 3: 2.0})
+    assert UploadPayload.from_message(wire(upload.to_message())).fisher == {0: 0.5, 3: 2.0}
+    assert UploadPayload.from_message(wire(UploadPayload(1, 3, 4).to_message())).fisher is None
+
+
+JOIN = Join(4, 8.0, 30, {"m": (4, 4)})
+
+
+@pytest.mark.parametrize("payload, fix, message", [
+    (JOIN, lambda m: m.meta.update(capacity=0), "'capacity' must be an integer >= 1"),
+    (JOIN, lambda m: m.meta.update(train_memory=1.5), "'train_memory' must be an integer >= 1"),
+    (JOIN, lambda m: m.meta.update(train_memory=1 << 51), "'train_memory' must be at most"),
+    (JOIN, lambda m: m.meta.update(block_costs={"x": 1}), "keyed by block indices"),
+    (JOIN, lambda m: m.meta.update(block_costs={"01": 1}), "keyed by block indices"),
+    (JOIN, lambda m: m.meta.update(block_costs={"0": -1}), "memory cost of block 0 must be an integer"),
+    (JOIN, lambda m: m.meta.update(block_costs={"0": True}), "memory cost of block 0 must be an integer"),
+    (JOIN, lambda m: m.meta.update(block_costs={str(b): 1 for b in range(MAX_BLOCKS + 1)}),
+     f"names {MAX_BLOCKS + 1} blocks, at most {MAX_BLOCKS}"),
+    (RoundOffer("train", 0, rank=4), lambda m: m.meta.update(blocks=[1, 1]), "distinct block indices"),
+    (RoundOffer("train", 0, rank=4), lambda m: m.meta.update(blocks=["1"]), "distinct block indices"),
+    (RoundOffer("train", 0, rank=4), lambda m: m.meta.update(fisher=1), "'fisher' must be true or false"),
+    (UploadPayload(0, 1, 4), lambda m: m.meta.update(fisher={"0": float("nan")}), "gradient score of block 0"),
+    (UploadPayload(0, 1, 4), lambda m: m.meta.update(fisher={"0": -1.0}), "gradient score of block 0"),
+    (UploadPayload(0, 1, 4), lambda m: m.meta.update(fisher=[1.0]), "'fisher' must be a map"),
+])
+def test_bad_allocation_fields_are_refused_by_name(payload, fix, message):
+    msg = payload.to_message() if not isinstance(payload, RoundOffer) else payload.to_message("c")
+    fix(msg)
+    with pytest.raises(ProtocolError, match=message):
+        type(payload).from_message(wire(msg))
+
+
+plain = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                 max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(fields=st.dictionaries(st.sampled_from(["capacity", "train_memory", "block_costs", "blocks", "fisher"]),
+                              plain, max_size=4), parser=st.sampled_from([Join, RoundOffer, UploadPayload]))
+def test_hostile_allocation_fields_raise_only_protocol_errors(fields, parser):
+    base = {Join: JOIN.to_message(), RoundOffer: RoundOffer("train", 0, rank=4).to_message("c"),
+            UploadPayload: UploadPayload(0, 1, 4).to_message()}[parser]
+    base.meta.update(fields)
+    try:
+        parser.from_message(base)
+    except ProtocolError:
+        pass  # refused by name; any other exception fails the test
+
+
 # ---------------------------------------------------------------- the coordinator's refusals
 
 
@@ -265,10 +334,16 @@ def test_allocation_state_survives_a_snapshot():
     allocator = Allocator("fedpilot", 3)
     _round(allocator, {0: 0.2, 2: 0.4})
     copy = Allocator("fedpilot", 3)
-    copy.restore(allocator.snapshot())
+    copy.restore(json.loads(json.dumps(allocator.snapshot())))  # as a checkpoint's coordinator.json holds it
     assert copy.local == allocator.local and copy.global_norms == allocator.global_norms
     fisher = Allocator("fisher", 3)
     fisher.observe_gradients("c0", {1: 0.5})
     again = Allocator("fisher", 3)
-    again.restore(fisher.snapshot())
+    again.restore(json.loads(json.dumps(fisher.snapshot())))
     assert again.fisher == {"c0": {1: 0.5}}
+    coord = coordinator(allocation="fisher")
+    coord.allocation.observe_gradients("c0", {1: 0.5})
+    snap = json.loads(json.dumps(coord.snapshot()["allocation"]))
+    resumed = coordinator(allocation="fisher")
+    resumed.restore({**coord.snapshot(), "allocation": snap})
+    assert resumed.allocation.fisher == {"c0": {1: 0.5}}
