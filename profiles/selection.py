@@ -5,7 +5,9 @@ feeds them capacities, memory costs and scores and applies the result.
 
 - ``fedra_matrix``: FedRA's random allocation matrix (arXiv 2311.11227).
 - ``knapsack``: the exact 0/1 knapsack Fed-piLot solves per client
-  (arXiv 2410.10200), over memory discretised upwards.
+  (arXiv 2410.10200), over memory discretised upwards; ``chain_knapsack``
+  with the blocks below the cut chosen as a tail (backward reaches them
+  through every block above), ``worst_case_count`` for random draws.
 - ``fedpilot_scores`` / ``fisher_scores``: the knapsack's values.
 
 docs/algorithms.md#fedpilot states the formulas and why.
@@ -128,6 +130,56 @@ def knapsack(values: Sequence[float], costs: Sequence[float], budget: float,
             chosen.add(j)
             k, w = k - 1, w - units[j]
     return frozenset(chosen)
+
+
+def chain_knapsack(values: Sequence[float], costs: Sequence[float], budget: float, chain: Sequence[int],
+                   resolution: int = DEFAULT_RESOLUTION, max_items: int | None = None) -> frozenset[int]:
+    """``knapsack`` where the items of ``chain`` (indices, lowest first: a
+    client's blocks below the cut) are chosen as a tail: choosing one chooses
+    every later one. Training a block below the cut makes backward run
+    through every block between it and the cut, and those keep their
+    activations whether they train or not; so they train too (it adds only
+    their LoRA state), and in that case the blocks' costs add up exactly.
+    Solved exactly: one knapsack over the other items for each possible
+    lowest chain item (or none), keeping the best."""
+    chain = list(chain)
+    if sorted(set(chain)) != chain or any(not 0 <= j < len(values) for j in chain):
+        raise ValueError(f"the chain must list distinct item indices in increasing order, got {chain}")
+    others = [j for j in range(len(values)) if j not in set(chain)]
+    limit = len(values) if max_items is None else max_items
+    best, best_value = frozenset(), -math.inf
+    for start in range(len(chain) + 1):  # chain[start:] is forced; start == len(chain): no chain item
+        forced = chain[start:]
+        spent = sum(costs[j] for j in forced)
+        if spent > budget or len(forced) > limit:
+            continue
+        rest = knapsack([values[j] for j in others], [costs[j] for j in others], budget - spent, resolution,
+                        limit - len(forced))
+        chosen = frozenset(forced) | {others[i] for i in rest}
+        value = sum(values[j] for j in chosen)
+        if value > best_value:
+            best, best_value = chosen, value
+    return best
+
+
+def worst_case_count(costs: Sequence[float], budget: float, chain: Sequence[int] = ()) -> int:
+    """The most items that fit in ``budget`` whichever are drawn (FedRA draws
+    blocks at random), counting for a drawn chain item (a block below the
+    cut) every chain item above it, as ``chain_knapsack`` explains."""
+    chain_set = set(chain)
+    free = sorted((costs[j] for j in range(len(costs)) if j not in chain_set), reverse=True)
+    tails = [sum(costs[j] for j in chain if j >= low) for low in chain]  # the cost a lowest chain item brings
+    above = [sum(1 for j in chain if j > low) for low in chain]
+
+    def worst(k: int) -> float:
+        cases = [sum(free[:k])] if k <= len(free) else []
+        for tail, room in zip(tails, above):
+            m = min(k - 1, len(free))
+            if k >= 1 and k - 1 - m <= room:
+                cases.append(tail + sum(free[:m]))
+        return max(cases)
+
+    return max((k for k in range(len(costs) + 1) if worst(k) <= budget), default=0)
 
 
 # ---------------------------------------------------------------- values

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from profiles.selection import DEFAULT_RESOLUTION, fedpilot_scores, fedra_matrix, fisher_scores, knapsack
+from profiles.selection import (DEFAULT_RESOLUTION, chain_knapsack, fedpilot_scores, fedra_matrix, fisher_scores,
+                                knapsack, worst_case_count)
 from split.families import block_of
 
 from .admission import Refused
@@ -91,15 +92,13 @@ def check_fisher(scores: Mapping[int, float] | None, wanted: bool, blocks: froze
                       f"round (its blocks: {sorted(blocks)})")
 
 
-def worst_case_count(costs: Mapping[int, int], budget: int) -> int:
-    """How many blocks always fit in ``budget``, whichever are drawn: the
-    most expensive ones added until the next would overflow."""
-    total, count = 0, 0
-    for cost in sorted(costs.values(), reverse=True):
-        if total + cost > budget:
-            break
-        total, count = total + cost, count + 1
-    return count
+def below_cut(client_modules, server_modules) -> tuple[int, ...]:
+    """A client's blocks below the cut, lowest first: those under its lowest
+    server-side block (all its blocks when the server holds none). Training
+    one makes backward run through every one above it."""
+    mine = {block_of(m) for m in client_modules} - {None}
+    server = {block_of(m) for m in server_modules} - {None}
+    return tuple(sorted(b for b in mine if not server or b < min(server)))
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -155,6 +154,7 @@ class Allocator:
         self.policy, self.num_layers, self.seed, self.cover_all = policy, num_layers, seed, cover_all
         self.resolution = resolution
         self.resources: dict[str, Resources] = {}
+        self.chains: dict[str, tuple[int, ...]] = {}  # each client's blocks below the cut
         self.current: dict[str, frozenset[int]] = {}  # the running round's allocation
         self.local: dict[str, dict[int, tuple[float, float]]] = {}  # fedpilot: client -> block -> (norm, cosine)
         self.global_norms: dict[int, float] = {}  # fedpilot: block -> norm of its latest global update
@@ -175,18 +175,22 @@ class Allocator:
         """Refuse a join this allocation cannot plan for (``check_resources``)."""
         check_resources(self.policy, self.num_layers, resources, blocks)
 
-    def register(self, client: str, resources: Resources) -> None:
+    def register(self, client: str, resources: Resources, chain: tuple[int, ...] = ()) -> None:
+        """Note what ``client`` affords and its blocks below the cut (``below_cut``)."""
         self.resources[client] = resources
+        self.chains[client] = tuple(chain)
 
     # ------------------------------------------------------------ planning
 
     def capacity(self, client: str) -> int:
         """L_i: the blocks a client trains under FedRA: its capacity, at most
-        the count its memory budget holds whichever blocks are drawn."""
+        the count its memory budget holds whichever blocks are drawn (a drawn
+        block below the cut counted with the blocks between it and the cut)."""
         r = self.resources.get(client, Resources())
         cap = self.num_layers if r.capacity is None else r.capacity
         if r.train_memory is not None:
-            cap = min(cap, worst_case_count(r.block_costs, r.train_memory))
+            costs = [r.block_costs[b] for b in range(self.num_layers)]
+            cap = min(cap, worst_case_count(costs, r.train_memory, self.chains.get(client, ())))
         return cap
 
     def plan(self, round_index: int, clients: list[str]) -> dict[str, frozenset[int]]:
@@ -218,13 +222,15 @@ class Allocator:
     def _solve(self, client: str) -> frozenset[int]:
         """Fed-piLot's knapsack for one client: the blocks of largest total
         value whose training memory fits its budget (and at most its
-        capacity); by count alone without a budget."""
+        capacity), blocks below the cut taken as a tail up to the cut
+        (``chain_knapsack``); by count alone without a budget."""
         r = self.resources.get(client, Resources())
         blocks = list(range(self.num_layers))
         values = self.values(client)
         v = [values[b] for b in blocks]
         if r.train_memory is not None:
-            chosen = knapsack(v, [r.block_costs[b] for b in blocks], r.train_memory, self.resolution, r.capacity)
+            chosen = chain_knapsack(v, [r.block_costs[b] for b in blocks], r.train_memory,
+                                    self.chains.get(client, ()), self.resolution, r.capacity)
         else:
             cap = self.num_layers if r.capacity is None else r.capacity
             chosen = knapsack(v, [1] * len(blocks), cap, resolution=max(cap, 1))

@@ -33,7 +33,7 @@ from split.seeds import generator, stable_seed
 
 from . import admission
 from .admission import MAX_SAMPLES, MAX_VALUE, ModelLayout, Refused
-from .allocation import ALLOCATIONS, Allocator, Resources, check_fisher
+from .allocation import ALLOCATIONS, Allocator, Resources, below_cut, check_fisher
 from .strategies import get_strategy
 from .strategies.base import ClientInfo, Download, Factors, GlobalModel, StrategyError, Upload, methods_with
 from .strategies.robust import RobustConfig, robust
@@ -266,7 +266,7 @@ class Coordinator:
         old = self.members.get(client)
         synced, rounds = (old.synced, old.rounds) if old else self.returning.pop(client, (0, 0))
         self.members[client] = Member(info, modules, profile, server_modules, synced=synced, rounds=rounds)
-        self.allocation.register(client, resources)
+        self.allocation.register(client, resources, below_cut(modules, server_modules))
         if client in self.handed and client not in self.uploads:
             self._redeliver(client)
         log.info("client %s joined the federation: rank %d, %d samples%s", client, info.rank, info.num_samples,

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profiles.selection import fedpilot_scores, fedra_matrix, fisher_scores, knapsack
+from profiles.selection import (chain_knapsack, fedpilot_scores, fedra_matrix, fisher_scores, knapsack,
+                                worst_case_count)
 
 # ---------------------------------------------------------------- FedRA
 
@@ -116,6 +117,50 @@ def test_knapsack_on_block_memory_prefers_value_per_byte():
     assert knapsack(values, costs, 1300, max_items=2) == {0, 2}
     assert knapsack(values, costs, 1300, max_items=1) == {0}
     assert knapsack(values, costs, 100) == frozenset()
+
+
+def closure(subset, chain):
+    """``subset`` with every chain item above its lowest chain item."""
+    low = min((j for j in subset if j in chain), default=None)
+    return set(subset) | ({j for j in chain if j >= low} if low is not None else set())
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), st.integers(0, 40)), min_size=1, max_size=8), st.integers(0, 150),
+       st.integers(0, 4), st.one_of(st.none(), st.integers(0, 8)))
+def test_chain_knapsack_equals_brute_force_over_tail_closed_sets(items, budget, chain_length, max_items):
+    values, costs = [v for v, _ in items], [c for _, c in items]
+    chain = list(range(min(chain_length, len(items))))  # the lowest blocks: those below the cut
+    chosen = chain_knapsack(values, costs, budget, chain, resolution=max(budget, 1), max_items=max_items)
+    assert closure(chosen, chain) == set(chosen)  # a chain item comes with every chain item above it
+    assert total(chosen, costs) <= budget and (max_items is None or len(chosen) <= max_items)
+    best = 0.0
+    for k in range(len(items) + 1):
+        for subset in itertools.combinations(range(len(items)), k):
+            fits = closure(subset, chain) == set(subset) and total(subset, costs) <= budget
+            if fits and (max_items is None or k <= max_items):
+                best = max(best, total(subset, values))
+    assert total(chosen, values) == pytest.approx(best, abs=1e-9)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=7), st.integers(0, 150), st.integers(0, 4))
+def test_worst_case_count_fits_every_draw(costs, budget, chain_length):
+    chain = list(range(min(chain_length, len(costs))))
+    k = worst_case_count(costs, budget, chain)
+    for subset in itertools.combinations(range(len(costs)), k):  # every draw of k fits, its chain tail included
+        assert total(closure(subset, chain), costs) <= budget
+    if k < len(costs):  # and some draw of k + 1 would not
+        assert any(total(closure(s, chain), costs) > budget for s in itertools.combinations(range(len(costs)), k + 1))
+
+
+def test_a_block_below_the_cut_brings_the_blocks_above_it():
+    # Blocks 0, 1 are below the cut: training 0 alone would still keep 1's activations.
+    values, costs = [1.0, 0.1, 0.9, 0.8], [300, 300, 200, 200]
+    # Byte-exact resolutions: nothing is rounded.
+    assert knapsack(values, costs, 700, resolution=700) == {0, 2, 3}  # overruns: block 1 keeps its activations
+    assert chain_knapsack(values, costs, 700, chain=[0, 1], resolution=700) == {1, 2, 3}
+    assert chain_knapsack(values, costs, 800, chain=[0, 1], resolution=800) == {0, 1, 2}
 
 
 def test_knapsack_refuses_bad_input():
