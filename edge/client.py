@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,16 +198,23 @@ class ClientConfig:
 
 
 class SplitClient:
-    """One client of a backbone server: its segment, its LoRA, its optimizer."""
+    """One client of a backbone server: its segment, its LoRA, its optimizer.
 
-    def __init__(self, config: ClientConfig):
+    With an ``emulator`` (``edge.emulate.EmulatedDevice``) the client runs
+    under a device's limits: its messages pay the device's link, its compute
+    blocks are slowed to the device's speed, and its memory is checked against
+    the device's budget after the model is loaded and after every block."""
+
+    def __init__(self, config: ClientConfig, emulator=None):
         self.config = config
+        self.emulator = emulator
         client_id = config.client_id or f"client-{uuid.uuid4().hex[:8]}"
         keys = load_client_keys(config.key, config.server_key)
         if keys is None:
             log.warning(PLAIN_WARNING, config.server)
         self.conn = Connection(config.server, client_id, timeout=config.timeout, keys=keys,
                                reconnect_for=config.reconnect_for)
+        self.conn.shaper = emulator
         self.heartbeat: Heartbeat | None = None
         self.registrations = 0  # hellos after the first (the server lost the session)
         try:
@@ -214,6 +222,16 @@ class SplitClient:
         except Exception:
             self.conn.close()
             raise
+        if emulator is not None:
+            try:
+                emulator.check_memory("after loading the model")
+            except Exception:
+                self.close()
+                raise
+
+    def _computing(self, what: str):
+        """A compute block (dilated and memory-checked under emulation)."""
+        return nullcontext() if self.emulator is None else self.emulator.computing(what)
 
     def _join(self) -> None:
         cfg = self.config
@@ -330,7 +348,8 @@ class SplitClient:
             self.optimizer.zero_grad(set_to_none=True)
             self.link.rewind(first)
 
-        return self._redoing(lambda: self._train_step(batch, penalty), undo)
+        with self._computing(f"training step {self.steps + 1}"):
+            return self._redoing(lambda: self._train_step(batch, penalty), undo)
 
     def _train_step(self, batch: dict, penalty) -> float:
         self.model.train()
@@ -346,13 +365,15 @@ class SplitClient:
     def predict(self, batch: dict) -> torch.Tensor:
         """Logits for a batch, in evaluation mode (the server keeps no graph)."""
         self.model.eval()
-        return self._redoing(lambda: self._outputs(batch, with_labels=self.cut.two_part)[1])
+        with self._computing("an evaluation batch"):
+            return self._redoing(lambda: self._outputs(batch, with_labels=self.cut.two_part)[1])
 
     @torch.no_grad()
     def loss(self, batch: dict) -> float:
         """The task loss of a labelled batch, in evaluation mode (no training)."""
         self.model.eval()
-        return float(self._redoing(lambda: self._outputs(batch, with_labels=True)[0]))
+        with self._computing("an evaluation batch"):
+            return float(self._redoing(lambda: self._outputs(batch, with_labels=True)[0]))
 
     def evaluate(self, batches) -> float:
         """Accuracy over labelled batches."""

@@ -50,6 +50,7 @@ class RoundRecord:
     loss: float | None
     bytes_sent: int
     bytes_received: int
+    seconds: float = 0.0  # the round's wall-clock here (an emulated device's, sleeps included)
 
 
 @dataclass
@@ -310,9 +311,10 @@ class FederatedClient:
         """Train the offered round and upload it."""
         conn = self.client.conn
         accuracy = self._evaluate_global() if self.options.evaluate and self.test is not None else None
-        sent, received = conn.bytes_sent, conn.bytes_received
+        sent, received, started = conn.bytes_sent, conn.bytes_received, time.perf_counter()
         losses = self._train_round(offer)
         self._upload(offer.round)
         self.records.append(RoundRecord(offer.round, accuracy, sum(losses) / len(losses),
-                                        conn.bytes_sent - sent, conn.bytes_received - received))
+                                        conn.bytes_sent - sent, conn.bytes_received - received,
+                                        time.perf_counter() - started))
         log.info("round %d: loss %.3f", offer.round, self.records[-1].loss)

@@ -55,6 +55,7 @@ class TrainOptions:
     train_memory_mb: float | None = None  # MiB it affords for trainable blocks, likewise
     eval_rounds: bool = False
     personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
+    profile: str = ""  # the device profile's name, sent at join (``--profile``)
 
     def __post_init__(self):
         # The CLI checks each value as it parses; this covers the Python API.
@@ -90,8 +91,10 @@ def _accuracy(client: SplitClient, batches) -> dict:
     return {"accuracy": client.evaluate(batches)}
 
 
-def run_client(config: ClientConfig, options: TrainOptions) -> dict:
-    """Join the server, train, evaluate and save; returns a summary dict."""
+def run_client(config: ClientConfig, options: TrainOptions, emulator=None) -> dict:
+    """Join the server, train, evaluate and save; returns a summary dict.
+    With an ``emulator`` (``edge.emulate.EmulatedDevice``) the client runs
+    under a device's limits; its ``summary()`` holds the emulated times."""
     path = resolve_model_path(config.model)
     model_config = load_config(path, config.task, config.num_labels, config.dropout)
     family_for(model_config).head_modules(config.task)  # a task the family lacks is refused before any work
@@ -117,7 +120,7 @@ def run_client(config: ClientConfig, options: TrainOptions) -> dict:
         summary = {"labels": dataset.labels, "train_samples": len(dataset.train), "test_samples": len(dataset.test)}
     reset_peak()
     rss_before = current_rss()
-    client = SplitClient(config)
+    client = SplitClient(config, emulator)
     try:
         if client.federation is not None:
             if config.task != "classification":
@@ -204,7 +207,8 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
     test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False) if options.eval_rounds else None
     budget = affordable(client, options.capacity, options.train_memory_mb, options.batch_size, options.max_length)
     runner = FederatedClient(client, train, len(mine), test,
-                             FederatedOptions(blocks=options.blocks, evaluate=options.eval_rounds,
+                             FederatedOptions(blocks=options.blocks, profile=options.profile,
+                                              evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test,
                                               labels=tuple(dataset.labels), **budget))
     records = runner.run()

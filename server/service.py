@@ -16,8 +16,8 @@ Threads, and who owns what (``serve``):
 
 - The loop thread owns the ROUTER socket (ZeroMQ sockets are not thread-safe).
   It receives, validates, answers what needs no model at once (``status``,
-  ``ping``, refusals of malformed or out-of-bounds requests, "busy" when a
-  connection's queue is full), queues the rest, and sends every reply.
+  ``ping``, ``probe``, ``plan``, refusals of malformed or out-of-bounds requests,
+  "busy" when a connection's queue is full), queues the rest, and sends every reply.
 - The compute thread owns the model: adapters, optimizers, waiting graphs,
   the coordinator and checkpoints. It runs queued requests one at a time, a
   turn per connection in order (``Scheduler``), and between them ``tick``
@@ -51,11 +51,13 @@ from split.security import PLAIN_WARNING, CurveServer, check_pair, check_plain, 
 from split.wire import Limits, Message, WireError, decode, encode, error, frame_len
 
 from .admission import model_layout
+from .allocation import Resources
 from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
 from .persist import CLIENTS, SessionStore, mismatch, owned_by, restore, session_record, token_digest
+from .plans import answer_plan, load_plan
+from .probe import ProbeResponder
 from .replies import StepReused, replay_key
-from .allocation import Resources
 from .rounds import Coordinator, FederationConfig, FederationError
 from .scheduler import Scheduler
 from .sessions import MB, RequestError, Session, Sessions, check_server_lora
@@ -64,7 +66,7 @@ from .strategies.base import ClientInfo, StrategyError
 log = logging.getLogger(__name__)
 
 # Ops the loop thread answers itself, at once, whatever the compute thread is doing.
-LOOP_OPS = ("status", "ping")
+LOOP_OPS = ("status", "ping", "probe", "plan")
 # The loop decodes a header up to this size itself: even one built to be slow
 # to validate (a map of a million empty lists takes about 3 s per MiB) costs
 # it milliseconds. A larger header (an upload of many tensors, a join listing
@@ -111,6 +113,7 @@ class ServerConfig:
     max_pending_mb: float = 2048.0  # MiB all waiting forwards' graphs may hold together
     max_queued: int = 8  # requests one connection may have waiting for the compute thread
     recv_hwm: int = 8  # messages ZeroMQ buffers per connection before the loop reads them
+    plan: str | None = None  # plan file (`fedsplit plan --json`): each device profile's entry, served by "plan"
 
     def __post_init__(self):
         check_server_lora(self.server_lora)  # before the model loads
@@ -174,6 +177,11 @@ class BackboneServer:
         self.coordinator = None if config.federation is None else Coordinator(
             config.federation, self.sessions, model_layout(seg.config, seg.family, seg.task))
         self.sessions.score_gradients = self.coordinator is not None and self.coordinator.allocation.wants_gradients
+        self.plan = None if config.plan is None else load_plan(
+            config.plan, self.model_info, seg.cut, config.max_rank, config.max_tokens,
+            None if self.coordinator is None else (config.federation.strategy,
+                                                   self.coordinator.strategy.heterogeneous_ranks,
+                                                   self.coordinator.strategy.block_subsets))
         self._tick_error: str | None = None
         if config.resume and not plain:
             self._resume()
@@ -181,12 +189,13 @@ class BackboneServer:
             self._resume_plain()
         # Ops that need no session get the routing id; the others get the caller's session.
         self.open_ops: dict[str, Callable[[bytes, str, Message], Message]] = {
-            "hello": self._hello, "status": self._status}
+            "hello": self._hello, "status": self._status, "probe": self._probe, "plan": self._plan}
         self.session_ops: dict[str, Callable[[Session, Message], Message]] = {
             "forward": self._idempotent(self._forward), "backward": self._idempotent(self._backward),
             "adapter": self._adapter, "bye": self._bye, "ping": self._ping,
             "join": self._idempotent(self._join), "round": self._idempotent(self._round),
             "upload": self._idempotent(self._upload)}
+        self.probes = ProbeResponder(config.limits)
         self.scheduler = Scheduler(config.max_queued)
         self.socket = None
         self._replies: deque[tuple[bytes, list]] = deque()  # (routing id, encoded reply) from the compute thread
@@ -542,6 +551,13 @@ class BackboneServer:
 
     def _status(self, routing_id: bytes, peer: str, msg: Message) -> Message:
         return Message("ok", meta={**self.sessions.status(), "queued": self.scheduler.queued()})
+
+    def _probe(self, routing_id: bytes, peer: str, msg: Message) -> Message:
+        # Open like status: a device times its link before it registers (split/probe.py).
+        return self.probes.answer(msg)
+
+    def _plan(self, routing_id: bytes, peer: str, msg: Message) -> Message:
+        return answer_plan(self.plan, msg)
 
     def _ping(self, session: Session, msg: Message) -> Message:
         return Message("ok", msg.client, msg.step)  # Sessions.get has refreshed the session's clock

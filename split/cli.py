@@ -1,4 +1,4 @@
-"""The ``fedsplit`` command: server, client, demo and keys.
+"""The ``fedsplit`` command: server, client, demo, keys, profile and plan.
 
 This module is the composition root: the one module that imports both sides.
 Each subcommand imports its side when it runs, so a device that runs
@@ -17,6 +17,7 @@ from importlib.metadata import version
 
 import torch
 
+from profiles import cli_profile, plan_command
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
@@ -100,7 +101,7 @@ KEYS_EXAMPLE = "fedsplit keys keys --name client1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fedsplit`` argument parser: server, client, demo and keys subcommands."""
+    """The ``fedsplit`` argument parser: server, client, demo, keys, profile and plan subcommands."""
     parser = argparse.ArgumentParser(prog="fedsplit", description="Split LoRA fine-tuning over ZeroMQ.",
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedsplit')}",
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest message (and tensor) accepted, in MiB")
     s.add_argument("--server-lora", choices=["per-client", "shared"], default="per-client",
                    help="one server-side LoRA per client (aggregated in rounds) or one shared by all")
+    s.add_argument("--plan", default=None, metavar="FILE",
+                   help="plan file (`fedsplit plan --json`), checked at start: clients started with --profile "
+                        "get their cut, rank, batch, length and blocks from it")
     lim = s.add_argument_group("limits (what clients may ask of the server; beyond them a request is refused)")
     lim.add_argument("--max-rank", type=positive_int, default=256,
                      help="largest LoRA rank a client may ask for (and at most each module's smaller dimension)")
@@ -240,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "restart); the client then registers again by itself (0: fail at once)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--summary-json", default=None, help="write the run's summary (metrics, bytes) to this file")
+    c.add_argument("--profile", default=None, metavar="NAME",
+                   help="this device's profile (a built-in name such as pi5, or a .toml file): take the cut, rank, "
+                        "batch size, max length, dtype and blocks from the server's --plan entry for it")
+    c.set_defaults(client_parser=c)  # to tell options given from defaults (edge.planned)
+    c.add_argument("--emulate", default=None, metavar="PROFILE",
+                   help="run as a device would: a built-in profile (pi5, jetson-nano, ...) or a .toml file; "
+                        "compute slowed to its speed, its link's bandwidth and RTT on every message, its memory "
+                        "budget enforced (the summary gains the emulated times)")
     g = c.add_argument_group("federation (when the server runs rounds)")
     g.add_argument("--num-clients", type=positive_int, default=1, help="clients the training data is split among")
     g.add_argument("--client-index", type=nonnegative_int, default=0,
@@ -284,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("folder", metavar="DIR", help="folder to write NAME.key and NAME.key_secret into (made if missing)")
     k.add_argument("--name", default="server",
                    help="file name of the pair, e.g. server, client1 (one pair per machine)")
+    cli_profile.add_parser(sub, HelpFormatter)
+    plan_command.add_arguments(_subparser(sub, "plan", plan_command.HELP, plan_command.EXAMPLE))
     return parser
 
 
@@ -297,9 +311,13 @@ def main(argv=None) -> int:
         if args.command == "server":
             return _server(args)
         if args.command == "client":
-            return _client(args)
+            return _client(args, sys.argv[1:] if argv is None else list(argv))
         if args.command == "keys":
             return _keys(args)
+        if args.command == "profile":
+            return cli_profile.run(args)
+        if args.command == "plan":
+            return _plan(args)
         from edge.demo import run_demo
 
         return run_demo(args)
@@ -353,7 +371,7 @@ def _server(args) -> int:
                           secret_key=args.secret_key, allow=args.allow,
                           max_rank=args.max_rank, max_tokens=args.max_tokens, max_sessions=args.max_sessions,
                           max_pending=args.max_pending, max_pending_mb=args.max_pending_mb,
-                          max_queued=args.max_queued, recv_hwm=args.recv_hwm)
+                          max_queued=args.max_queued, recv_hwm=args.recv_hwm, plan=args.plan)
     server = BackboneServer(config)
     endpoint = server.bind()
     try:
@@ -365,6 +383,8 @@ def _server(args) -> int:
               f"{server.segment.num_layers - server.segment.cut.back - 1} of {server.segment.num_layers} "
               f"({server.segment.owned_bytes / 1e6:.1f} MB, {args.dtype} on {server.device}) listening on "
               f"{endpoint} ({wire})", flush=True)
+        if server.plan is not None:
+            print(f"fedsplit server: plan {args.plan} for {', '.join(map(repr, server.plan.clients))}", flush=True)
         if server.coordinator is None:
             server.serve(should_stop=lambda: bool(stopping))
             return 0
@@ -402,11 +422,16 @@ def _option_value(text: str):
     return text
 
 
-def _client(args) -> int:
+def _client(args, argv: list[str]) -> int:
     from edge.client import ClientConfig
     from edge.train import TrainOptions, run_client, write_summary
 
     _set_threads(args.threads)
+    profile = ""
+    if args.profile:
+        from edge.planned import apply_profile
+
+        profile = apply_profile(args, argv[argv.index("client") + 1:]).device
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut) if args.cut else None,
                           task=args.task, lora=_lora_spec(args), lr=args.lr, head_lr=args.head_lr,
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
@@ -419,11 +444,32 @@ def _client(args) -> int:
                            progress=not args.no_progress, partition=args.partition,
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
-                           blocks=args.blocks, capacity=args.capacity, train_memory_mb=args.train_memory_mb)
-    summary = run_client(config, options)
+                           blocks=args.blocks, profile=profile, capacity=args.capacity,
+                           train_memory_mb=args.train_memory_mb)
+    emulator = None
+    if args.emulate:
+        from edge.emulate import emulated_device
+
+        emulator = emulated_device(args.emulate, args.device, args.dtype)
+        print(f"fedsplit client: {emulator.describe()}", file=sys.stderr, flush=True)
+    summary = run_client(config, options, emulator)
+    if emulator is not None:
+        summary["emulation"] = emulator.summary()
     write_summary(summary, args.summary_json)
     print(_client_report(summary))
+    if emulator is not None:
+        print(emulator.report())
     return 0
+
+
+def _plan(args) -> int:
+    strategy = None
+    if args.strategy:
+        from server.strategies import get_strategy
+
+        method = get_strategy(args.strategy)
+        strategy = (method.heterogeneous_ranks, method.block_subsets)
+    return plan_command.run(args, strategy)
 
 
 def _keys(args) -> int:

@@ -82,6 +82,10 @@ class Connection:
     key they hold; without, ``address`` must be a loopback endpoint
     (``split/security.py``). A handshake the server refuses ends a request
     at once with ``HandshakeFailed``: no resend can change a refused key.
+
+    ``shaper``, when set (``edge.emulate.EmulatedDevice``), is told the size
+    of every message before it is sent (``on_send``) and after one arrived
+    (``on_receive``), and may hold it there: an emulated device's link.
     """
 
     def __init__(self, address: str, client_id: str, timeout: float = 120.0, limits: Limits = Limits(),
@@ -102,6 +106,7 @@ class Connection:
         self.retries = 0  # resends, over the connection's life
         self.last_reply = time.monotonic()  # when the server last answered (the heartbeat reads it)
         self.token = ""
+        self.shaper = None  # an emulated link that delays each message (see above)
         self._rid = itertools.count(1)
         self._rng = random.Random()  # jitter only: never seeded, never shared with training
         self._lock = threading.Lock()  # one request at a time per socket
@@ -167,7 +172,10 @@ class Connection:
         for attempt in itertools.count():
             self.watch.take_drop()  # a drop before this send says nothing about it
             if self._wait(wait, zmq.POLLOUT):
-                self.bytes_sent += sum(frame_len(f) for f in frames)
+                size = sum(frame_len(f) for f in frames)
+                if self.shaper is not None:
+                    self.shaper.on_send(size)
+                self.bytes_sent += size
                 self.socket.send_multipart(frames, copy=False)
                 reply, why = self._await(rid, wait)
             else:
@@ -219,7 +227,10 @@ class Connection:
         """One message off the socket: the reply to request ``rid`` (or an
         error the server could not tie to a request), else None."""
         reply_frames = self.socket.recv_multipart(copy=False)
-        self.bytes_received += sum(frame_len(f) for f in reply_frames)
+        size = sum(frame_len(f) for f in reply_frames)
+        if self.shaper is not None:
+            self.shaper.on_receive(size)
+        self.bytes_received += size
         self.messages += 1
         try:
             reply = decode(reply_frames, self.limits)

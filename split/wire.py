@@ -28,7 +28,8 @@ import torch
 from .codecs import CODECS, DTYPE_NAMES, DTYPES, get_codec
 
 PROTOCOL = 1
-REQUESTS = ("hello", "forward", "backward", "adapter", "bye", "status", "join", "round", "upload", "ping")
+REQUESTS = ("hello", "forward", "backward", "adapter", "bye", "status", "join", "round", "upload", "ping", "probe",
+            "plan")
 REPLIES = ("ok", "error")
 OPS = REQUESTS + REPLIES
 META_TYPES = (str, int, float, bool, type(None))

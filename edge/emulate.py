@@ -1,0 +1,262 @@
+"""Running a real client under a device's limits on this machine
+(``fedsplit client --emulate PROFILE``).
+
+A device profile (``profiles.schema.DeviceProfile``) imposes three limits:
+
+- **Compute, by time dilation.** The client's work between two network
+  messages is a compute stretch: the bottom forward, the top forward and
+  backward, the bottom backward with the optimizer step, an evaluation batch.
+  Each stretch is followed by a sleep so that it lasts ``slowdown`` times as
+  long as it took here, ``slowdown = host GFLOP/s / device GFLOP/s``, the host
+  measured once with a timed matmul at the dtype the client computes in. A
+  device faster than this host cannot be emulated: the client then runs at
+  host speed, with a warning that says so.
+- **The link.** Every message of the client's ``Connection`` (hello, forward,
+  backward, round, upload, status, ...) pays the device's link: a request of
+  n bytes (every frame, headers included, as the connection counts them)
+  leaves n*8/uplink + rtt/2 seconds after the client hands it over, and a
+  reply of m bytes is released m*8/downlink + rtt/2 seconds after it arrived.
+  The client has one request in flight at a time, so this per-message delay
+  is the same as a serial link with a queue: no message ever waits behind
+  another. The heartbeat pings from its own socket and are not delayed.
+- **Memory.** After the model is loaded and after every compute block (a
+  training step, an evaluation batch) the client's peak memory is compared
+  with the profile's budget; beyond it the client stops with
+  ``MemoryBudgetExceeded``, naming the budget and the measured peak, before
+  anything is saved.
+
+Compute stretches are timed with ``time.perf_counter`` (wall-clock), not a
+thread's CPU time: the host's speed is itself wall-clock throughput of a
+matmul on all of torch's intra-op threads, and a thread's CPU time leaves out
+the work those worker threads do (and counts their spinning), so it would
+misstate a multi-threaded forward. The price is that other load on the host
+lengthens stretches and is dilated with them: emulate on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+
+from profiles.measure import matmul_gflops
+from profiles.schema import resolve_profile
+from split.devices import resolve_device, resolve_dtype
+
+from .meter import cuda_peak, peak_rss
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+class MemoryBudgetExceeded(RuntimeError):
+    """The client's peak memory went past the emulated device's budget."""
+
+
+def link_seconds(nbytes: int, mbps: float, rtt_ms: float) -> float:
+    """Seconds one message of ``nbytes`` takes over a link of ``mbps`` Mbit/s
+    (10**6 bits) one way, with half the round-trip time ``rtt_ms``."""
+    return nbytes * 8 / (mbps * 1e6) + rtt_ms / 2000
+
+
+def slowdown(host_gflops: float, device_gflops: float) -> float:
+    """How many times longer compute takes on the device than here; at least
+    1, since sleeping can slow the host down but nothing can speed it up."""
+    return max(1.0, host_gflops / device_gflops)
+
+
+def _positive(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class EmulatedDevice:
+    """A device profile imposed on one client: time dilation of its compute
+    stretches, delays on its messages, and its memory budget.
+
+    ``host_gflops`` is this host's speed at ``dtype`` on ``device`` (where the
+    client computes); ``emulated_device`` measures it. Counters, in seconds:
+    ``compute_s`` (compute as long as it lasts on the device), ``host_compute_s``
+    (as long as it took here), ``network_s`` (the delays the link imposed) and
+    ``slept_s`` (all sleeps, dilation and link); ``stretches`` counts the
+    compute stretches. ``wall_s()`` is the real time since the emulation
+    began, sleeps included: the device's wall-clock. The client's
+    ``Connection`` calls ``on_send`` / ``on_receive`` for every message;
+    ``computing()`` marks the client's compute blocks."""
+
+    def __init__(self, profile, host_gflops: float, *, dtype: str = "float32", device: str | torch.device = "cpu"):
+        self.profile = profile
+        self.dtype = dtype
+        resolve_dtype(dtype)
+        self.device = torch.device(device)
+        if profile.accelerator == "cpu" and self.device.type != "cpu":
+            raise ValueError(f"profile {profile.name!r} describes a device without a GPU, but the client would "
+                             f"compute on {self.device}: emulate it with --device cpu")
+        self.host_gflops = _positive("the host's GFLOP/s", host_gflops)
+        self.device_gflops = _positive(f"profile {profile.name!r}'s GFLOP/s at {dtype}", profile.gflops(dtype))
+        self.slowdown = slowdown(self.host_gflops, self.device_gflops)
+        if self.device_gflops > self.host_gflops:
+            log.warning("cannot emulate a device faster than this host: %s computes %.1f GFLOP/s at %s, this host "
+                        "%.1f; the client computes at host speed (no time dilation), so its compute times are "
+                        "this host's, longer than the device's", profile.name, self.device_gflops, dtype,
+                        self.host_gflops)
+        self.compute_s = self.host_compute_s = self.network_s = self.slept_s = 0.0
+        self.stretches = 0  # compute stretches dilated so far
+        self.peak_bytes = 0  # the largest memory reading checked against the budget
+        self.started = time.perf_counter()
+        self._depth = 0  # nested compute blocks
+        self._open: float | None = None  # when the current compute stretch began (None: none open)
+        self._overslept = 0.0  # seconds past their deadline the sleeps so far woke
+
+    # ------------------------------------------------------------ time
+
+    def wall_s(self) -> float:
+        """Real seconds since the emulation began, sleeps included."""
+        return time.perf_counter() - self.started
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, less what earlier sleeps overshot: a busy host
+        wakes a sleeper late, and over many short stretches that would add up."""
+        want = seconds - self._overslept
+        if want <= 0:
+            self._overslept = -want
+            return
+        start = time.perf_counter()
+        end = start + want
+        while (left := end - time.perf_counter()) > 0:  # to a deadline: a signal may wake it early
+            time.sleep(left)
+        slept = time.perf_counter() - start
+        self.slept_s += slept
+        self._overslept = slept - want
+
+    def _close_stretch(self, dilate: bool = True) -> None:
+        """End the open compute stretch; with ``dilate``, sleep so that it
+        lasts as long as on the device."""
+        if self._open is None:
+            return
+        real = time.perf_counter() - self._open
+        self._open = None
+        self.stretches += 1
+        self.host_compute_s += real
+        self.compute_s += real * self.slowdown
+        if dilate:
+            self._sleep(real * (self.slowdown - 1))
+
+    @contextmanager
+    def computing(self, what: str):
+        """A compute block of the client (``what``: "training step 3", ...):
+        its stretches are dilated, and the memory budget is checked after it."""
+        self._depth += 1
+        if self._depth == 1:
+            self._open = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self._leave(dilate=True)
+            raise
+        except BaseException:  # an interrupt: stop at once, no sleep
+            self._leave(dilate=False)
+            raise
+        self._leave(dilate=True)
+        if self._depth == 0:
+            self.check_memory(f"after {what}")
+
+    def _leave(self, dilate: bool) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._close_stretch(dilate)
+
+    # ------------------------------------------------------------ the link
+
+    def on_send(self, nbytes: int) -> None:
+        """A request of ``nbytes`` is about to leave: the compute stretch before
+        it ends (and is dilated), then the uplink holds the request."""
+        self._close_stretch()
+        delay = link_seconds(nbytes, self.profile.uplink_mbps, self.profile.rtt_ms)
+        self.network_s += delay
+        self._sleep(delay)
+
+    def on_receive(self, nbytes: int) -> None:
+        """A message of ``nbytes`` arrived: the downlink releases it after its
+        transfer time; inside a compute block, a new stretch starts then."""
+        delay = link_seconds(nbytes, self.profile.downlink_mbps, self.profile.rtt_ms)
+        self.network_s += delay
+        self._sleep(delay)
+        if self._depth:
+            self._open = time.perf_counter()
+
+    # ------------------------------------------------------------ memory
+
+    @property
+    def budget_bytes(self) -> int:
+        """The profile's memory budget in bytes."""
+        return self.profile.memory_bytes
+
+    def memory_used(self) -> tuple[int, str]:
+        """The client's peak memory as the device would hold it, and what was
+        measured: peak RSS on a CPU; on CUDA, the CUDA peak (a GPU with its
+        own memory) or both together (a board whose CPU and GPU share it)."""
+        rss = peak_rss()
+        gpu = cuda_peak(self.device)
+        if gpu is None:
+            return rss, f"peak RSS {rss / GIB:.2f} GiB"
+        if self.profile.accelerator == "unified":
+            return rss + gpu, f"peak RSS {rss / GIB:.2f} GiB + CUDA peak {gpu / GIB:.2f} GiB (shared memory)"
+        return gpu, f"CUDA peak {gpu / GIB:.2f} GiB"
+
+    def check_memory(self, when: str = "now") -> int:
+        """Compare the client's peak memory with the budget; returns the bytes
+        measured, or raises ``MemoryBudgetExceeded`` naming both."""
+        used, what = self.memory_used()
+        self.peak_bytes = max(self.peak_bytes, used)
+        if used > self.budget_bytes:
+            raise MemoryBudgetExceeded(
+                f"the client exceeds the memory budget of emulated device {self.profile.name!r}: {what} {when}, "
+                f"over its budget of {self.profile.memory_gb:g} GiB ({self.budget_bytes} bytes). This plan does "
+                "not fit the device: lower --batch-size, --max-length or --rank, train fewer --blocks, or move "
+                "the cut (--cut) so fewer blocks run on the client")
+        return used
+
+    # ------------------------------------------------------------ reports
+
+    def summary(self) -> dict:
+        """The emulation's settings and counters, for the client's summary."""
+        p = self.profile
+        return {"profile": p.name, "dtype": self.dtype, "host_gflops": self.host_gflops,
+                "device_gflops": self.device_gflops, "slowdown": self.slowdown, "uplink_mbps": p.uplink_mbps,
+                "downlink_mbps": p.downlink_mbps, "rtt_ms": p.rtt_ms, "memory_budget_bytes": self.budget_bytes,
+                "peak_memory_bytes": self.peak_bytes, "wall_s": self.wall_s(), "compute_s": self.compute_s,
+                "host_compute_s": self.host_compute_s, "network_s": self.network_s, "slept_s": self.slept_s,
+                "stretches": self.stretches}
+
+    def describe(self) -> str:
+        """One line saying what is emulated, for the start of a run."""
+        p = self.profile
+        speed = (f"compute {self.slowdown:.1f}x slower than this host" if self.device_gflops < self.host_gflops
+                 else "compute at host speed (the device is faster than this host)")
+        return (f"emulating {p.name}: {speed} ({self.device_gflops:.1f} vs {self.host_gflops:.1f} GFLOP/s at "
+                f"{self.dtype}), uplink {p.uplink_mbps:g} Mbit/s, downlink {p.downlink_mbps:g} Mbit/s, RTT "
+                f"{p.rtt_ms:g} ms, memory budget {p.memory_gb:g} GiB")
+
+    def report(self) -> str:
+        """One line of emulated times and memory, for the end of a run."""
+        return (f"emulated {self.profile.name}: {self.wall_s():.1f}s wall-clock (compute {self.compute_s:.1f}s, "
+                f"link {self.network_s:.1f}s, slept {self.slept_s:.1f}s); peak memory "
+                f"{self.peak_bytes / GIB:.2f} of {self.profile.memory_gb:g} GiB")
+
+
+def emulated_device(profile: str, device: str = "cpu", dtype: str = "float32",
+                    host_gflops: float | None = None) -> EmulatedDevice:
+    """The device ``profile`` (a built-in name such as "pi5", or a .toml file)
+    emulated for a client computing on ``device`` at ``dtype``; this host's
+    speed is measured with a timed matmul unless ``host_gflops`` is given."""
+    prof = resolve_profile(profile)
+    dev = resolve_device(device)
+    if host_gflops is None:
+        host_gflops = matmul_gflops(str(dev), resolve_dtype(dtype))
+    return EmulatedDevice(prof, host_gflops, dtype=dtype, device=dev)

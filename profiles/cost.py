@@ -1,0 +1,325 @@
+"""Predicted peak memory, bytes on the wire and step time of a client's plan.
+
+A plan says where the model is cut (the client keeps blocks ``[0, k1)`` and
+``[L - k2, L)``), the LoRA rank, which blocks' LoRA trains, the batch and the
+sequence length. The client then holds (``edge/client.py``):
+
+- the runtime: interpreter and libraries (``profiles/runtime.py``, measured);
+- its frozen weights in their dtype: embeddings, its blocks, and in a U-shaped
+  split the final norm, pooler and head;
+- LoRA factors (fp32) on every one of its blocks, and a trained
+  classification head twice (peft's ``modules_to_save`` keeps the original
+  beside the trained copy);
+- gradients and AdamW's two moments for what trains;
+- what autograd saves for backward (``profiles/activations.py``): in the
+  bottom segment only from the lowest trainable block upwards (below it nothing
+  requires grad), in the top segment always (the client returns the gradient
+  at the cut), and the head's;
+- the batch, the hidden state it sends and the one it receives, and the
+  gradients alive while one block runs backward.
+
+Server-side blocks cost the client nothing but what crosses the wire; whether
+they train changes nothing on the client (the client sends the gradient at
+the cut whatever the server does with it).
+
+Everything here is arithmetic on a ``ModelShape`` except the runtime baseline,
+measured once per process: the planner calls ``predict_memory`` many times.
+Checked against measured client peaks by ``bench/cost_model.py`` and
+``tests/test_cost_model.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+
+from . import activations as act
+from .runtime import runtime_baseline
+from .shape import ModelShape
+
+__all__ = ["ModelShape", "Plan", "MemoryEstimate", "StepTime", "predict_memory", "block_memory", "step_bytes",
+           "step_flops", "predict_step_time", "client_blocks"]
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
+ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
+INT64 = 8
+MESSAGES_PER_STEP = 2  # forward and backward, each a request and its reply
+CLIENT_ID = "client-0123abcd"  # a client's default id: "client-" + 8 hex digits
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One client's choices. ``trainable``: block indices whose LoRA trains
+    (client or server blocks). ``dtype``: the client's frozen weights and compute;
+    ``server_dtype``: what the server's replies carry."""
+
+    k1: int
+    k2: int
+    rank: int
+    batch: int
+    seq_len: int
+    trainable: frozenset[int] = field(default_factory=frozenset)
+    dtype: str = "float32"
+    server_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "trainable", frozenset(self.trainable))
+        for name in ("k1", "rank", "batch", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"plan: {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.k2, int) or self.k2 < 0:
+            raise ValueError(f"plan: k2 must be an integer >= 0, got {self.k2!r}")
+        if any(not isinstance(b, int) or b < 0 for b in self.trainable):
+            raise ValueError(f"plan: trainable must hold block indices >= 0, got {sorted(self.trainable)}")
+        for name in ("dtype", "server_dtype"):
+            if getattr(self, name) not in DTYPE_BYTES:
+                raise ValueError(f"plan: {name} must be one of {', '.join(DTYPE_BYTES)}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A predicted client peak: ``total`` bytes and its parts."""
+
+    total: int
+    parts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted seconds of one training step."""
+
+    compute: float
+    network: float
+    total: float
+
+
+# ---------------------------------------------------------------- the plan's layout
+
+
+def client_blocks(shape: ModelShape, plan: Plan) -> tuple[range, range]:
+    """(bottom, top) block ranges the client holds; ValueError if the cut leaves the server nothing."""
+    L = shape.num_layers
+    if plan.k1 + plan.k2 >= L:
+        raise ValueError(f"plan cut {plan.k1},{plan.k2} leaves no block for the server of a {L}-block model")
+    bad = sorted(b for b in plan.trainable if b >= L)
+    if bad:
+        raise ValueError(f"plan: trainable blocks {bad} do not exist in a {L}-block model")
+    return range(0, plan.k1), range(L - plan.k2, L)
+
+
+def _lowest_trained(bottom: range, trainable: frozenset[int]) -> int | None:
+    trained = [b for b in bottom if b in trainable]
+    return min(trained) if trained else None
+
+
+def _elem(plan: Plan) -> int:
+    return DTYPE_BYTES[plan.dtype]
+
+
+def _block_activation_bytes(shape: ModelShape, plan: Plan, lowest: bool) -> int:
+    """Bytes one block keeps for backward, its own LoRA inputs aside."""
+    elems, fp32 = act.block_per_token(shape, plan.seq_len, lowest)
+    return plan.batch * plan.seq_len * (elems * _elem(plan) + fp32 * FP32)
+
+
+def _lora_activation_bytes(shape: ModelShape, plan: Plan) -> int:
+    return plan.batch * plan.seq_len * act.lora_per_token(shape, plan.rank) * FP32
+
+
+def _lora_training_bytes(shape: ModelShape, plan: Plan) -> int:
+    """Gradient and AdamW moments of one block's LoRA."""
+    return shape.lora_params(plan.rank) * FP32 * (1 + ADAM_STATES)
+
+
+def _activations(shape: ModelShape, plan: Plan) -> int:
+    bottom, top = client_blocks(shape, plan)
+    total = 0
+    lowest = _lowest_trained(bottom, plan.trainable)
+    if lowest is not None:
+        for b in range(lowest, plan.k1):
+            total += _block_activation_bytes(shape, plan, lowest=b == lowest)
+    for b in top:
+        total += _block_activation_bytes(shape, plan, lowest=False)
+    total += sum(_lora_activation_bytes(shape, plan) for b in (*bottom, *top) if b in plan.trainable)
+    if plan.k2:
+        total += act.head_bytes(shape, plan.batch, plan.seq_len, _elem(plan))
+    return total
+
+
+def _backprops(shape: ModelShape, plan: Plan) -> bool:
+    bottom, _ = client_blocks(shape, plan)
+    return plan.k2 > 0 or _lowest_trained(bottom, plan.trainable) is not None
+
+
+# ---------------------------------------------------------------- memory
+
+
+def predict_memory(shape: ModelShape, plan: Plan, *, runtime: int | None = None) -> MemoryEstimate:
+    """The client's predicted peak resident memory for ``plan``. ``runtime``:
+    the runtime's own bytes (None: measured on this machine, once per process)."""
+    bottom, top = client_blocks(shape, plan)
+    elem = _elem(plan)
+    blocks = list(bottom) + list(top)
+    u_shaped = plan.k2 > 0
+    frozen = shape.embedding_params + sum(shape.block_params[b] for b in blocks)
+    head = 0
+    if u_shaped:
+        frozen += shape.norm_params + shape.pooler_params
+        if shape.head_trained:
+            head = 2 * shape.head_params * FP32  # frozen original and trained copy, both fp32
+        else:
+            frozen += shape.head_params
+    trained_head = shape.head_params * FP32 if u_shaped and shape.head_trained else 0
+    trained_blocks = [b for b in blocks if b in plan.trainable]
+    tokens = plan.batch * plan.seq_len
+    parts = {
+        "runtime": runtime_baseline() if runtime is None else runtime,
+        "weights": frozen * elem,
+        "head": head,
+        "lora": len(blocks) * shape.lora_params(plan.rank) * FP32,
+        "optimizer": ADAM_STATES * (trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks)),
+        "gradients": trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks),
+        "activations": _activations(shape, plan),
+        # The batch (ids, mask, labels), the hidden state sent and the one received.
+        "io": tokens * 3 * INT64 + 2 * tokens * shape.hidden * elem,
+        "transient": (tokens * act.backward_transient_per_token(shape, plan.seq_len) * elem
+                      if _backprops(shape, plan) else 0),
+    }
+    return MemoryEstimate(total=sum(parts.values()), parts=parts)
+
+
+def block_memory(shape: ModelShape, plan: Plan, block: int) -> int:
+    """Client bytes of making ``block``'s LoRA train under ``plan``: its
+    gradients and AdamW moments and the activations it makes the client keep
+    (0 for a server block: its LoRA lives on the server). Client LoRA factors
+    themselves are held for every client block, trained or not.
+
+    Additive: ``predict_memory(plan)`` equals ``predict_memory(plan without
+    trainable blocks) + sum(block_memory(b) for b in plan.trainable)`` whenever
+    the trained bottom blocks run up to the cut (``{j, ..., k1 - 1}``) and the
+    split is U-shaped. A lower bottom block makes every bottom block above it
+    keep its activations, so a trained block below an untrained one costs more
+    than its share (``predict_memory`` counts that exactly)."""
+    bottom, top = client_blocks(shape, plan)
+    if block in top:
+        return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan)
+    if block not in bottom:
+        return 0
+    own = _block_activation_bytes(shape, plan, lowest=True)
+    # The next block's input norm keeps this block's output once gradients flow through it.
+    above = 0
+    if block + 1 < plan.k1:
+        above = _block_activation_bytes(shape, plan, lowest=False) - _block_activation_bytes(shape, plan, lowest=True)
+    return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan) + own + above
+
+
+# ---------------------------------------------------------------- the wire
+
+
+def _header(op: str, meta: dict, tensors: list[tuple[str, str, tuple[int, ...], int]]) -> int:
+    """Bytes of a message's msgpack header (``split.wire.encode``'s layout)."""
+    entries = [{"name": n, "dtype": dt, "shape": list(s), "codec": "raw", "nbytes": nb} for n, dt, s, nb in tensors]
+    header = {"v": 1, "op": op, "client": CLIENT_ID, "step": 1000, "meta": meta, "tensors": entries}
+    return len(msgpack.packb(header, use_bin_type=True))
+
+
+def _message(op: str, meta: dict, tensors: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    sized = []
+    for name, dtype, dims in tensors:
+        numel = 1
+        for d in dims:
+            numel *= d
+        sized.append((name, dtype, dims, numel * _DTYPE_SIZE[dtype]))
+    return _header(op, meta, sized) + sum(s[3] for s in sized)
+
+
+_DTYPE_SIZE = {**DTYPE_BYTES, "uint8": 1, "int64": 8}
+_REQUEST_META = {"rid": 1000, "token": "0" * 32}
+
+
+def step_bytes(shape: ModelShape, plan: Plan) -> tuple[int, int]:
+    """(bytes up, bytes down) of one training step: the forward and backward
+    requests and their replies, headers included, as ``Connection`` counts them."""
+    client_blocks(shape, plan)
+    B, S, d = plan.batch, plan.seq_len, shape.hidden
+    hidden = (B, S, d)
+    forward = [("hidden", plan.dtype, hidden), ("attention_mask", "uint8", (B, S))]
+    if shape.rotary:
+        forward.append(("position_ids", "int64", (1, S)))
+    if plan.k2 == 0:
+        # Two-part split: the labels go up, the logits and the loss come back, the loss's gradient goes up.
+        labels = (B, S) if shape.task == "causal-lm" else (B,)
+        forward.append(("labels", "int64", labels))
+        logits = (B, S, shape.vocab) if shape.task == "causal-lm" else (B, shape.num_labels)
+        forward_reply = [("logits", "float32", logits), ("loss", "float32", (1,))]
+        backward = [("grad", "float32", ())]
+    else:
+        forward_reply = [("hidden", plan.server_dtype, hidden)]
+        backward = [("grad", plan.dtype, hidden)]
+    up = (_message("forward", {"train": True, **_REQUEST_META}, forward)
+          + _message("backward", _REQUEST_META, backward))
+    down = (_message("ok", {}, forward_reply)
+            + _message("ok", {}, [("grad", plan.server_dtype, hidden)]))
+    return up, down
+
+
+# ---------------------------------------------------------------- time
+
+
+def _block_forward_flops(shape: ModelShape, plan: Plan, block: int) -> float:
+    """Forward FLOPs of one block over the batch: its matrices, attention, LoRA."""
+    tokens = plan.batch * plan.seq_len
+    matrices = 2 * shape.block_params[block]
+    attention = 4 * plan.seq_len * shape.attention_width  # q k^T and p v, per token
+    lora = 2 * shape.lora_params(plan.rank)
+    return tokens * (matrices + attention + lora)
+
+
+def _head_flops(shape: ModelShape, plan: Plan) -> float:
+    B, S, d = plan.batch, plan.seq_len, shape.hidden
+    if shape.task == "causal-lm":
+        return 2 * B * S * d * shape.vocab
+    if shape.architecture == "encoder":
+        return 2 * B * (shape.pooler_params + shape.head_params)
+    return 2 * B * S * d * shape.num_labels
+
+
+def step_flops(shape: ModelShape, plan: Plan) -> float:
+    """Client FLOPs of one training step: forward through every client block
+    and the head; backward through the head and top blocks (always: the client
+    returns the gradient at the cut) and through the bottom blocks from the
+    lowest trained one up. A frozen matrix's backward computes its input's
+    gradient only (as much as its forward); attention's backward is twice its
+    forward; a trained LoRA adds its weight gradients."""
+    bottom, top = client_blocks(shape, plan)
+    blocks = list(bottom) + list(top)
+    forward = sum(_block_forward_flops(shape, plan, b) for b in blocks)
+    backward_blocks = list(top)
+    lowest = _lowest_trained(bottom, plan.trainable)
+    if lowest is not None:
+        backward_blocks += list(range(lowest, plan.k1))
+    tokens = plan.batch * plan.seq_len
+    backward = 0.0
+    for b in backward_blocks:
+        backward += tokens * (2 * shape.block_params[b] + 8 * plan.seq_len * shape.attention_width
+                              + 2 * shape.lora_params(plan.rank))
+    backward += sum(tokens * 2 * shape.lora_params(plan.rank) for b in blocks if b in plan.trainable)
+    head = 0.0
+    if plan.k2:
+        head = 2 * _head_flops(shape, plan)  # forward and the input gradient (plus a small weight gradient)
+    return forward + backward + head
+
+
+def predict_step_time(shape: ModelShape, plan: Plan, profile, server_seconds: float = 0.0) -> StepTime:
+    """Seconds of one training step on the device ``profile`` (anything with
+    ``gflops(dtype)``, ``uplink_mbps``, ``downlink_mbps`` and ``rtt_ms``): client
+    FLOPs over its throughput, bytes over its link, one round trip per message
+    pair (forward, backward), plus ``server_seconds`` of server compute."""
+    compute = step_flops(shape, plan) / (profile.gflops(plan.dtype) * 1e9)
+    up, down = step_bytes(shape, plan)
+    network = (up * 8 / (profile.uplink_mbps * 1e6) + down * 8 / (profile.downlink_mbps * 1e6)
+               + MESSAGES_PER_STEP * profile.rtt_ms / 1e3)
+    return StepTime(compute=compute, network=network, total=compute + network + server_seconds)

@@ -1,0 +1,155 @@
+"""The numbers of a model that the cost model needs, read once from its config.
+
+``ModelShape.from_config`` builds the task model on the meta device (no memory
+for weights) and counts the parameters each part holds: the embeddings, every
+block, the final norm, the pooler and the task head, and the LoRA targets of a
+block with their (d_out, d_in), as ``split.lora.LoraSpec`` chooses them for the
+family. Everything the cost model computes afterwards is arithmetic on these
+numbers, so a planner can ask for thousands of plans.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from split.families import family_for, join
+from split.partition import new_heads
+
+# Which saved-activation formula (profiles/activations.py) fits each family.
+# Each was checked against the tensors autograd saves (tests/test_cost_model.py).
+ARCHITECTURES = {
+    "bert": "encoder",  # post-LN encoder: BERT, RoBERTa (and MiniLM)
+    "electra": "encoder",
+    "gpt2": "gpt2",  # pre-LN decoder with a GELU MLP
+    "llama": "gated",  # pre-RMSNorm decoder with a gated (SwiGLU) MLP: Llama, Qwen2/3, Mistral, Gemma
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of one model for one task; counts are parameters (elements)."""
+
+    family: str
+    architecture: str  # "encoder", "gpt2" or "gated" (profiles/activations.py)
+    task: str  # "classification" or "causal-lm"
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    num_labels: int
+    embedding_params: int  # token (and position, type) embeddings, their norm, extras
+    block_params: tuple[int, ...]  # per block
+    norm_params: int  # the final norm (0 where there is none)
+    pooler_params: int  # a pooler inside the base model (BERT)
+    head_params: int  # the task head; 0 when it shares the token embedding's tensor
+    head_trained: bool  # a new classification head trains beside LoRA
+    lora_targets: tuple[tuple[str, int, int], ...]  # per block: (module name, d_out, d_in)
+    attention_dropout: float
+    hidden_dropout: float
+    rotary: bool
+
+    @classmethod
+    def from_config(cls, config, num_labels: int = 2, task: str = "classification") -> "ModelShape":
+        """The shape of ``config``'s task model as a fedsplit client builds it
+        (the config as the client loads it: dropout settings included)."""
+        from accelerate import init_empty_weights
+
+        from split.partition import _task_class
+
+        fam = family_for(config)
+        if fam.name not in ARCHITECTURES:
+            raise ValueError(
+                f"the cost model has no checked activation formula for the {fam.name} family "
+                f"(model type {config.model_type!r}); it covers {', '.join(sorted(ARCHITECTURES))}")
+        head_paths = fam.head_modules(task)
+        if task == "classification":
+            config.num_labels = num_labels
+        text = config.get_text_config()
+        logging.getLogger("transformers").setLevel(logging.ERROR)  # meta-device build notices
+        with init_empty_weights(include_buffers=False):
+            model = _task_class(task).from_config(config)
+        named = dict(model.named_parameters(remove_duplicate=True))
+        blocks_path = join(fam.prefix, fam.blocks)
+
+        def count(*prefixes: str) -> int:
+            return sum(p.numel() for n, p in named.items() if any(n.startswith(x + ".") for x in prefixes))
+
+        num_layers = config.num_hidden_layers
+        block_params = tuple(count(f"{blocks_path}.{i}") for i in range(num_layers))
+        embeddings = count(*(join(fam.prefix, e) for e in (*fam.embeddings, *fam.embed_extras)))
+        heads = text.num_attention_heads
+        hidden = text.hidden_size
+        return cls(
+            family=fam.name,
+            architecture=ARCHITECTURES[fam.name],
+            task=task,
+            num_layers=num_layers,
+            hidden=hidden,
+            intermediate=_intermediate(text),
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or hidden // heads,
+            vocab=text.vocab_size,
+            num_labels=num_labels if task == "classification" else 0,
+            embedding_params=embeddings,
+            block_params=block_params,
+            norm_params=count(join(fam.prefix, fam.norm)) if fam.norm else 0,
+            pooler_params=count(*(join(fam.prefix, p) for p in fam.base_head)),
+            # remove_duplicate drops a head tied to the token embedding: it costs nothing more.
+            head_params=count(*head_paths),
+            head_trained=bool(new_heads(fam, task)),
+            lora_targets=_lora_targets(model, f"{blocks_path}.0", fam),
+            attention_dropout=_dropout(text, ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")),
+            hidden_dropout=_dropout(text, ("hidden_dropout_prob", "resid_pdrop", "hidden_dropout")),
+            rotary=fam.rotary,
+        )
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the key (and value) projection: smaller under grouped-query attention."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the query projection (heads x head_dim; the hidden size in most models)."""
+        return self.heads * self.head_dim
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA parameters of one block at ``rank``: r x (d_in + d_out) per target."""
+        return sum(rank * (d_out + d_in) for _, d_out, d_in in self.lora_targets)
+
+
+def _intermediate(text) -> int:
+    inner = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
+    return int(inner) if inner else 4 * text.hidden_size
+
+
+def _dropout(text, keys: tuple[str, ...]) -> float:
+    for key in keys:
+        value = getattr(text, key, None)
+        if isinstance(value, float):
+            return value
+    return 0.0
+
+
+def _lora_targets(model, block_path: str, fam) -> tuple[tuple[str, int, int], ...]:
+    """(name, d_out, d_in) of the family's default LoRA targets in one block."""
+    from split.lora import LoraSpec
+
+    wanted = set(LoraSpec().target_modules(fam))
+    block = model.get_submodule(block_path)
+    out = []
+    for name, module in block.named_modules():
+        if name.rsplit(".", 1)[-1] not in wanted:
+            continue
+        weight = module.weight
+        d0, d1 = weight.shape
+        # Conv1D (GPT-2) stores its weight in x out.
+        out.append((name, d1, d0) if fam.conv1d else (name, d0, d1))
+    if not out:
+        raise ValueError(f"no LoRA target {sorted(wanted)} found in {block_path}")
+    return tuple(out)
