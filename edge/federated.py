@@ -67,6 +67,7 @@ class FederatedOptions:
     capacity: int | None = None  # blocks it can train per round
     train_memory: int | None = None  # bytes for trainable blocks
     block_costs: dict[int, int] | None = None  # each block's training memory in bytes (edge.allocation)
+    blocks_planned: bool = False  # ``blocks`` came from a plan: a server that allocates decides them instead
 
 
 def _head_name(param_name: str) -> str:
@@ -146,8 +147,11 @@ class FederatedClient:
     def join(self) -> FederationSettings:
         """Join the federation; returns its settings."""
         spec = self.client.config.lora
-        blocks = None if self.options.blocks is None else frozenset(self.options.blocks)
         opts = self.options
+        blocks = None if opts.blocks is None else frozenset(opts.blocks)
+        federation = self.client.federation
+        if opts.blocks_planned and federation is not None and federation.allocation != "fixed":
+            blocks = None  # the server allocates every round, within the plan's capacity and budget
         reply = self._request(Join(spec.rank, spec.alpha, self.num_samples, self.modules, blocks, opts.profile,
                                    opts.labels, opts.capacity, opts.train_memory, opts.block_costs).to_message())
         self.settings = FederationSettings.from_meta(reply.meta, "join reply")

@@ -53,6 +53,7 @@ class TrainOptions:
     blocks: list[int] | None = None  # blocks whose LoRA this client trains (None: all)
     capacity: int | None = None  # blocks it can train per round, for a server that allocates them
     train_memory_mb: float | None = None  # MiB it affords for trainable blocks, likewise
+    blocks_planned: bool = False  # ``blocks`` came from the server's plan (--profile)
     eval_rounds: bool = False
     personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
     profile: str = ""  # the device profile's name, sent at join (``--profile``)
@@ -210,7 +211,8 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
                              FederatedOptions(blocks=options.blocks, profile=options.profile,
                                               evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test,
-                                              labels=tuple(dataset.labels), **budget))
+                                              labels=tuple(dataset.labels), blocks_planned=options.blocks_planned,
+                                              **budget))
     records = runner.run()
     summary = {"labels": dataset.labels, "train_samples": len(mine), "test_samples": len(dataset.test),
                "federation": asdict(client.federation), "cut": str(client.cut),

@@ -147,13 +147,19 @@ def chain_knapsack(values: Sequence[float], costs: Sequence[float], budget: floa
         raise ValueError(f"the chain must list distinct item indices in increasing order, got {chain}")
     others = [j for j in range(len(values)) if j not in set(chain)]
     limit = len(values) if max_items is None else max_items
+    if not (isinstance(resolution, int) and resolution >= 1):
+        raise ValueError(f"resolution must be an integer >= 1, got {resolution}")
+    # One unit for every sub-problem: forced costs rounded up as the knapsack rounds the others.
+    unit = Fraction(budget) / resolution if budget > 0 else None
     best, best_value = frozenset(), -math.inf
     for start in range(len(chain) + 1):  # chain[start:] is forced; start == len(chain): no chain item
         forced = chain[start:]
-        spent = sum(costs[j] for j in forced)
-        if spent > budget or len(forced) > limit:
+        spent = sum(_units(costs[j], budget, resolution) for j in forced)
+        if spent > resolution or len(forced) > limit:
             continue
-        rest = knapsack([values[j] for j in others], [costs[j] for j in others], budget - spent, resolution,
+        left = resolution - spent
+        room = unit * left if unit is not None and left else 0
+        rest = knapsack([values[j] for j in others], [costs[j] for j in others], room, max(left, 1),
                         limit - len(forced))
         chosen = frozenset(forced) | {others[i] for i in rest}
         value = sum(values[j] for j in chosen)

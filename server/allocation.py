@@ -29,13 +29,13 @@ import torch
 from profiles.selection import (DEFAULT_RESOLUTION, chain_knapsack, fedpilot_scores, fedra_matrix, fisher_scores,
                                 knapsack, worst_case_count)
 from split.families import block_of
+from split.protocol import ALLOCATIONS
 
 from .admission import Refused
 from .strategies.base import GlobalModel, Upload
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("fixed", "fedra", "fedpilot", "fisher")
 MB = 1 << 20
 
 

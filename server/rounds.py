@@ -99,7 +99,7 @@ class FederationConfig:
 
     def settings(self) -> FederationSettings:
         """What a client needs to know of these rounds."""
-        return FederationSettings(self.strategy, self.rounds, self.local_steps, self.local_epochs)
+        return FederationSettings(self.strategy, self.rounds, self.local_steps, self.local_epochs, self.allocation)
 
 
 class FederationError(ValueError):

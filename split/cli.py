@@ -429,9 +429,12 @@ def _client(args, argv: list[str]) -> int:
     _set_threads(args.threads)
     profile = ""
     if args.profile:
+        from edge.allocation import planned_budget
         from edge.planned import apply_profile
 
-        profile = apply_profile(args, argv[argv.index("client") + 1:]).device
+        plan = apply_profile(args, argv[argv.index("client") + 1:])
+        planned_budget(args, plan)
+        profile = plan.device
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut) if args.cut else None,
                           task=args.task, lora=_lora_spec(args), lr=args.lr, head_lr=args.head_lr,
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
@@ -445,7 +448,7 @@ def _client(args, argv: list[str]) -> int:
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
                            blocks=args.blocks, profile=profile, capacity=args.capacity,
-                           train_memory_mb=args.train_memory_mb)
+                           train_memory_mb=args.train_memory_mb, blocks_planned=bool(args.profile))
     emulator = None
     if args.emulate:
         from edge.emulate import emulated_device

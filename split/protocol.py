@@ -29,6 +29,7 @@ from .wire import Message, WireError
 FACTOR_A, FACTOR_B, HEAD, DELTA = "A:", "B:", "H:", "D:"
 PREFIXES = (FACTOR_A, FACTOR_B, HEAD, DELTA)
 TRAINABLE = ("both", "A", "B")
+ALLOCATIONS = ("fixed", "fedra", "fedpilot", "fisher")  # how a federation chooses the blocks each client trains
 ROUND_STATUS = ("wait", "train", "done")
 _MISSING = object()
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -300,10 +301,11 @@ class FederationSettings:
     rounds: int
     local_steps: int
     local_epochs: float = 0.0  # > 0: passes over the client's data instead of local_steps
+    allocation: str = "fixed"  # "fixed": each client's --blocks; otherwise the server allocates every round
 
     def to_meta(self) -> dict:
         return {"strategy": self.strategy, "rounds": self.rounds, "local_steps": self.local_steps,
-                "local_epochs": self.local_epochs}
+                "local_epochs": self.local_epochs, "allocation": self.allocation}
 
     @classmethod
     def from_meta(cls, meta, op: str) -> "FederationSettings":
@@ -313,7 +315,8 @@ class FederationSettings:
         if epochs < 0:
             raise ProtocolError(f"{op}: field 'local_epochs' must be >= 0, got {epochs}")
         return cls(_field(meta, op, "strategy", "str"), _field(meta, op, "rounds", "positive"),
-                   _field(meta, op, "local_steps", "positive"), epochs)
+                   _field(meta, op, "local_steps", "positive"), epochs,
+                   _choice(meta, op, "allocation", ALLOCATIONS, "fixed"))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from conftest import VOCAB, random_batch, threaded_server
 from edge.client import ClientConfig, SplitClient
+from edge.allocation import block_costs, planned_budget
 from edge.federated import FederatedClient, FederatedOptions
 from round_helpers import CLIENT_MODULE, LAYOUT, FakeServer
 from server.allocation import Allocator, Resources
@@ -22,7 +23,7 @@ from server.rounds import Coordinator, FederationConfig, FederationError
 from server.strategies.base import ClientInfo, Factors, GlobalModel, StrategyError, Upload
 from split.families import block_of
 from split.lora import LoraSpec
-from split.protocol import MAX_BLOCKS, Join, ProtocolError, RoundOffer, UploadPayload
+from split.protocol import MAX_BLOCKS, FederationSettings, Join, ProtocolError, RoundOffer, UploadPayload
 from split.wire import Message, decode, encode
 
 LAYERS = 4  # tiny bert: blocks 0..3; cut 2,1 leaves 0, 1 and 3 to the client, 2 to the server
@@ -132,7 +133,9 @@ def test_a_client_training_fewer_higher_blocks_saves_less_for_backward(tiny_mode
     fed = FederationConfig(strategy="layermean", rounds=2, local_steps=2, min_clients=2, allocation="fedpilot")
     with threaded_server(path, "2,1", num_labels=3, dropout=False, federation=fed) as (endpoint, server):
         seen = spy_uploads(server.coordinator)
-        small, large = run_clients(path, endpoint, [FederatedOptions(train_memory=150_000, block_costs=costs),
+        # The small client's plan (--profile) named block 3: the server allocates instead, within its budget.
+        small, large = run_clients(path, endpoint, [FederatedOptions(train_memory=150_000, block_costs=costs,
+                                                                     blocks=[3], blocks_planned=True),
                                                     FederatedOptions(train_memory=1_000_000, block_costs=costs)])
     # The knapsack fits {2, 3} (110 kB) in the small budget and every block in the large one.
     assert small.offered[0] == {2, 3} and large.offered[0] == {0, 1, 2, 3}
@@ -171,6 +174,74 @@ def test_fisher_scores_come_from_both_sides_and_drive_the_next_round(tiny_models
             assert values[entry["client"]][b] == pytest.approx(mine[b] / top if b in mine else 2.0)
 
 
+# ---------------------------------------------------------------- what the client says it affords
+
+
+def test_block_costs_come_from_the_cost_model(tiny_models):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_models("bert"), num_labels=3)
+    costs = block_costs(config, 2, 1, rank=4, batch=8, seq_len=16, num_labels=3)
+    assert sorted(costs) == list(range(LAYERS)) and costs[2] == 0  # block 2 is the server's: free here
+    assert costs[0] >= costs[1] > 0 and costs[3] > 0
+    wider = block_costs(config, 2, 1, rank=4, batch=16, seq_len=16, num_labels=3)
+    assert all(wider[b] > costs[b] for b in (0, 1, 3))  # activations grow with the batch
+
+
+def test_a_plan_gives_capacity_and_budget_unless_the_command_line_says_otherwise():
+    from argparse import Namespace
+
+    from profiles.planner import ClientPlan
+
+    plan = ClientPlan("pi5", 1, 1, 8, [4, 5], 8, 64, 1 << 30, 1 << 32, 1, 1, 0.1, 3 << 20, 2)
+    args = Namespace(capacity=None, train_memory_mb=None)
+    planned_budget(args, plan)
+    assert (args.capacity, args.train_memory_mb) == (2, 3.0)
+    planned_budget(Namespace(capacity=2, train_memory_mb=3.0), plan)  # saying the same is fine
+    with pytest.raises(ValueError, match="--capacity 4 conflicts with the server's plan for 'pi5', which gives "
+                                         "--capacity 2"):
+        planned_budget(Namespace(capacity=4, train_memory_mb=None), plan)
+
+
+def test_a_client_with_a_profile_gets_its_blocks_allocated_within_its_plan(tmp_path, capsys):
+    import json
+
+    from conftest import save_tiny_with_tokenizer
+    from profiles.cost import ModelShape
+    from profiles.plan_command import _model
+    from profiles.planfile import PlanFile
+    from profiles.planner import PlanOptions, plan_with
+    from profiles.schema import builtin_profiles
+    from split.cli import main
+
+    bert = save_tiny_with_tokenizer("bert", tmp_path / "bert")
+    path, config, model = _model(str(bert), 3)
+    pi4 = builtin_profiles()["pi4"]
+    plans = plan_with(ModelShape.from_config(config, num_labels=3), [pi4], PlanOptions(seq_len=16, batch=4, ranks=(4, 8)))
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(PlanFile(model, 16, (1, 1), {p.device: p for p in plans}).to_json())
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} is here today", "label": "abc"[i % 3]}) + "\n"
+                            for i, w in enumerate(["red", "blue", "green", "apple", "pear", "plum"] * 4)))
+    fed = FederationConfig(strategy="layermean", rounds=2, min_clients=1, local_steps=2, allocation="fedpilot")
+    with threaded_server(bert, "1,1", dropout=False, federation=fed, plan=str(plan_path)) as (endpoint, server):
+        coord = server.coordinator
+        seen = spy_uploads(coord)
+        assert main(["client", "--server", endpoint, "--model", str(bert), "--data", str(data), "--no-progress",
+                     "--no-dropout", "--profile", "pi4", "--id", "board"]) == 0
+        capsys.readouterr()
+    plan = plans[0]
+    resources = coord.allocation.resources["board"]
+    assert coord.members["board"].info.blocks is None  # the plan's blocks were not sent: the server allocates
+    assert (resources.capacity, resources.train_memory) == (plan.capacity, plan.train_memory)
+    assert sorted(resources.block_costs) == list(range(LAYERS))  # from the client's cost model
+    assert [e["round"] for e in seen] == [0, 1]
+    for entry in seen:
+        blocks = entry["blocks"]
+        assert len(blocks) <= plan.capacity
+        assert sum(resources.block_costs[b] for b in blocks) <= plan.train_memory
+
+
 # ---------------------------------------------------------------- the wire
 
 
@@ -181,6 +252,8 @@ def wire(msg: Message) -> Message:
 def test_allocation_fields_round_trip():
     join = Join(4, 8.0, 30, {"m": (4, 4)}, capacity=2, train_memory=1 << 30, block_costs={0: 5, 11: 7})
     assert Join.from_message(wire(join.to_message())) == join
+    settings = FederationSettings("layermean", 3, 2, allocation="fedpilot")
+    assert FederationSettings.from_meta(settings.to_meta(), "join reply") == settings
     offer = RoundOffer("train", 1, rank=4, blocks=frozenset({0, 3}), fisher=True)
     back = RoundOffer.from_message(wire(offer.to_message("c")))
     assert (back.blocks, back.fisher) == ({0, 3}, True)
