@@ -45,6 +45,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
 INT64 = 8
+# Share of a block's forward temporaries that stays resident (heap holes; see
+# activations.retained_per_token), fitted on measured client peaks.
+RETAINED = 0.0
 MESSAGES_PER_STEP = 2  # forward and backward, each a request and its reply
 CLIENT_ID = "client-0123abcd"  # a client's default id: "client-" + 8 hex digits
 
@@ -144,9 +147,20 @@ def _activations(shape: ModelShape, plan: Plan) -> int:
     for b in top:
         total += _block_activation_bytes(shape, plan, lowest=False)
     total += sum(_lora_activation_bytes(shape, plan) for b in (*bottom, *top) if b in plan.trainable)
+    if lowest is not None or plan.k2:
+        total += act.rotary_bytes(shape, plan.seq_len)
     if plan.k2:
         total += act.head_bytes(shape, plan.batch, plan.seq_len, _elem(plan))
     return total
+
+
+def _retained(shape: ModelShape, plan: Plan) -> int:
+    """Bytes of forward temporaries left resident by the blocks gradients flow through."""
+    bottom, top = client_blocks(shape, plan)
+    lowest = _lowest_trained(bottom, plan.trainable)
+    blocks = len(top) + (plan.k1 - lowest if lowest is not None else 0)
+    per_token = act.retained_per_token(shape, plan.rank) * _elem(plan)
+    return int(RETAINED * blocks * plan.batch * plan.seq_len * per_token)
 
 
 def _backprops(shape: ModelShape, plan: Plan) -> bool:
@@ -183,6 +197,7 @@ def predict_memory(shape: ModelShape, plan: Plan, *, runtime: int | None = None)
         "optimizer": ADAM_STATES * (trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks)),
         "gradients": trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks),
         "activations": _activations(shape, plan),
+        "retained": _retained(shape, plan),
         # The batch (ids, mask, labels), the hidden state sent and the one received.
         "io": tokens * 3 * INT64 + 2 * tokens * shape.hidden * elem,
         "transient": (tokens * act.backward_transient_per_token(shape, plan.seq_len) * elem
