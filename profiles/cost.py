@@ -45,9 +45,13 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
 INT64 = 8
-# Share of a block's forward temporaries that stays resident (heap holes; see
-# activations.retained_per_token), fitted on measured client peaks.
-RETAINED = 0.0
+# Forward temporaries that stay resident as heap holes (activations.retained_per_token):
+# all of the first block's gradients flow through, and this share of every such
+# block's. Fitted on 15 measured client peaks (MiniLM and a 12-block GPT-2, batch
+# 2 to 64, sequence 64 to 512, 1 to 5 blocks on the gradient path) that are not
+# among bench/cost_model.py's plans.
+RETAINED_FIRST = 1.0
+RETAINED = 0.4
 MESSAGES_PER_STEP = 2  # forward and backward, each a request and its reply
 CLIENT_ID = "client-0123abcd"  # a client's default id: "client-" + 8 hex digits
 
@@ -154,13 +158,19 @@ def _activations(shape: ModelShape, plan: Plan) -> int:
     return total
 
 
+def _retained_block(shape: ModelShape, plan: Plan, share: float) -> int:
+    """``share`` of the bytes of one block's forward temporaries over the batch."""
+    return round(share * plan.batch * plan.seq_len * act.retained_per_token(shape, plan.rank) * _elem(plan))
+
+
 def _retained(shape: ModelShape, plan: Plan) -> int:
     """Bytes of forward temporaries left resident by the blocks gradients flow through."""
     bottom, top = client_blocks(shape, plan)
     lowest = _lowest_trained(bottom, plan.trainable)
     blocks = len(top) + (plan.k1 - lowest if lowest is not None else 0)
-    per_token = act.retained_per_token(shape, plan.rank) * _elem(plan)
-    return int(RETAINED * blocks * plan.batch * plan.seq_len * per_token)
+    if not blocks:
+        return 0
+    return _retained_block(shape, plan, RETAINED_FIRST) + blocks * _retained_block(shape, plan, RETAINED)
 
 
 def _backprops(shape: ModelShape, plan: Plan) -> bool:
@@ -228,7 +238,8 @@ def block_memory(shape: ModelShape, plan: Plan, block: int) -> int:
     above = 0
     if block + 1 < plan.k1:
         above = _block_activation_bytes(shape, plan, lowest=False) - _block_activation_bytes(shape, plan, lowest=True)
-    return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan) + own + above
+    retained = _retained_block(shape, plan, RETAINED)
+    return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan) + own + above + retained
 
 
 # ---------------------------------------------------------------- the wire
