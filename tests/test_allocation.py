@@ -207,19 +207,21 @@ def test_a_client_with_a_profile_gets_its_blocks_allocated_within_its_plan(tmp_p
     import json
 
     from conftest import save_tiny_with_tokenizer
-    from profiles.cost import ModelShape
     from profiles.plan_command import _model
     from profiles.planfile import PlanFile
-    from profiles.planner import PlanOptions, plan_with
+    from profiles.planner import ClientPlan
     from profiles.schema import builtin_profiles
     from split.cli import main
 
     bert = save_tiny_with_tokenizer("bert", tmp_path / "bert")
     path, config, model = _model(str(bert), 3)
-    pi4 = builtin_profiles()["pi4"]
-    plans = plan_with(ModelShape.from_config(config, num_labels=3), [pi4], PlanOptions(seq_len=16, batch=4, ranks=(4, 8)))
+    # A plan entry as the planner writes one (its predictions play no part here): blocks 2 and 3 train,
+    # and their memory is the budget for whatever the server allocates.
+    budget = sum(block_costs(config, 1, 1, rank=4, batch=4, seq_len=16, num_labels=3)[b] for b in (2, 3))
+    plan = ClientPlan(builtin_profiles()["pi4"].name, 1, 1, 4, [2, 3], 4, 16, 1 << 28, 1 << 32, 1, 1, 0.05,
+                      budget, 2)
     plan_path = tmp_path / "plan.json"
-    plan_path.write_text(PlanFile(model, 16, (1, 1), {p.device: p for p in plans}).to_json())
+    plan_path.write_text(PlanFile(model, 16, (1, 1), {plan.device: plan}).to_json())
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} is here today", "label": "abc"[i % 3]}) + "\n"
                             for i, w in enumerate(["red", "blue", "green", "apple", "pear", "plum"] * 4)))
@@ -230,7 +232,6 @@ def test_a_client_with_a_profile_gets_its_blocks_allocated_within_its_plan(tmp_p
         assert main(["client", "--server", endpoint, "--model", str(bert), "--data", str(data), "--no-progress",
                      "--no-dropout", "--profile", "pi4", "--id", "board"]) == 0
         capsys.readouterr()
-    plan = plans[0]
     resources = coord.allocation.resources["board"]
     assert coord.members["board"].info.blocks is None  # the plan's blocks were not sent: the server allocates
     assert (resources.capacity, resources.train_memory) == (plan.capacity, plan.train_memory)
