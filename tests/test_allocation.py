@@ -321,6 +321,19 @@ def join(coord, client="c0", blocks=None, **resources):
                       resources=Resources(**resources))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--allocation", "fedra"], "--allocation and --cover-all set which blocks each round trains; this server runs "
+                                "no federation: add --strategy layermean"),
+    (["--strategy", "layermean", "--allocation", "fedpilot", "--cover-all"],
+     "--cover-all applies to --allocation fedra, not fedpilot"),
+])
+def test_the_server_command_refuses_allocation_options_that_cannot_apply(argv, message, capsys):
+    from split.cli import main
+
+    assert main(["server", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_allocation_needs_a_block_subset_strategy():
     with pytest.raises(StrategyError, match="fedit: --allocation fedra gives clients block subsets; use"):
         coordinator(strategy="fedit", allocation="fedra")
