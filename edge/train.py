@@ -15,8 +15,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from split.families import family_for
 from split.partition import load_config, resolve_model_path
 
-from .client import ClientConfig, SplitClient
 from .allocation import affordable
+from .client import ClientConfig, SplitClient
 from .client_shares import client_shares
 from .data import Batches, load_dataset, load_text_dataset, split_train_test
 from .federated import FederatedClient, FederatedOptions
@@ -53,7 +53,7 @@ class TrainOptions:
     blocks: list[int] | None = None  # blocks whose LoRA this client trains (None: all)
     capacity: int | None = None  # blocks it can train per round, for a server that allocates them
     train_memory_mb: float | None = None  # MiB it affords for trainable blocks, likewise
-    blocks_planned: bool = False  # ``blocks`` came from the server's plan (--profile)
+    planned: bool = False  # blocks, capacity and train memory came from the server's plan (--profile)
     eval_rounds: bool = False
     personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
     profile: str = ""  # the device profile's name, sent at join (``--profile``)
@@ -128,8 +128,9 @@ def run_client(config: ClientConfig, options: TrainOptions, emulator=None) -> di
                 raise ValueError("federated rounds train classification only from `fedsplit client`; "
                                  "--task causal-lm runs with a server started without --strategy")
             return _run_federated(client, dataset, tokenizer, options, rss_before)
-        if options.blocks is not None or options.personal or options.eval_rounds or options.num_clients > 1 or \
-                options.capacity is not None or options.train_memory_mb is not None:
+        # A plan a plain server serves trains every block; its capacity and budget go unused.
+        budget = not options.planned and (options.capacity is not None or options.train_memory_mb is not None)
+        if options.blocks is not None or options.personal or options.eval_rounds or options.num_clients > 1 or budget:
             raise ValueError("--blocks, --capacity, --train-memory-mb, --personal, --eval-rounds and --num-clients "
                              "are for federated rounds, but this server runs none (start it with --strategy)")
         return _run_single(client, data, options, summary, rss_before)
@@ -211,7 +212,7 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
                              FederatedOptions(blocks=options.blocks, profile=options.profile,
                                               evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test,
-                                              labels=tuple(dataset.labels), blocks_planned=options.blocks_planned,
+                                              labels=tuple(dataset.labels), blocks_planned=options.planned,
                                               **budget))
     records = runner.run()
     summary = {"labels": dataset.labels, "train_samples": len(mine), "test_samples": len(dataset.test),

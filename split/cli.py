@@ -448,7 +448,7 @@ def _client(args, argv: list[str]) -> int:
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
                            blocks=args.blocks, profile=profile, capacity=args.capacity,
-                           train_memory_mb=args.train_memory_mb, blocks_planned=bool(args.profile))
+                           train_memory_mb=args.train_memory_mb, planned=bool(args.profile))
     emulator = None
     if args.emulate:
         from edge.emulate import emulated_device
