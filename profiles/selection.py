@@ -112,6 +112,9 @@ def knapsack(values: Sequence[float], costs: Sequence[float], budget: float,
     limit = n if max_items is None else min(max_items, n)
     if limit < 0:
         raise ValueError(f"max_items must be >= 0, got {max_items}")
+    worth = [j for j in range(n) if values[j] > 0]
+    if len(worth) <= limit and sum(costs[j] for j in worth) <= budget:
+        return frozenset(worth)  # everything of value fits: no rounding can do better
     units = [_units(c, budget, resolution) for c in costs]
     # best[k, w]: the largest value of at most k items within w units.
     best = np.zeros((limit + 1, resolution + 1))
@@ -149,18 +152,16 @@ def chain_knapsack(values: Sequence[float], costs: Sequence[float], budget: floa
     limit = len(values) if max_items is None else max_items
     if not (isinstance(resolution, int) and resolution >= 1):
         raise ValueError(f"resolution must be an integer >= 1, got {resolution}")
-    # One unit for every sub-problem: forced costs rounded up as the knapsack rounds the others.
-    unit = Fraction(budget) / resolution if budget > 0 else None
+    # Every sub-problem cuts what the forced items leave into units no finer than the budget's.
+    unit = Fraction(budget) / resolution
     best, best_value = frozenset(), -math.inf
     for start in range(len(chain) + 1):  # chain[start:] is forced; start == len(chain): no chain item
         forced = chain[start:]
-        spent = sum(_units(costs[j], budget, resolution) for j in forced)
-        if spent > resolution or len(forced) > limit:
+        room = budget - sum(costs[j] for j in forced)
+        if room < 0 or len(forced) > limit:
             continue
-        left = resolution - spent
-        room = unit * left if unit is not None and left else 0
-        rest = knapsack([values[j] for j in others], [costs[j] for j in others], room, max(left, 1),
-                        limit - len(forced))
+        units = max(1, math.floor(Fraction(room) / unit)) if unit > 0 else 1
+        rest = knapsack([values[j] for j in others], [costs[j] for j in others], room, units, limit - len(forced))
         chosen = frozenset(forced) | {others[i] for i in rest}
         value = sum(values[j] for j in chosen)
         if value > best_value:

@@ -104,7 +104,15 @@ def test_coarse_knapsack_fits_and_is_optimal_for_costs_rounded_up(items, budget,
     chosen = knapsack(values, costs, budget, resolution=resolution)
     assert total(chosen, costs) <= budget  # never over, however coarse
     rounded = [math.ceil(Fraction(c) * resolution / Fraction(budget)) for c in costs]  # units, exactly
-    assert total(chosen, values) == pytest.approx(brute_force(values, rounded, resolution), abs=1e-9)
+    # At least the optimum for the costs rounded up, at most the true optimum.
+    assert brute_force(values, rounded, resolution) - 1e-9 <= total(chosen, values)
+    assert total(chosen, values) <= brute_force(values, costs, budget) + 1e-9
+
+
+def test_a_budget_that_holds_everything_gets_everything_however_coarse():
+    costs = [333_333_337, 250_000_001, 416_666_663]
+    assert knapsack([1, 1, 1], costs, sum(costs)) == {0, 1, 2}  # rounding up would have dropped one
+    assert chain_knapsack([1, 1, 1], costs, sum(costs), chain=[0, 1]) == {0, 1, 2}
 
 
 def test_knapsack_on_block_memory_prefers_value_per_byte():
