@@ -126,14 +126,18 @@ def _elem(plan: Plan) -> int:
     return DTYPE_BYTES[plan.dtype]
 
 
+def _half(plan: Plan) -> bool:
+    return plan.dtype != "float32"
+
+
 def _block_activation_bytes(shape: ModelShape, plan: Plan, lowest: bool) -> int:
     """Bytes one block keeps for backward, its own LoRA inputs aside."""
-    elems, fp32 = act.block_per_token(shape, plan.seq_len, lowest)
+    elems, fp32 = act.block_per_token(shape, plan.seq_len, lowest, _half(plan))
     return plan.batch * plan.seq_len * (elems * _elem(plan) + fp32 * FP32)
 
 
 def _lora_activation_bytes(shape: ModelShape, plan: Plan) -> int:
-    return plan.batch * plan.seq_len * act.lora_per_token(shape, plan.rank) * FP32
+    return plan.batch * plan.seq_len * act.lora_per_token(shape, plan.rank, _half(plan)) * FP32
 
 
 def _lora_training_bytes(shape: ModelShape, plan: Plan) -> int:
@@ -152,15 +156,16 @@ def _activations(shape: ModelShape, plan: Plan) -> int:
         total += _block_activation_bytes(shape, plan, lowest=False)
     total += sum(_lora_activation_bytes(shape, plan) for b in (*bottom, *top) if b in plan.trainable)
     if lowest is not None or plan.k2:
-        total += act.rotary_bytes(shape, plan.seq_len)
+        total += act.rotary_bytes(shape, plan.seq_len, _elem(plan))
     if plan.k2:
-        total += act.head_bytes(shape, plan.batch, plan.seq_len, _elem(plan))
+        total += act.head_bytes(shape, plan.batch, plan.seq_len, _elem(plan), _half(plan))
     return total
 
 
 def _retained_block(shape: ModelShape, plan: Plan, share: float) -> int:
     """``share`` of the bytes of one block's forward temporaries over the batch."""
-    return round(share * plan.batch * plan.seq_len * act.retained_per_token(shape, plan.rank) * _elem(plan))
+    per_token = act.retained_bytes_per_token(shape, plan.rank, _elem(plan), _half(plan))
+    return round(share * plan.batch * plan.seq_len * per_token)
 
 
 def _retained(shape: ModelShape, plan: Plan) -> int:
@@ -208,9 +213,11 @@ def predict_memory(shape: ModelShape, plan: Plan, *, runtime: int | None = None)
         "gradients": trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks),
         "activations": _activations(shape, plan),
         "retained": _retained(shape, plan),
-        # The batch (ids, mask, labels), the hidden state sent and the one received.
-        "io": tokens * 3 * INT64 + 2 * tokens * shape.hidden * elem,
-        "transient": (tokens * act.backward_transient_per_token(shape, plan.seq_len) * elem
+        # The batch (ids, mask, labels), the hidden state sent and the one received
+        # (in the server's dtype, then cast to the client's).
+        "io": tokens * 3 * INT64 + tokens * shape.hidden * (
+            elem + DTYPE_BYTES[plan.server_dtype] + (elem if plan.server_dtype != plan.dtype else 0)),
+        "transient": (tokens * act.backward_transient_bytes_per_token(shape, plan.seq_len, elem, _half(plan))
                       if _backprops(shape, plan) else 0),
     }
     return MemoryEstimate(total=sum(parts.values()), parts=parts)
