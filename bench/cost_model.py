@@ -42,7 +42,7 @@ from split.partition import load_config, resolve_model_path  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 TARGET, AIM = 20.0, 10.0
-THREADS = 1  # torch threads of the client (and of the runtime baseline it is compared with)
+THREADS = 1  # default torch threads of the client (and of the runtime baseline it is compared with)
 STEPS = 3
 GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024)
 
@@ -89,14 +89,14 @@ def describe(plan: Plan) -> str:
     return f"cut {plan.k1},{plan.k2} r{plan.rank} b{plan.batch} s{plan.seq_len} train {blocks}{dtype}"
 
 
-def run_model(name: str, model: str | None, plans: list[Plan], runtime: int) -> list[dict]:
+def run_model(name: str, model: str | None, plans: list[Plan], runtime: int, threads: int) -> list[dict]:
     """Every plan of one model against one server process."""
     shape = ModelShape.from_config(load_config(resolve_model_path(model), "classification", 2, True))
     rows = []
     with running_server(model, "1,1", "--threads", "1", "--log-level", "ERROR") as endpoint:
         for plan in plans:
             started = time.perf_counter()
-            measured = measure_plan(endpoint, model, plan, steps=STEPS, threads=THREADS)
+            measured = measure_plan(endpoint, model, plan, steps=STEPS, threads=threads)
             estimate = predict_memory(shape, plan, runtime=runtime)
             peak = measured["peak_rss"]
             up, down = step_bytes(shape, plan)
@@ -118,7 +118,7 @@ def run_model(name: str, model: str | None, plans: list[Plan], runtime: int) -> 
     return rows
 
 
-def table(rows: list[dict], runtime: int) -> str:
+def table(rows: list[dict], runtime: int, threads: int) -> str:
     """The results as a Markdown table, with the worst errors."""
     lines = ["| model | plan | predicted MiB | measured MiB | error | error above runtime | bytes/step up+down "
              "(predicted / counted) |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -128,7 +128,7 @@ def table(rows: list[dict], runtime: int) -> str:
                      f"{sum(r['step_bytes_predicted']) / 1e6:.2f} MB / {sum(r['step_bytes_measured']) / 1e6:.2f} MB |")
     worst = max(rows, key=lambda r: abs(r["error_pct"]))
     worst_var = max(rows, key=lambda r: abs(r["above_runtime_error_pct"]))
-    lines += ["", f"Runtime baseline (measured in a fresh interpreter, {THREADS} torch thread): "
+    lines += ["", f"Runtime baseline (measured in a fresh interpreter, {threads} torch thread(s), as the clients): "
               f"{runtime / 2**20:.1f} MiB.",
               f"Worst error: {worst['error_pct']:+.1f}% ({worst['model']}, {worst['plan']}); target within "
               f"{TARGET:g}% ({'met' if abs(worst['error_pct']) <= TARGET else 'MISSED'}), aim {AIM:g}% "
@@ -144,24 +144,32 @@ def main() -> int:
     parser.add_argument("--work", default=str(OUT / "cost_model" / "work"),
                         help="folder for the GPT-2-shaped model (about 500 MB; kept for the next run)")
     parser.add_argument("--out", default=str(OUT), help="folder for cost_model.json and cost_model.md")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads of each client process")
     args = parser.parse_args()
-    runtime = runtime_baseline(THREADS)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    runtime = runtime_baseline(args.threads)
     print(f"runtime baseline: {runtime / 2**20:.1f} MiB", flush=True)
     rows = []
     for name in ([args.only] if args.only else list(PLANS)):
         model = None if name == "minilm" else str(gpt2_model(Path(args.work) / "gpt2-12"))
-        rows += run_model(name, model, PLANS[name], runtime)
+        rows += run_model(name, model, PLANS[name], runtime, args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     worst = max(abs(r["error_pct"]) for r in rows)
-    summary = {"runtime_baseline": runtime, "threads": THREADS, "steps": STEPS, "target_pct": TARGET,
+    summary = {"runtime_baseline": runtime, "threads": args.threads, "steps": STEPS, "target_pct": TARGET,
                "worst_error_pct": worst, "worst_above_runtime_error_pct": max(abs(r["above_runtime_error_pct"])
                                                                              for r in rows),
                "within_target": worst <= TARGET, "plans": rows}
     (out / "cost_model.json").write_text(json.dumps(summary, indent=2))
-    text = table(rows, runtime)
-    (out / "cost_model.md").write_text("# Cost model: predicted and measured client peak memory\n\n"
-                                       "Written by `python bench/cost_model.py`.\n\n" + text + "\n")
+    text = table(rows, runtime, args.threads)
+    (out / "cost_model.md").write_text(
+        "# Cost model: predicted and measured client peak memory\n\n"
+        "Written by `python bench/cost_model.py`: each plan is one real client process training "
+        f"{STEPS} steps through a `fedsplit server` process on loopback; measured is the client's peak "
+        "resident memory (VmHWM), predicted is `profiles.cost.predict_memory`. GPT-2 is a 12-block model of "
+        "GPT-2 small's widths and vocabulary with random weights. bytes/step: `step_bytes` against the "
+        "client connection's own count.\n\n" + text + "\n")
     print(text)
     return 0 if worst <= TARGET else 1
 

@@ -15,6 +15,8 @@ sequence length. The client then holds (``edge/client.py``):
   bottom segment only from the lowest trainable block upwards (below it nothing
   requires grad), in the top segment always (the client returns the gradient
   at the cut), and the head's;
+- the forward's temporaries that the C heap keeps resident after they are
+  freed (glibc; fitted, see ``RETAINED``);
 - the batch, the hidden state it sends and the one it receives, and the
   gradients alive while one block runs backward.
 
@@ -183,6 +185,17 @@ def _backprops(shape: ModelShape, plan: Plan) -> bool:
     return plan.k2 > 0 or _lowest_trained(bottom, plan.trainable) is not None
 
 
+def _transient(shape: ModelShape, plan: Plan) -> int:
+    """Bytes alive beyond the kept ones at the backward's worst moment: inside
+    one block, or, for a language-model head on the client, the logits' gradient."""
+    if not _backprops(shape, plan):
+        return 0
+    tokens = plan.batch * plan.seq_len
+    block = tokens * act.backward_transient_bytes_per_token(shape, plan.seq_len, _elem(plan), _half(plan))
+    head = tokens * shape.vocab * FP32 if plan.k2 and shape.task == "causal-lm" else 0
+    return max(block, head)
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -217,8 +230,7 @@ def predict_memory(shape: ModelShape, plan: Plan, *, runtime: int | None = None)
         # (in the server's dtype, then cast to the client's).
         "io": tokens * 3 * INT64 + tokens * shape.hidden * (
             elem + DTYPE_BYTES[plan.server_dtype] + (elem if plan.server_dtype != plan.dtype else 0)),
-        "transient": (tokens * act.backward_transient_bytes_per_token(shape, plan.seq_len, elem, _half(plan))
-                      if _backprops(shape, plan) else 0),
+        "transient": _transient(shape, plan),
     }
     return MemoryEstimate(total=sum(parts.values()), parts=parts)
 

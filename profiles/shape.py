@@ -10,6 +10,7 @@ numbers, so a planner can ask for thousands of plans.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class ModelShape:
                 f"the cost model has no checked activation formula for the {fam.name} family "
                 f"(model type {config.model_type!r}); it covers {', '.join(sorted(ARCHITECTURES))}")
         head_paths = fam.head_modules(task)
+        config = copy.deepcopy(config)  # the caller's config keeps its label count
         if task == "classification":
             config.num_labels = num_labels
         text = config.get_text_config()
@@ -99,8 +101,7 @@ class ModelShape:
             block_params=block_params,
             norm_params=count(join(fam.prefix, fam.norm)) if fam.norm else 0,
             pooler_params=count(*(join(fam.prefix, p) for p in fam.base_head)),
-            # remove_duplicate drops a head tied to the token embedding: it costs nothing more.
-            head_params=count(*head_paths),
+            head_params=0 if _tied_head(model, config, head_paths) else count(*head_paths),
             head_trained=bool(new_heads(fam, task)),
             lora_targets=_lora_targets(model, f"{blocks_path}.0", fam),
             attention_dropout=_dropout(text, ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")),
@@ -121,6 +122,15 @@ class ModelShape:
     def lora_params(self, rank: int) -> int:
         """LoRA parameters of one block at ``rank``: r x (d_in + d_out) per target."""
         return sum(rank * (d_out + d_in) for _, d_out, d_in in self.lora_targets)
+
+
+def _tied_head(model, config, head_paths) -> bool:
+    """Whether the head shares the token embedding's tensor (as
+    ``split.partition`` ties it on the client): then it costs nothing more."""
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False):
+        return False
+    tied = dict(getattr(model, "_tied_weights_keys", None) or {})
+    return any(name.startswith(head + ".") for name in tied for head in head_paths)
 
 
 def _intermediate(text) -> int:

@@ -249,3 +249,18 @@ def test_predicted_peak_matches_real_clients(tmp_path):
         predicted = predict_memory(shapes[family], plan, runtime=runtime).total
         assert peak - runtime > 0.25 * peak  # the plan's own part is a real share
         assert predicted == pytest.approx(peak, rel=0.20), (family, plan, predicted / 2**20, peak / 2**20)
+
+
+def test_shape_of_a_language_model_head():
+    """A head tied to the token embedding costs nothing more; an untied one its
+    vocabulary x width; the caller's config is left as it was."""
+    from transformers import GPT2Config, LlamaConfig
+
+    tied = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500)
+    assert ModelShape.from_config(tied, task="causal-lm").head_params == 0
+    untied = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         vocab_size=500, tie_word_embeddings=False)
+    assert ModelShape.from_config(untied, task="causal-lm").head_params == 500 * 64
+    labels = untied.num_labels
+    assert ModelShape.from_config(untied, num_labels=7).head_params == 7 * 64
+    assert untied.num_labels == labels
