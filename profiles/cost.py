@@ -351,6 +351,12 @@ def step_flops(shape: ModelShape, plan: Plan) -> float:
     for b in backward_blocks:
         backward += tokens * (2 * shape.block_params[b] + 8 * plan.seq_len * shape.attention_width
                               + 2 * shape.lora_params(plan.rank))
+    if lowest is not None:
+        # Nothing below the lowest trained block needs a gradient: its q/k/v
+        # projections and LoRA A factors compute no input gradient.
+        skipped = shape.hidden * (shape.attention_width + 2 * shape.kv_width)
+        skipped += sum(plan.rank * d_in for _, _, d_in in shape.lora_targets)
+        backward -= tokens * 2 * skipped
     backward += sum(tokens * 2 * shape.lora_params(plan.rank) for b in blocks if b in plan.trainable)
     head = 0.0
     if plan.k2:

@@ -85,8 +85,8 @@ def worker(args) -> dict:
 
     vocab = load_config(resolve_model_path(args.model), "classification", args.num_labels, True).vocab_size
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut), num_labels=args.num_labels,
-                          lora=LoraSpec(args.rank, 2.0 * args.rank), dtype=args.dtype, client_id=f"cost-model-{os.getpid()}",
-                          timeout=300.0)
+                          lora=LoraSpec(args.rank, 2.0 * args.rank), dtype=args.dtype,
+                          client_id=f"cost-model-{os.getpid()}", timeout=300.0)
     client = SplitClient(config)
     loaded = peak_rss()
     try:

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from profiles import activations as act
-from profiles.cost import ModelShape, Plan, block_memory, predict_memory, step_bytes
+from profiles.cost import ModelShape, Plan, block_memory, predict_memory, predict_step_time, step_bytes, step_flops
 from split.devices import place
 from split.families import block_of
 from split.lora import LoraSpec, attach_lora, lora_layers, set_trainable
@@ -176,6 +176,65 @@ def test_plan_refuses_nonsense(minilm_shape):
         predict_memory(minilm_shape, Plan(1, 1, 8, 8, 64, frozenset({9})), runtime=RUNTIME)
 
 
+# ---------------------------------------------------------------- time
+
+
+class _Link(nn.Module):
+    """Stands for the server and keeps the graph whole, as the client's
+    RemoteBlock does: the bottom segment runs backward when it trains."""
+
+    def forward(self, hidden, *args, **kwargs):
+        return (hidden if hidden.requires_grad else hidden.detach().requires_grad_()) * 1.0
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("trained", [{0, 1, 3}, {1, 3}, {3}])
+def test_step_flops_match_counted_flops(tmp_path, family, trained):
+    """step_flops equals the matrix-product FLOPs torch counts over one client
+    step (forward and backward), within 5%. Attention dropout keeps SDPA on its
+    math path, whose products the counter sees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from conftest import save_tiny
+
+    wide = dict(n_embd=64) if family == "gpt2" else dict(hidden_size=64, intermediate_size=256)
+    seg = build_segment(save_tiny(family, tmp_path / family, **wide), CLIENT, Cut(2, 1), dropout=True, num_labels=3)
+    seg.blocks()[2] = _Link()
+    heads = seg.family.trained_heads("classification")
+    place(seg.model, torch.device("cpu"), heads)
+    model = attach_lora(seg.model, LoraSpec(8, 16.0), seg.family, "classification", 0, modules_to_save=heads)
+    set_trainable(model, "both", modules={m for m in lora_layers(model) if block_of(m) in trained})
+    B, S = 4, 32
+    with FlopCounterMode(display=False) as counter:
+        out = model(input_ids=torch.randint(3, 90, (B, S)), attention_mask=torch.ones(B, S, dtype=torch.long),
+                    labels=torch.zeros(B, dtype=torch.long))
+        out.loss.backward()
+    shape = ModelShape.from_config(seg.config, num_labels=3)
+    assert step_flops(shape, Plan(2, 1, 8, B, S, frozenset(trained))) == \
+        pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+def test_step_time_is_compute_plus_link_plus_round_trips(minilm_shape):
+    from types import SimpleNamespace
+
+    plan = Plan(1, 1, 8, 8, 64, frozenset({0, 5}))
+    device = SimpleNamespace(gflops=lambda dtype: 50.0, uplink_mbps=20.0, downlink_mbps=100.0, rtt_ms=40.0)
+    t = predict_step_time(minilm_shape, plan, device)
+    assert t.compute == pytest.approx(step_flops(minilm_shape, plan) / 50e9)
+    up, down = step_bytes(minilm_shape, plan)
+    assert t.network == pytest.approx(up * 8 / 20e6 + down * 8 / 100e6 + 2 * 0.040)
+    assert predict_step_time(minilm_shape, plan, device, server_seconds=0.5).total == pytest.approx(t.total + 0.5)
+    slower = SimpleNamespace(gflops=lambda dtype: 25.0 if dtype == "float32" else 100.0, uplink_mbps=10.0,
+                             downlink_mbps=100.0, rtt_ms=40.0)
+    assert predict_step_time(minilm_shape, plan, slower).compute == pytest.approx(2 * t.compute)
+    assert predict_step_time(minilm_shape, Plan(**{**plan.__dict__, "dtype": "float16"}), slower).compute < t.compute
+    # Training lower blocks costs backward compute; a server block costs the client none.
+    assert step_flops(minilm_shape, Plan(3, 1, 8, 8, 64, frozenset({0}))) > \
+        step_flops(minilm_shape, Plan(3, 1, 8, 8, 64, frozenset({2}))) > \
+        step_flops(minilm_shape, Plan(3, 1, 8, 8, 64, frozenset({5}))) == \
+        step_flops(minilm_shape, Plan(3, 1, 8, 8, 64, frozenset({3, 5})))
+
+
 # ---------------------------------------------------------------- bytes on the wire
 
 
@@ -218,9 +277,9 @@ def _wide(family: str, folder):
                      vocab_size=1000, max_position_embeddings=256)
 
 
-REAL_PLANS = [("bert", Plan(2, 1, 8, 32, 128, frozenset({0, 1, 3}))),
-              ("bert", Plan(1, 1, 16, 40, 128, frozenset({3}))),  # only the top segment trains
-              ("gpt2", Plan(1, 2, 8, 16, 96, frozenset({0, 2, 3})))]
+REAL_PLANS = [("bert", Plan(2, 1, 8, 24, 128, frozenset({0, 1, 3}))),
+              ("bert", Plan(1, 1, 16, 32, 112, frozenset({3}))),  # only the top segment trains
+              ("gpt2", Plan(1, 2, 8, 12, 96, frozenset({0, 2, 3})))]
 
 
 def test_predicted_peak_matches_real_clients(tmp_path):
