@@ -17,13 +17,18 @@ from dataclasses import dataclass
 from split.families import family_for, join
 from split.partition import new_heads
 
-# Which saved-activation formula (profiles/activations.py) fits each family.
-# Each was checked against the tensors autograd saves (tests/test_cost_model.py).
+# Which activation formula (profiles/activations.py) fits each model type. Each
+# was checked against the tensors autograd saves and the forward allocates
+# (tests/test_cost_model.py); model types whose blocks differ (Qwen3's and
+# Gemma's extra norms, Gemma's scaled GELU) have none yet.
 ARCHITECTURES = {
-    "bert": "encoder",  # post-LN encoder: BERT, RoBERTa (and MiniLM)
+    "bert": "encoder",  # post-LN encoders: BERT (and MiniLM), RoBERTa, ELECTRA
+    "roberta": "encoder",
     "electra": "encoder",
     "gpt2": "gpt2",  # pre-LN decoder with a GELU MLP
-    "llama": "gated",  # pre-RMSNorm decoder with a gated (SwiGLU) MLP: Llama, Qwen2/3, Mistral, Gemma
+    "llama": "gated",  # pre-RMSNorm decoders with a gated (SwiGLU) MLP
+    "qwen2": "gated",
+    "mistral": "gated",
 }
 
 
@@ -62,10 +67,10 @@ class ModelShape:
         from split.partition import _task_class
 
         fam = family_for(config)
-        if fam.name not in ARCHITECTURES:
+        if config.model_type not in ARCHITECTURES:
             raise ValueError(
-                f"the cost model has no checked activation formula for the {fam.name} family "
-                f"(model type {config.model_type!r}); it covers {', '.join(sorted(ARCHITECTURES))}")
+                f"the cost model has no checked activation formula for model type {config.model_type!r}; "
+                f"it covers {', '.join(sorted(ARCHITECTURES))}")
         head_paths = fam.head_modules(task)
         config = copy.deepcopy(config)  # the caller's config keeps its label count
         if task == "classification":
@@ -87,7 +92,7 @@ class ModelShape:
         hidden = text.hidden_size
         return cls(
             family=fam.name,
-            architecture=ARCHITECTURES[fam.name],
+            architecture=ARCHITECTURES[config.model_type],
             task=task,
             num_layers=num_layers,
             hidden=hidden,

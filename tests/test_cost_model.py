@@ -79,7 +79,8 @@ def _forward_accounting(folder, dropout: bool, trained: set[int], batch=2, seq_l
 @pytest.mark.parametrize("family,dropout,dtype", [
     ("bert", True, "float32"), ("bert", False, "float32"), ("gpt2", True, "float32"), ("gpt2", False, "float32"),
     ("llama", False, "float32"), ("qwen2", False, "float32"), ("mistral", False, "float32"),
-    ("bert", True, "bfloat16"), ("gpt2", True, "bfloat16"), ("llama", False, "bfloat16")])
+    ("bert", True, "bfloat16"), ("gpt2", True, "bfloat16"), ("llama", False, "bfloat16"),
+    ("roberta", True, "float32"), ("electra", True, "float32")])
 def test_block_formulas_match_autograd(tiny_models, family, dropout, dtype):
     """What a block keeps for backward and what its forward allocates, counted
     on a real forward, equal the formulas: an inner block (gradients flow
@@ -163,6 +164,13 @@ def test_block_memory_adds_up(request, which):
     plan = Plan(3, 1, 8, 8, 64, frozenset({0, 1, 2}))
     assert block_memory(shape, plan, 4) == 0  # a server block
     assert block_memory(shape, plan, 0) > block_memory(shape, plan, L - 1) > 0
+
+
+def test_model_types_without_a_checked_formula_are_refused():
+    from conftest import tiny_config
+
+    with pytest.raises(ValueError, match="no checked activation formula for model type 'qwen3'.*covers bert"):
+        ModelShape.from_config(tiny_config("qwen3"))
 
 
 def test_plan_refuses_nonsense(minilm_shape):
