@@ -2,7 +2,7 @@
 
 For each plan (cut, rank, batch, sequence length, trainable blocks; on the
 built-in all-MiniLM-L6-v2 and on a 12-block GPT-2-shaped model), one real
-client process (``profiles/measured.py``) trains a few steps through a real
+client process (``edge/measured.py``) trains a few steps through a real
 ``fedsplit server`` process and reports its peak resident memory (VmHWM: the
 client's alone, runtime included) and the bytes of one step. The table gives
 the predicted peak (``profiles.cost.predict_memory``), the measured one, the
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from profiles.cost import ModelShape, Plan, predict_memory, step_bytes, step_flops  # noqa: E402
-from profiles.measured import measure_plan  # noqa: E402
+from edge.measured import measure_plan  # noqa: E402
 from profiles.runtime import runtime_baseline  # noqa: E402
 from split.launch import running_server  # noqa: E402
 from split.partition import load_config, resolve_model_path  # noqa: E402

@@ -297,7 +297,7 @@ def test_predicted_peak_matches_real_clients(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import threaded_server
-    from profiles.measured import measure_plan
+    from edge.measured import measure_plan
     from profiles.runtime import runtime_baseline
     from split.partition import load_config
 
