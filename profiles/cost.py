@@ -15,6 +15,8 @@ sequence length. The client then holds (``edge/client.py``):
   bottom segment only from the lowest trainable block upwards (below it nothing
   requires grad), in the top segment always (the client returns the gradient
   at the cut), and the head's;
+- the forward's temporaries that the C heap keeps resident after they are
+  freed (glibc; fitted, see ``RETAINED``);
 - the batch, the hidden state it sends and the one it receives, and the
   gradients alive while one block runs backward.
 
@@ -126,14 +128,18 @@ def _elem(plan: Plan) -> int:
     return DTYPE_BYTES[plan.dtype]
 
 
+def _half(plan: Plan) -> bool:
+    return plan.dtype != "float32"
+
+
 def _block_activation_bytes(shape: ModelShape, plan: Plan, lowest: bool) -> int:
     """Bytes one block keeps for backward, its own LoRA inputs aside."""
-    elems, fp32 = act.block_per_token(shape, plan.seq_len, lowest)
+    elems, fp32 = act.block_per_token(shape, plan.seq_len, lowest, _half(plan))
     return plan.batch * plan.seq_len * (elems * _elem(plan) + fp32 * FP32)
 
 
 def _lora_activation_bytes(shape: ModelShape, plan: Plan) -> int:
-    return plan.batch * plan.seq_len * act.lora_per_token(shape, plan.rank) * FP32
+    return plan.batch * plan.seq_len * act.lora_per_token(shape, plan.rank, _half(plan)) * FP32
 
 
 def _lora_training_bytes(shape: ModelShape, plan: Plan) -> int:
@@ -152,15 +158,16 @@ def _activations(shape: ModelShape, plan: Plan) -> int:
         total += _block_activation_bytes(shape, plan, lowest=False)
     total += sum(_lora_activation_bytes(shape, plan) for b in (*bottom, *top) if b in plan.trainable)
     if lowest is not None or plan.k2:
-        total += act.rotary_bytes(shape, plan.seq_len)
+        total += act.rotary_bytes(shape, plan.seq_len, _elem(plan))
     if plan.k2:
-        total += act.head_bytes(shape, plan.batch, plan.seq_len, _elem(plan))
+        total += act.head_bytes(shape, plan.batch, plan.seq_len, _elem(plan), _half(plan))
     return total
 
 
 def _retained_block(shape: ModelShape, plan: Plan, share: float) -> int:
     """``share`` of the bytes of one block's forward temporaries over the batch."""
-    return round(share * plan.batch * plan.seq_len * act.retained_per_token(shape, plan.rank) * _elem(plan))
+    per_token = act.retained_bytes_per_token(shape, plan.rank, _elem(plan), _half(plan))
+    return round(share * plan.batch * plan.seq_len * per_token)
 
 
 def _retained(shape: ModelShape, plan: Plan) -> int:
@@ -176,6 +183,17 @@ def _retained(shape: ModelShape, plan: Plan) -> int:
 def _backprops(shape: ModelShape, plan: Plan) -> bool:
     bottom, _ = client_blocks(shape, plan)
     return plan.k2 > 0 or _lowest_trained(bottom, plan.trainable) is not None
+
+
+def _transient(shape: ModelShape, plan: Plan) -> int:
+    """Bytes alive beyond the kept ones at the backward's worst moment: inside
+    one block, or, for a language-model head on the client, the logits' gradient."""
+    if not _backprops(shape, plan):
+        return 0
+    tokens = plan.batch * plan.seq_len
+    block = tokens * act.backward_transient_bytes_per_token(shape, plan.seq_len, _elem(plan), _half(plan))
+    head = tokens * shape.vocab * FP32 if plan.k2 and shape.task == "causal-lm" else 0
+    return max(block, head)
 
 
 # ---------------------------------------------------------------- memory
@@ -208,10 +226,11 @@ def predict_memory(shape: ModelShape, plan: Plan, *, runtime: int | None = None)
         "gradients": trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks),
         "activations": _activations(shape, plan),
         "retained": _retained(shape, plan),
-        # The batch (ids, mask, labels), the hidden state sent and the one received.
-        "io": tokens * 3 * INT64 + 2 * tokens * shape.hidden * elem,
-        "transient": (tokens * act.backward_transient_per_token(shape, plan.seq_len) * elem
-                      if _backprops(shape, plan) else 0),
+        # The batch (ids, mask, labels), the hidden state sent and the one received
+        # (in the server's dtype, then cast to the client's).
+        "io": tokens * 3 * INT64 + tokens * shape.hidden * (
+            elem + DTYPE_BYTES[plan.server_dtype] + (elem if plan.server_dtype != plan.dtype else 0)),
+        "transient": _transient(shape, plan),
     }
     return MemoryEstimate(total=sum(parts.values()), parts=parts)
 
@@ -332,6 +351,12 @@ def step_flops(shape: ModelShape, plan: Plan) -> float:
     for b in backward_blocks:
         backward += tokens * (2 * shape.block_params[b] + 8 * plan.seq_len * shape.attention_width
                               + 2 * shape.lora_params(plan.rank))
+    if lowest is not None:
+        # Nothing below the lowest trained block needs a gradient: its q/k/v
+        # projections and LoRA A factors compute no input gradient.
+        skipped = shape.hidden * (shape.attention_width + 2 * shape.kv_width)
+        skipped += sum(plan.rank * d_in for _, _, d_in in shape.lora_targets)
+        backward -= tokens * 2 * skipped
     backward += sum(tokens * 2 * shape.lora_params(plan.rank) for b in blocks if b in plan.trainable)
     head = 0.0
     if plan.k2:

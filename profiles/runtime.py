@@ -1,8 +1,8 @@
 """The client runtime's own resident memory, before any model.
 
 What a fedsplit client holds before it loads a model: the interpreter, torch,
-transformers, peft and ZeroMQ imported, and torch's compute libraries loaded by
-a first small training step. It is measured once per process, in a fresh
+transformers, peft and ZeroMQ imported (the ``split`` modules a client is built
+on), and torch's compute libraries loaded by a first small training step. It is measured once per process, in a fresh
 subprocess (this process has already imported and allocated other things), and
 cached: the cost model adds it to every prediction.
 """
@@ -19,15 +19,22 @@ from split.launch import child_env
 # Run in the fresh interpreter: import what a client imports, take one tiny
 # autograd step, report the resident size (VmRSS) and its peak (VmHWM).
 _PROBE = """
-import json, torch
-import edge.client  # torch, transformers, peft, accelerate, zmq: a client's imports
-from edge.meter import current_rss, peak_rss
+import json, pathlib, torch
+# What a client imports (edge/client.py): torch, transformers, peft, accelerate,
+# ZeroMQ and msgpack come with these, and psutil with its meter.
+import resource, sys, psutil, split.lora, split.partition, split.protocol, split.transport
 threads = {threads}
 if threads:
     torch.set_num_threads(threads)
 w = torch.randn(64, 64, requires_grad=True)
 (torch.randn(8, 64) @ w).tanh().sum().backward()
-print(json.dumps({{"rss": current_rss(), "peak": peak_rss(), "threads": torch.get_num_threads()}}))
+proc = pathlib.Path("/proc/self/status")
+status = dict(line.split(":", 1) for line in proc.read_text().splitlines()) if proc.exists() else {{}}
+if "VmHWM" in status:
+    peak = int(status["VmHWM"].split()[0]) * 1024
+else:  # as edge/meter.py reads it where there is no /proc: macOS reports bytes, others kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+print(json.dumps({{"peak": peak, "threads": torch.get_num_threads()}}))
 """
 
 

@@ -10,19 +10,25 @@ numbers, so a planner can ask for thousands of plans.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
 from split.families import family_for, join
 from split.partition import new_heads
 
-# Which saved-activation formula (profiles/activations.py) fits each family.
-# Each was checked against the tensors autograd saves (tests/test_cost_model.py).
+# Which activation formula (profiles/activations.py) fits each model type. Each
+# was checked against the tensors autograd saves and the forward allocates
+# (tests/test_cost_model.py); model types whose blocks differ (Qwen3's and
+# Gemma's extra norms, Gemma's scaled GELU) have none yet.
 ARCHITECTURES = {
-    "bert": "encoder",  # post-LN encoder: BERT, RoBERTa (and MiniLM)
+    "bert": "encoder",  # post-LN encoders: BERT (and MiniLM), RoBERTa, ELECTRA
+    "roberta": "encoder",
     "electra": "encoder",
     "gpt2": "gpt2",  # pre-LN decoder with a GELU MLP
-    "llama": "gated",  # pre-RMSNorm decoder with a gated (SwiGLU) MLP: Llama, Qwen2/3, Mistral, Gemma
+    "llama": "gated",  # pre-RMSNorm decoders with a gated (SwiGLU) MLP
+    "qwen2": "gated",
+    "mistral": "gated",
 }
 
 
@@ -61,11 +67,12 @@ class ModelShape:
         from split.partition import _task_class
 
         fam = family_for(config)
-        if fam.name not in ARCHITECTURES:
+        if config.model_type not in ARCHITECTURES:
             raise ValueError(
-                f"the cost model has no checked activation formula for the {fam.name} family "
-                f"(model type {config.model_type!r}); it covers {', '.join(sorted(ARCHITECTURES))}")
+                f"the cost model has no checked activation formula for model type {config.model_type!r}; "
+                f"it covers {', '.join(sorted(ARCHITECTURES))}")
         head_paths = fam.head_modules(task)
+        config = copy.deepcopy(config)  # the caller's config keeps its label count
         if task == "classification":
             config.num_labels = num_labels
         text = config.get_text_config()
@@ -85,7 +92,7 @@ class ModelShape:
         hidden = text.hidden_size
         return cls(
             family=fam.name,
-            architecture=ARCHITECTURES[fam.name],
+            architecture=ARCHITECTURES[config.model_type],
             task=task,
             num_layers=num_layers,
             hidden=hidden,
@@ -99,8 +106,7 @@ class ModelShape:
             block_params=block_params,
             norm_params=count(join(fam.prefix, fam.norm)) if fam.norm else 0,
             pooler_params=count(*(join(fam.prefix, p) for p in fam.base_head)),
-            # remove_duplicate drops a head tied to the token embedding: it costs nothing more.
-            head_params=count(*head_paths),
+            head_params=0 if _tied_head(model, config, head_paths) else count(*head_paths),
             head_trained=bool(new_heads(fam, task)),
             lora_targets=_lora_targets(model, f"{blocks_path}.0", fam),
             attention_dropout=_dropout(text, ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")),
@@ -121,6 +127,15 @@ class ModelShape:
     def lora_params(self, rank: int) -> int:
         """LoRA parameters of one block at ``rank``: r x (d_in + d_out) per target."""
         return sum(rank * (d_out + d_in) for _, d_out, d_in in self.lora_targets)
+
+
+def _tied_head(model, config, head_paths) -> bool:
+    """Whether the head shares the token embedding's tensor (as
+    ``split.partition`` ties it on the client): then it costs nothing more."""
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False):
+        return False
+    tied = dict(getattr(model, "_tied_weights_keys", None) or {})
+    return any(name.startswith(head + ".") for name in tied for head in head_paths)
 
 
 def _intermediate(text) -> int:

@@ -1,7 +1,7 @@
 """A plan run for real: one client process training a few steps through a
 server, reporting its peak resident memory, bytes per step and step time.
 
-The client runs in a process of its own (``python -m profiles.measured``), so
+The client runs in a process of its own (``python -m edge.measured``), so
 its peak (VmHWM, ``edge/meter.py``) is the client's alone, runtime included:
 the figure ``profiles.cost.predict_memory`` predicts. Batches are random token
 ids padded the way fedsplit pads a batch (to its longest sample, here always
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
 from split.launch import child_env
 
-from .cost import Plan
+from profiles.cost import Plan
 
 
 def plan_args(plan: Plan) -> list[str]:
@@ -35,7 +36,7 @@ def measure_plan(endpoint: str, model: str | None, plan: Plan, steps: int = 3, t
     """Run ``plan`` in a fresh client process against the server at
     ``endpoint``; returns what the worker reports (``peak_rss``, ``step_bytes``,
     ``step_seconds``, ...). ``model``: a folder (None: the built-in MiniLM)."""
-    cmd = [sys.executable, "-m", "profiles.measured", "--server", endpoint, "--steps", str(steps),
+    cmd = [sys.executable, "-m", "edge.measured", "--server", endpoint, "--steps", str(steps),
            "--threads", str(threads), "--num-labels", str(num_labels), *plan_args(plan)]
     if model is not None:
         cmd += ["--model", str(model)]
@@ -61,7 +62,7 @@ def _train_only(client, blocks: set[int]) -> None:
     """Let the LoRA of ``blocks`` (and the trained head) train; a fresh AdamW over them."""
     import torch
 
-    from edge.federated import head_params
+    from .federated import head_params
     from split.families import block_of
     from split.lora import lora_layers, set_trainable
 
@@ -77,15 +78,15 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from edge.client import ClientConfig, SplitClient
-    from edge.meter import current_rss, peak_rss
+    from .client import ClientConfig, SplitClient
+    from .meter import current_rss, peak_rss
     from split.lora import LoraSpec
     from split.partition import Cut, load_config, resolve_model_path
 
     vocab = load_config(resolve_model_path(args.model), "classification", args.num_labels, True).vocab_size
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut), num_labels=args.num_labels,
-                          lora=LoraSpec(args.rank, 2.0 * args.rank), dtype=args.dtype, client_id="cost-model",
-                          timeout=300.0)
+                          lora=LoraSpec(args.rank, 2.0 * args.rank), dtype=args.dtype,
+                          client_id=f"cost-model-{os.getpid()}", timeout=300.0)
     client = SplitClient(config)
     loaded = peak_rss()
     try:
@@ -106,7 +107,7 @@ def worker(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="one client process measuring a plan (profiles.measured)")
+    p = argparse.ArgumentParser(description="one client process measuring a plan (edge.measured)")
     p.add_argument("--server", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--cut", required=True)
