@@ -17,6 +17,7 @@ from importlib.metadata import version
 
 import torch
 
+from edge import device_demo
 from profiles import cli_profile, plan_command
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
@@ -96,7 +97,8 @@ SERVER_EXAMPLE = ("fedsplit server --cut 1,1 --bind tcp://*:5555 --secret-key ke
                   "--allow keys/clients --strategy fedit --rounds 10 --min-clients 4")
 CLIENT_EXAMPLE = ("fedsplit client --server tcp://SERVER_HOST:5555 --key keys/client1.key_secret "
                   "--server-key keys/server.key --data train.jsonl --test-data test.jsonl --epochs 3 --out my-adapter")
-DEMO_EXAMPLE = "fedsplit demo --clients 4 --strategy flexlora --ranks 4,8,16 --rounds 5"
+DEMO_EXAMPLE = ("fedsplit demo --clients 4 --strategy flexlora --ranks 4,8,16 --rounds 5\n"
+                "  fedsplit demo --devices laptop,orin-nano,pi5,jetson-nano")
 KEYS_EXAMPLE = "fedsplit keys keys --name client1"
 
 
@@ -245,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run as a device would: a built-in profile (pi5, jetson-nano, ...) or a .toml file; "
                         "compute slowed to its speed, its link's bandwidth and RTT on every message, its memory "
                         "budget enforced (the summary gains the emulated times)")
+    c.add_argument("--emulate-clock", choices=["wall", "cpu"], default="wall",
+                   help="--emulate: time compute by wall-clock, or by the CPU time of the client's one thread "
+                        "(needs --threads 1; robust when other processes share the cores)")
+    c.add_argument("--host-gflops", type=positive_float, default=None, metavar="GFLOPS",
+                   help="--emulate: this host's speed, measured once for several clients started together "
+                        "(default: measured at start, as --emulate-clock needs it)")
+    c.add_argument("--emulate-evaluation", choices=["device", "host"], default="device",
+                   help="--emulate: evaluate the global model as the device would, or at host speed on an "
+                        "undelayed link, left out of the emulated times (a measurement, not the device's job)")
     g = c.add_argument_group("federation (when the server runs rounds)")
     g.add_argument("--num-clients", type=positive_int, default=1, help="clients the training data is split among")
     g.add_argument("--client-index", type=nonnegative_int, default=0,
@@ -263,9 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help="model folder or hub id (default: the built-in all-MiniLM-L6-v2)")
     d.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the --model folder)")
     d.add_argument("--clients", type=positive_int, default=4, help="client processes (1: plain split training)")
-    d.add_argument("--strategy", default="fedit", help="aggregation method (docs/algorithms.md)")
-    d.add_argument("--rounds", type=positive_int, default=5, help="rounds of the federation")
-    d.add_argument("--local-steps", type=positive_int, default=10, help="training steps per client per round")
+    d.add_argument("--strategy", default=None,
+                   help="aggregation method (docs/algorithms.md) (default: fedit; layermean with --devices)")
+    d.add_argument("--rounds", type=positive_int, default=None,
+                   help="rounds of the federation (default: 5; 3 with --devices)")
+    d.add_argument("--local-steps", type=positive_int, default=None,
+                   help="training steps per client per round (default: 10; 5 with --devices)")
     d.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration of the label split")
     d.add_argument("--ranks", type=positive_int_list, default=None,
                    help="comma-separated ranks, cycled over the clients (default: --rank)")
@@ -278,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA learning rate (default 5e-3; 2e-3 with one client)")
     d.add_argument("--head-lr", type=positive_float, default=None,
                    help="head learning rate (default 2e-2; 5e-3 with one client)")
-    d.add_argument("--out", default="fedsplit-demo", help="adapter (one client) or checkpoint folder")
+    d.add_argument("--out", default="fedsplit-demo",
+                   help="adapter (one client) or checkpoint folder; with --devices, the run's folder goes in it")
+    device_demo.add_arguments(d)
+    d.set_defaults(demo_parser=d)  # the device demo refuses options it does not use (edge.device_demo)
 
     k = _subparser(sub, "keys", "create a CurveZMQ key pair for a server or a client", KEYS_EXAMPLE)
     k.add_argument("folder", metavar="DIR", help="folder to write NAME.key and NAME.key_secret into (made if missing)")
@@ -410,6 +427,10 @@ def _client(args, argv: list[str]) -> int:
     from edge.client import ClientConfig
     from edge.train import TrainOptions, run_client, write_summary
 
+    if not args.emulate and (args.host_gflops is not None or args.emulate_clock != "wall"
+                             or args.emulate_evaluation != "device"):
+        raise ValueError("--host-gflops, --emulate-clock and --emulate-evaluation set how a device is emulated: add "
+                         "--emulate PROFILE")
     _set_threads(args.threads)
     profile = ""
     if args.profile:
@@ -433,7 +454,8 @@ def _client(args, argv: list[str]) -> int:
     if args.emulate:
         from edge.emulate import emulated_device
 
-        emulator = emulated_device(args.emulate, args.device, args.dtype)
+        emulator = emulated_device(args.emulate, args.device, args.dtype, args.host_gflops, args.emulate_clock,
+                                   args.emulate_evaluation)
         print(f"fedsplit client: {emulator.describe()}", file=sys.stderr, flush=True)
     summary = run_client(config, options, emulator)
     if emulator is not None:
