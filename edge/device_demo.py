@@ -150,7 +150,7 @@ def client_arguments(demo: DeviceDemo, index: int, endpoint: str, host_gflops: f
     folder = demo.out / f"client{index}"
     cmd = ["client", "--server", endpoint, "--data", "builtin", "--num-clients", str(len(demo.devices)),
            "--client-index", str(index), "--partition", "dirichlet", "--partition-alpha", str(demo.alpha),
-           "--profile", name, "--emulate", name, "--emulate-clock", "cpu", "--host-gflops", f"{host_gflops:.3f}",
+           "--profile", name, "--emulate", name, "--emulate-clock", "cpu", "--emulate-host-gflops", f"{host_gflops:.3f}",
            "--emulate-evaluation", "host",
            "--threads", "1", "--lr", str(demo.lr), "--head-lr", str(demo.head_lr), "--seed", str(demo.seed),
            "--id", f"{index}-{Path(name).stem}", "--summary-json", str(folder / "summary.json"),

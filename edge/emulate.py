@@ -79,6 +79,7 @@ CLOCKS = ("wall", "cpu")
 # How the client names its compute blocks (edge.client): a training step, an evaluation batch.
 TRAINING, EVALUATION = "training step", "an evaluation batch"
 EVALUATIONS = ("device", "host")
+MEMORY_MODES = ("enforce", "report")
 
 
 class MemoryBudgetExceeded(RuntimeError):
@@ -195,7 +196,7 @@ class EmulatedDevice:
     ``computing()`` marks the client's compute blocks."""
 
     def __init__(self, profile, host_gflops: float, *, dtype: str = "float32", device: str | torch.device = "cpu",
-                 clock: str = "wall", evaluation: str = "device"):
+                 clock: str = "wall", evaluation: str = "device", memory: str = "enforce"):
         self.profile = profile
         self.dtype = dtype
         resolve_dtype(dtype)
@@ -210,6 +211,10 @@ class EmulatedDevice:
         if evaluation not in EVALUATIONS:
             raise ValueError(f"evaluation must be one of {', '.join(EVALUATIONS)}, got {evaluation!r}")
         self.evaluation = evaluation
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        self.memory = memory
+        self.over_budget: str | None = None  # memory="report": the first reading over the budget
         if profile.accelerator == "cpu" and self.device.type != "cpu":
             raise ValueError(f"profile {profile.name!r} describes a device without a GPU, but the client would "
                              f"compute on {self.device}: emulate it with --device cpu")
@@ -355,15 +360,22 @@ class EmulatedDevice:
 
     def check_memory(self, when: str = "now") -> int:
         """Compare the client's peak memory with the budget; returns the bytes
-        measured, or raises ``MemoryBudgetExceeded`` naming both."""
+        measured, or raises ``MemoryBudgetExceeded`` naming both. With
+        ``memory="report"`` the client goes on: the first reading over the
+        budget is kept in ``over_budget`` (and logged), and the summary says so."""
         used, what = self.memory_used()
         self.peak_bytes = max(self.peak_bytes, used)
         if used > self.budget_bytes:
+            text = (f"the client exceeds the memory budget of emulated device {self.profile.name!r}: {what} {when}, "
+                    f"over its budget of {self.profile.memory_gb:g} GiB ({self.budget_bytes} bytes)")
+            if self.memory == "report":
+                if self.over_budget is None:
+                    self.over_budget = text
+                    log.warning("%s; going on, as --emulate-memory report asks", text)
+                return used
             raise MemoryBudgetExceeded(
-                f"the client exceeds the memory budget of emulated device {self.profile.name!r}: {what} {when}, "
-                f"over its budget of {self.profile.memory_gb:g} GiB ({self.budget_bytes} bytes). This plan does "
-                "not fit the device: lower --batch-size, --max-length or --rank, train fewer --blocks, or move "
-                "the cut (--cut) so fewer blocks run on the client")
+                f"{text}. This plan does not fit the device: lower --batch-size, --max-length or --rank, train "
+                "fewer --blocks, or move the cut (--cut) so fewer blocks run on the client")
         return used
 
     # ------------------------------------------------------------ reports
@@ -375,7 +387,8 @@ class EmulatedDevice:
                 "eval_host_s": self.eval_host_s, "host_gflops": self.host_gflops,
                 "device_gflops": self.device_gflops, "slowdown": self.slowdown, "uplink_mbps": p.uplink_mbps,
                 "downlink_mbps": p.downlink_mbps, "rtt_ms": p.rtt_ms, "memory_budget_bytes": self.budget_bytes,
-                "peak_memory_bytes": self.peak_bytes, "wall_s": self.wall_s(), **asdict(self.counters()),
+                "peak_memory_bytes": self.peak_bytes, "memory": self.memory, "over_budget": self.over_budget,
+                "wall_s": self.wall_s(), **asdict(self.counters()),
                 "slept_s": self.slept_s, "stretches": self.stretches}
 
     def describe(self) -> str:
@@ -398,10 +411,11 @@ class EmulatedDevice:
 
 def emulated_device(profile: str, device: str = "cpu", dtype: str = "float32",
                     host_gflops: float | None = None, clock: str = "wall",
-                    evaluation: str = "device") -> EmulatedDevice:
+                    evaluation: str = "device", memory: str = "enforce") -> EmulatedDevice:
     """The device ``profile`` (a built-in name such as "pi5", or a .toml file)
     emulated for a client computing on ``device`` at ``dtype``, its stretches
-    timed by ``clock``, evaluation emulated or not (``evaluation``); this host's speed is measured with a timed matmul
+    timed by ``clock``, evaluation emulated or not (``evaluation``), its
+    memory budget enforced or only reported (``memory``); this host's speed is measured with a timed matmul
     (``host_speed``) unless ``host_gflops`` is given (measured once by whoever
     starts several emulated clients at once, which would otherwise measure
     each other's load)."""
@@ -411,4 +425,5 @@ def emulated_device(profile: str, device: str = "cpu", dtype: str = "float32",
         raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     if host_gflops is None:
         host_gflops = host_speed(str(dev), resolve_dtype(dtype), clock, seconds=0.3)
-    return EmulatedDevice(prof, host_gflops, dtype=dtype, device=dev, clock=clock, evaluation=evaluation)
+    return EmulatedDevice(prof, host_gflops, dtype=dtype, device=dev, clock=clock, evaluation=evaluation,
+                          memory=memory)

@@ -17,7 +17,7 @@ from importlib.metadata import version
 
 import torch
 
-from edge import device_demo
+from edge import device_demo, emulate_cli
 from profiles import cli_profile, plan_command
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
@@ -247,15 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run as a device would: a built-in profile (pi5, jetson-nano, ...) or a .toml file; "
                         "compute slowed to its speed, its link's bandwidth and RTT on every message, its memory "
                         "budget enforced (the summary gains the emulated times)")
-    c.add_argument("--emulate-clock", choices=["wall", "cpu"], default="wall",
-                   help="--emulate: time compute by wall-clock, or by the CPU time of the client's one thread "
-                        "(needs --threads 1; robust when other processes share the cores)")
-    c.add_argument("--host-gflops", type=positive_float, default=None, metavar="GFLOPS",
-                   help="--emulate: this host's speed, measured once for several clients started together "
-                        "(default: measured at start, as --emulate-clock needs it)")
-    c.add_argument("--emulate-evaluation", choices=["device", "host"], default="device",
-                   help="--emulate: evaluate the global model as the device would, or at host speed on an "
-                        "undelayed link, left out of the emulated times (a measurement, not the device's job)")
+    emulate_cli.add_arguments(c)
     g = c.add_argument_group("federation (when the server runs rounds)")
     g.add_argument("--num-clients", type=positive_int, default=1, help="clients the training data is split among")
     g.add_argument("--client-index", type=nonnegative_int, default=0,
@@ -427,10 +419,7 @@ def _client(args, argv: list[str]) -> int:
     from edge.client import ClientConfig
     from edge.train import TrainOptions, run_client, write_summary
 
-    if not args.emulate and (args.host_gflops is not None or args.emulate_clock != "wall"
-                             or args.emulate_evaluation != "device"):
-        raise ValueError("--host-gflops, --emulate-clock and --emulate-evaluation set how a device is emulated: add "
-                         "--emulate PROFILE")
+    emulation = emulate_cli.emulation(args)  # checked before any work
     _set_threads(args.threads)
     profile = ""
     if args.profile:
@@ -451,11 +440,10 @@ def _client(args, argv: list[str]) -> int:
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
                            blocks=args.blocks, profile=profile)
     emulator = None
-    if args.emulate:
+    if emulation is not None:
         from edge.emulate import emulated_device
 
-        emulator = emulated_device(args.emulate, args.device, args.dtype, args.host_gflops, args.emulate_clock,
-                                   args.emulate_evaluation)
+        emulator = emulated_device(**emulation)
         print(f"fedsplit client: {emulator.describe()}", file=sys.stderr, flush=True)
     summary = run_client(config, options, emulator)
     if emulator is not None:
