@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from split.families import block_of
+from split.gradients import BlockGradients, lora_blocks
 from split.lora import (PEFT_PREFIX, fold_delta, get_factors, init_lora, lora_layers, pad_rows, set_factors,
                         set_trainable)
 from split.protocol import FederationSettings, Join, RoundOffer, UploadPayload
@@ -62,6 +63,11 @@ class FederatedOptions:
     personal: bool = False  # FedDPA: a second, local adapter that is trained but never uploaded
     personal_test: object | None = None  # batches of the client's own held-out data
     labels: tuple[str, ...] | None = None  # class names in head order, checked against the other clients'
+    # What this client affords, for a server that allocates blocks every round (--allocation):
+    capacity: int | None = None  # blocks it can train per round
+    train_memory: int | None = None  # bytes for trainable blocks
+    block_costs: dict[int, int] | None = None  # each block's training memory in bytes (edge.allocation)
+    blocks_planned: bool = False  # ``blocks`` came from a plan: a server that allocates decides them instead
 
 
 def _head_name(param_name: str) -> str:
@@ -131,6 +137,8 @@ class FederatedClient:
         self.settings: FederationSettings | None = None
         self.personal = PersonalAdapter(self.client) if self.options.personal else None
         self.started: RoundStart | None = None  # the latest round this client began
+        self.round_blocks: frozenset[int] | None = None  # blocks the running round trains (None: options.blocks)
+        self.gradient_scores: dict[int, float] | None = None  # the round's squared gradients, when asked for
         self.redone = 0  # rounds begun again after the server lost this client's session
 
     def _request(self, msg):
@@ -139,9 +147,13 @@ class FederatedClient:
     def join(self) -> FederationSettings:
         """Join the federation; returns its settings."""
         spec = self.client.config.lora
-        blocks = None if self.options.blocks is None else frozenset(self.options.blocks)
-        reply = self._request(Join(spec.rank, spec.alpha, self.num_samples, self.modules, blocks,
-                                   self.options.profile, self.options.labels).to_message())
+        opts = self.options
+        blocks = None if opts.blocks is None else frozenset(opts.blocks)
+        federation = self.client.federation
+        if opts.blocks_planned and federation is not None and federation.allocation != "fixed":
+            blocks = None  # the server allocates every round, within the plan's capacity and budget
+        reply = self._request(Join(spec.rank, spec.alpha, self.num_samples, self.modules, blocks, opts.profile,
+                                   opts.labels, opts.capacity, opts.train_memory, opts.block_costs).to_message())
         self.settings = FederationSettings.from_meta(reply.meta, "join reply")
         return self.settings
 
@@ -165,8 +177,9 @@ class FederatedClient:
                 heads[name].copy_(value)
 
     def _trained_modules(self) -> set[str] | None:
-        """The client-side LoRA modules this client trains (None: all of them)."""
-        blocks = self.options.blocks
+        """The client-side LoRA modules this client trains (None: all of them):
+        those of the round's blocks when the server allocates them, else of ``--blocks``."""
+        blocks = self.options.blocks if self.round_blocks is None else self.round_blocks
         return None if blocks is None else {m for m in self.modules if block_of(m) in blocks}
 
     def _optimizer(self, trainable: str) -> torch.optim.Optimizer:
@@ -208,18 +221,33 @@ class FederatedClient:
         payload = UploadPayload(round_index, self.num_samples, self.rank,
                                 A={m: a[:self.rank].contiguous() for m, (a, _) in factors.items()},
                                 B={m: b[:, :self.rank].contiguous() for m, (_, b) in factors.items()},
-                                head={n: p.detach().clone() for n, p in head_params(self.client).items()})
+                                head={n: p.detach().clone() for n, p in head_params(self.client).items()},
+                                fisher=self.gradient_scores)
         self._request(payload.to_message())
 
     def _train_round(self, offer: RoundOffer) -> list[float]:
         """The round's local steps, with HetLoRA's regulariser and pruning when
         the offer asks for them."""
+        self.round_blocks = offer.blocks
         self.client.optimizer = self._optimizer(offer.trainable)
         batches = self._round_batches(offer.round)
         hetlora = HetLoRAOptions.from_options(offer.options)
         regulariser = None if hetlora is None else RankRegulariser(self.layers, hetlora, self.rank)
         penalty = None if regulariser is None else regulariser.penalty
-        losses = [self.client.train_step(next(batches), penalty) for _ in range(self._steps())]
+        gradients = BlockGradients(lora_blocks(self.client.model, modules=self._trained_modules())) \
+            if offer.fisher else None
+        handles = [] if gradients is None else gradients.hook(p for p in self.client.model.parameters()
+                                                              if p.requires_grad)
+        try:
+            losses = []
+            for _ in range(self._steps()):
+                losses.append(self.client.train_step(next(batches), penalty))
+                if gradients is not None:
+                    gradients.step()
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.gradient_scores = None if gradients is None else gradients.scores()
         if regulariser is not None:
             rank = regulariser.prune()
             if rank < self.rank:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from split.families import family_for
 from split.partition import load_config, resolve_model_path
 
+from .allocation import affordable
 from .client import ClientConfig, SplitClient
 from .client_shares import client_shares
 from .data import Batches, load_dataset, load_text_dataset, split_train_test
@@ -50,6 +51,9 @@ class TrainOptions:
     num_clients: int = 1
     client_index: int = 0
     blocks: list[int] | None = None  # blocks whose LoRA this client trains (None: all)
+    capacity: int | None = None  # blocks it can train per round, for a server that allocates them
+    train_memory_mb: float | None = None  # MiB it affords for trainable blocks, likewise
+    planned: bool = False  # blocks, capacity and train memory came from the server's plan (--profile)
     eval_rounds: bool = False
     personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
     profile: str = ""  # the device profile's name, sent at join (``--profile``)
@@ -124,9 +128,11 @@ def run_client(config: ClientConfig, options: TrainOptions, emulator=None) -> di
                 raise ValueError("federated rounds train classification only from `fedsplit client`; "
                                  "--task causal-lm runs with a server started without --strategy")
             return _run_federated(client, dataset, tokenizer, options, rss_before)
-        if options.blocks is not None or options.personal or options.eval_rounds or options.num_clients > 1:
-            raise ValueError("--blocks, --personal, --eval-rounds and --num-clients are for federated rounds, "
-                             "but this server runs none (start it with --strategy)")
+        # A plan a plain server serves trains every block; its capacity and budget go unused.
+        budget = not options.planned and (options.capacity is not None or options.train_memory_mb is not None)
+        if options.blocks is not None or options.personal or options.eval_rounds or options.num_clients > 1 or budget:
+            raise ValueError("--blocks, --capacity, --train-memory-mb, --personal, --eval-rounds and --num-clients "
+                             "are for federated rounds, but this server runs none (start it with --strategy)")
         return _run_single(client, data, options, summary, rss_before)
     finally:
         client.close()
@@ -201,11 +207,13 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
         personal_test = Batches(held_out, dataset, tokenizer, options.max_length, 64, False)
     train = Batches(mine, dataset, tokenizer, options.max_length, options.batch_size, True, cfg.seed)
     test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False) if options.eval_rounds else None
+    budget = affordable(client, options.capacity, options.train_memory_mb, options.batch_size, options.max_length)
     runner = FederatedClient(client, train, len(mine), test,
                              FederatedOptions(blocks=options.blocks, profile=options.profile,
                                               evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test,
-                                              labels=tuple(dataset.labels)))
+                                              labels=tuple(dataset.labels), blocks_planned=options.planned,
+                                              **budget))
     records = runner.run()
     summary = {"labels": dataset.labels, "train_samples": len(mine), "test_samples": len(dataset.test),
                "federation": asdict(client.federation), "cut": str(client.cut),

@@ -45,6 +45,13 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
 INT64 = 8
+# Forward temporaries that stay resident as heap holes (activations.retained_per_token):
+# all of the first block's gradients flow through, and this share of every such
+# block's. Fitted on 15 measured client peaks (MiniLM and a 12-block GPT-2, batch
+# 2 to 64, sequence 64 to 512, 1 to 5 blocks on the gradient path) that are not
+# among bench/cost_model.py's plans.
+RETAINED_FIRST = 1.0
+RETAINED = 0.4
 MESSAGES_PER_STEP = 2  # forward and backward, each a request and its reply
 CLIENT_ID = "client-0123abcd"  # a client's default id: "client-" + 8 hex digits
 
@@ -144,9 +151,26 @@ def _activations(shape: ModelShape, plan: Plan) -> int:
     for b in top:
         total += _block_activation_bytes(shape, plan, lowest=False)
     total += sum(_lora_activation_bytes(shape, plan) for b in (*bottom, *top) if b in plan.trainable)
+    if lowest is not None or plan.k2:
+        total += act.rotary_bytes(shape, plan.seq_len)
     if plan.k2:
         total += act.head_bytes(shape, plan.batch, plan.seq_len, _elem(plan))
     return total
+
+
+def _retained_block(shape: ModelShape, plan: Plan, share: float) -> int:
+    """``share`` of the bytes of one block's forward temporaries over the batch."""
+    return round(share * plan.batch * plan.seq_len * act.retained_per_token(shape, plan.rank) * _elem(plan))
+
+
+def _retained(shape: ModelShape, plan: Plan) -> int:
+    """Bytes of forward temporaries left resident by the blocks gradients flow through."""
+    bottom, top = client_blocks(shape, plan)
+    lowest = _lowest_trained(bottom, plan.trainable)
+    blocks = len(top) + (plan.k1 - lowest if lowest is not None else 0)
+    if not blocks:
+        return 0
+    return _retained_block(shape, plan, RETAINED_FIRST) + blocks * _retained_block(shape, plan, RETAINED)
 
 
 def _backprops(shape: ModelShape, plan: Plan) -> bool:
@@ -183,6 +207,7 @@ def predict_memory(shape: ModelShape, plan: Plan, *, runtime: int | None = None)
         "optimizer": ADAM_STATES * (trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks)),
         "gradients": trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks),
         "activations": _activations(shape, plan),
+        "retained": _retained(shape, plan),
         # The batch (ids, mask, labels), the hidden state sent and the one received.
         "io": tokens * 3 * INT64 + 2 * tokens * shape.hidden * elem,
         "transient": (tokens * act.backward_transient_per_token(shape, plan.seq_len) * elem
@@ -213,7 +238,8 @@ def block_memory(shape: ModelShape, plan: Plan, block: int) -> int:
     above = 0
     if block + 1 < plan.k1:
         above = _block_activation_bytes(shape, plan, lowest=False) - _block_activation_bytes(shape, plan, lowest=True)
-    return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan) + own + above
+    retained = _retained_block(shape, plan, RETAINED)
+    return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan) + own + above + retained
 
 
 # ---------------------------------------------------------------- the wire

@@ -182,6 +182,8 @@ class BackboneCompute:
         for p, g in zip(params, grads[1:]):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
+        if session.gradients is not None:  # --allocation fisher
+            session.gradients.record(params, grads[1:])
         # A shared adapter may step only when no other client's graph still
         # needs its current values; until then gradients accumulate.
         if session.adapter != SHARED or not self.sessions.graphs_waiting():

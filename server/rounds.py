@@ -33,6 +33,7 @@ from split.seeds import generator, stable_seed
 
 from . import admission
 from .admission import MAX_SAMPLES, MAX_VALUE, ModelLayout, Refused
+from .allocation import ALLOCATIONS, Allocator, Resources, below_cut, check_fisher
 from .strategies import get_strategy
 from .strategies.base import ClientInfo, Download, Factors, GlobalModel, StrategyError, Upload, methods_with
 from .strategies.robust import RobustConfig, robust
@@ -65,6 +66,8 @@ class FederationConfig:
     max_samples: int = MAX_SAMPLES  # most training samples one client may declare at join
     max_upload_value: float = MAX_VALUE  # bound on the magnitude of every uploaded value (server/admission.py)
     robust: RobustConfig = field(default_factory=RobustConfig)  # clipping, trimmed mean or median
+    allocation: str = "fixed"  # which blocks each client trains per round (server/allocation.py)
+    cover_all: bool = False  # FedRA: the round's participants cover every block when they can
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
@@ -87,12 +90,16 @@ class FederationConfig:
             raise ValueError(f"max_samples must be >= 1, got {self.max_samples}")
         if not (math.isfinite(self.max_upload_value) and self.max_upload_value > 0):
             raise ValueError(f"max_upload_value must be a finite number > 0, got {self.max_upload_value}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.cover_all and self.allocation != "fedra":
+            raise ValueError(f"--cover-all applies to --allocation fedra, not {self.allocation}")
         if "seed" in self.strategy_options:
             raise ValueError("the strategy's seed is the run's seed: give --seed, not --strategy-option seed=...")
 
     def settings(self) -> FederationSettings:
         """What a client needs to know of these rounds."""
-        return FederationSettings(self.strategy, self.rounds, self.local_steps, self.local_epochs)
+        return FederationSettings(self.strategy, self.rounds, self.local_steps, self.local_epochs, self.allocation)
 
 
 class FederationError(ValueError):
@@ -112,6 +119,11 @@ class ServerSide(Protocol):
 
     def collect(self, client: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """A client's server-side factors now."""
+
+    def gradient_scores(self, client: str) -> dict[int, float]:
+        """Per server-side block the client trained since its last load, the
+        mean over its backward steps of the sum of its LoRA gradients squared
+        (empty unless the server measures them: --allocation fisher)."""
 
     def fold(self, deltas: dict[str, torch.Tensor]) -> None:
         """Add updates to the server's frozen weights."""
@@ -196,6 +208,9 @@ class Coordinator:
                                config.robust)
         if config.robust.active:
             log.warning("robust aggregation: %s", config.robust.describe())
+        self.allocation = Allocator(config.allocation, layout.num_layers, config.seed, config.cover_all)
+        if self.allocation.active and not self.strategy.block_subsets:
+            self.strategy.refuse_block_subsets(f"--allocation {config.allocation} gives clients block subsets")
         self.members: dict[str, Member] = {}
         self.labels: tuple[str, ...] | None = None  # class names in head order, from the first client naming them
         # Classes of the shared head: from the first client naming its labels, or
@@ -225,7 +240,8 @@ class Coordinator:
     # ---------------------------------------------------------------- messages
 
     def join(self, client: str, info: ClientInfo, modules: dict[str, tuple[int, int]],
-             profile: str = "", labels: tuple[str, ...] | None = None) -> FederationSettings:
+             profile: str = "", labels: tuple[str, ...] | None = None,
+             resources: Resources = Resources()) -> FederationSettings:
         """Register a client; returns the federation's settings for it. A
         client that names its classes must name the same ones, in the same
         order, as the clients before it: averaging heads whose row i means
@@ -241,6 +257,7 @@ class Coordinator:
         server_modules = frozenset(self.server.modules_for(client))
         try:
             self._admit(client, info, modules, server_modules)
+            self.allocation.check(resources, info.blocks)
         except (Refused, StrategyError) as exc:
             log.warning("client %s refused at join: %s", client, exc)
             raise FederationError(f"join refused: {exc}") from None
@@ -249,6 +266,7 @@ class Coordinator:
         old = self.members.get(client)
         synced, rounds = (old.synced, old.rounds) if old else self.returning.pop(client, (0, 0))
         self.members[client] = Member(info, modules, profile, server_modules, synced=synced, rounds=rounds)
+        self.allocation.register(client, resources, below_cut(modules, server_modules))
         if client in self.handed and client not in self.uploads:
             self._redeliver(client)
         log.info("client %s joined the federation: rank %d, %d samples%s", client, info.rank, info.num_samples,
@@ -317,9 +335,17 @@ class Coordinator:
 
     def _offer(self, status: str, member: Member, download: Download) -> RoundOffer:
         fresh = self._fresh_seed() if download.fresh else None
+        blocks = None if status == "done" else self._blocks(member)
         return RoundOffer(status, self.round, A=download.A, B=download.B, head=download.head,
                           deltas=self._deltas_for(member), rank=download.rank, alpha=download.alpha,
-                          trainable=download.trainable, fresh_seed=fresh, options=download.options)
+                          trainable=download.trainable, fresh_seed=fresh, options=download.options,
+                          blocks=blocks, fisher=status == "train" and self.allocation.wants_gradients)
+
+    def _blocks(self, member: Member) -> frozenset[int] | None:
+        """The blocks a client trains in the running round: the allocation's
+        where blocks are allocated, else those it joined with (None: all)."""
+        allocated = self.allocation.blocks_for(member.info.client)
+        return member.info.blocks if allocated is None else allocated
 
     def _fresh_seed(self) -> int:
         """The seed of this round's fresh LoRA: one draw per round, the same on
@@ -349,26 +375,29 @@ class Coordinator:
         for m, (a, b) in server_half.items():
             factors[m] = Factors(a, b, alpha)
         member.info.rank = rank  # HetLoRA may have pruned it
-        self.uploads[client] = Upload(client, factors, payload.num_samples, rank, member.info.blocks, payload.head)
+        self.uploads[client] = Upload(client, factors, payload.num_samples, rank, self._blocks(member), payload.head)
+        if self.allocation.wants_gradients:
+            self.allocation.observe_gradients(client, {**self.server.gradient_scores(client), **payload.fisher})
 
     def _check_upload(self, member: Member, payload: UploadPayload) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Refuse an upload the strategy could not aggregate or that would
         poison the global model; returns the client's server-side half (its
         modules within its blocks, at the upload's rank)."""
         info, rank, bound = member.info, payload.rank, self.config.max_upload_value
+        blocks = self._blocks(member)
         admission.check_upload_samples(payload.num_samples, info.num_samples)
         admission.check_upload_rank(rank, info.rank, self.strategy.heterogeneous_ranks)
-        admission.check_factors(payload.A, payload.B, rank, member.modules, info.blocks,
+        admission.check_factors(payload.A, payload.B, rank, member.modules, blocks,
                                 every_module=not self.strategy.block_subsets)
+        check_fisher(payload.fisher, self.allocation.wants_gradients, blocks)
         classes = admission.check_head(self.layout, payload.head, self.classes)
         admission.check_values("LoRA factor A of", payload.A, bound)
         admission.check_values("LoRA factor B of", payload.B, bound)
         admission.check_values("head tensor", payload.head, bound)
         server_half = {m: (a[:rank], b[:, :rank])  # a pruned rank's tail is zero
                        for m, (a, b) in self.server.collect(info.client).items()
-                       if info.blocks is None or block_of(m) in info.blocks}
-        lost = {m for m in member.server_modules if info.blocks is None or block_of(m) in info.blocks} - \
-            set(server_half)
+                       if blocks is None or block_of(m) in blocks}
+        lost = {m for m in member.server_modules if blocks is None or block_of(m) in blocks} - set(server_half)
         if lost:
             raise Refused(f"the server no longer holds this client's server-side LoRA of {sorted(lost)[:3]} (its "
                           "session was opened again after the round began); it takes part again next round")
@@ -420,6 +449,10 @@ class Coordinator:
         k = max(1, math.ceil(self.config.fraction * len(names)))
         rng = random.Random(stable_seed(self.config.seed, "sample", self.round, self.retries))
         self.selected = sorted(rng.sample(names, k))
+        allocated = self.allocation.plan(self.round, self.selected)
+        if allocated:
+            log.info("round %d allocation: %s", self.round,
+                     "; ".join(f"{c} {sorted(b)}" for c, b in sorted(allocated.items())))
         self.handed = set()
         self.uploads = {}
         self.refused = {}
@@ -467,8 +500,8 @@ class Coordinator:
         server_B = {m: v for m, v in download.B.items() if m not in client_side}
         # The final download loads too: a client that saves its adapter after the
         # last round gets the global model's server-side half, not what it last trained.
-        modules = {m for m in self.server.modules_for(info.client)
-                   if info.blocks is None or block_of(m) in info.blocks}
+        blocks = info.blocks if final else self._blocks(member)
+        modules = {m for m in self.server.modules_for(info.client) if blocks is None or block_of(m) in blocks}
         seed = self._fresh_seed() if download.fresh else None
         self.server.load(info.client, server_A, server_B, download.trainable, seed, modules)
         if not final:
@@ -503,6 +536,10 @@ class Coordinator:
                 return None
             entry.note = "; ".join([f"{short}; skipped", *notes])
         else:
+            if self.allocation.active:
+                uploads = [self.uploads[c] for c in uploaded]
+                self.allocation.observe_round(self.strategy.export(self.state), self.strategy.export(result.state),
+                                              uploads)
             self.state = result.state
             if result.base_deltas:
                 self._fold_everywhere(result.base_deltas)
@@ -561,7 +598,8 @@ class Coordinator:
                 "merged": self.merged, "shapes": {m: list(v) for m, v in self.shapes.items()},
                 "r_max": self.r_max, "alpha": self.alpha, "strategy": self.strategy.name,
                 "history": [h.__dict__ for h in self.history],
-                "labels": None if self.labels is None else list(self.labels), "classes": self.classes}
+                "labels": None if self.labels is None else list(self.labels), "classes": self.classes,
+                "allocation": self.allocation.snapshot()}
 
     def restore(self, snap: dict) -> None:
         """Continue from a snapshot (its round has closed)."""
@@ -576,5 +614,6 @@ class Coordinator:
         self.history = [RoundLog(**h) for h in snap["history"]]
         self.labels = None if snap.get("labels") is None else tuple(snap["labels"])
         self.classes = snap.get("classes", None if self.labels is None else len(self.labels))
+        self.allocation.restore(snap.get("allocation"))
         self.round = int(snap["round"])
         self.phase = "done" if self.round >= self.config.rounds else "waiting"

@@ -51,6 +51,7 @@ from split.security import PLAIN_WARNING, CurveServer, check_pair, check_plain, 
 from split.wire import Limits, Message, WireError, decode, encode, error, frame_len
 
 from .admission import model_layout
+from .allocation import Resources
 from .checkpoint import last_round, read_coordinator, write_round
 from .compute import BackboneCompute
 from .persist import CLIENTS, SessionStore, mismatch, owned_by, restore, session_record, token_digest
@@ -175,6 +176,7 @@ class BackboneServer:
                                        max_tokens=config.max_tokens)
         self.coordinator = None if config.federation is None else Coordinator(
             config.federation, self.sessions, model_layout(seg.config, seg.family, seg.task))
+        self.sessions.score_gradients = self.coordinator is not None and self.coordinator.allocation.wants_gradients
         self.plan = None if config.plan is None else load_plan(
             config.plan, self.model_info, seg.cut, config.max_rank, config.max_tokens,
             None if self.coordinator is None else (config.federation.strategy,
@@ -618,7 +620,8 @@ class BackboneServer:
         if join.labels is not None and self.segment.task != "classification":
             raise RequestError(f"join names class labels, but this server trains {self.segment.task!r}")
         info = ClientInfo(session.client, join.rank, join.alpha, join.blocks, join.num_samples)
-        settings = self._federation().join(session.client, info, join.modules, join.profile, join.labels)
+        resources = Resources(join.capacity, join.train_memory, join.block_costs)
+        settings = self._federation().join(session.client, info, join.modules, join.profile, join.labels, resources)
         return Message("ok", msg.client, msg.step, meta=settings.to_meta())
 
     def _round(self, session: Session, msg: Message) -> Message:

@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.other import ModulesToSaveWrapper
 from transformers.pytorch_utils import Conv1D
 
+from split.gradients import BlockGradients, lora_blocks
 from split.lora import (LoraSpec, attach_lora, fold_delta, get_factors, init_lora, lora_layers, pad_rows,
                         set_factors, set_trainable)
 from split.partition import Cut, Segment
@@ -183,6 +184,7 @@ class Session:
     saved_steps: int = 0  # steps when its adapter was last saved (server/persist.py)
     hello: tuple = ()  # (SHA-256 of the token the opening hello presented, its rid): spots a resent hello
     welcome: Message | None = None  # the answer to that hello, sent again to its resend
+    gradients: BlockGradients | None = None  # squared gradients per block this round (--allocation fisher)
 
     def __post_init__(self):
         if not isinstance(self.graphs, Graphs):
@@ -210,6 +212,11 @@ def make_optimizer(params: list, settings: OptimizerSettings) -> torch.optim.Opt
     if not params:
         raise RequestError("the requested LoRA targets match no module in the server's blocks")
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def idle_parameter() -> torch.nn.Parameter:
+    """An empty parameter: the optimizer of an adapter that trains nothing this round (it never steps it)."""
+    return torch.nn.Parameter(torch.zeros(0))
 
 
 def _adaptable(model: torch.nn.Module):
@@ -264,6 +271,7 @@ class Sessions:
         self._created = 0
         self._shared: tuple[LoraSpec, list, torch.optim.Optimizer] | None = None
         self._active: str | None = None
+        self.score_gradients = False  # measure squared gradients per block of each round (--allocation fisher)
 
     # ------------------------------------------------------------ lifetime
 
@@ -509,13 +517,20 @@ class Sessions:
         set_factors(self.model, {m: pad_rows(a, rank) for m, a in A.items()},
                     {m: pad_rows(b.T, rank).T for m, b in B.items()}, session.adapter)
         session.params = set_trainable(self.model, trainable, session.adapter, modules)
-        session.optimizer = make_optimizer(session.params, session.optimizer_settings)
+        # A round may leave none of the server's blocks to this client (layer allocation): nothing steps.
+        session.optimizer = make_optimizer(session.params or [idle_parameter()], session.optimizer_settings)
+        session.gradients = (BlockGradients(lora_blocks(self.model, session.adapter, modules))
+                             if self.score_gradients else None)
         session.graphs.clear()
         self._active = None
 
     def collect(self, client: str) -> dict:
         session = self._federated(client)
         return {} if session is None else get_factors(self.model, session.adapter)
+
+    def gradient_scores(self, client: str) -> dict[int, float]:
+        session = self._federated(client)
+        return {} if session is None or session.gradients is None else session.gradients.scores()
 
     def base_weight(self, module: str) -> torch.Tensor:
         """A module's pretrained weight (d_out x d_in), read from the checkpoint

@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "may claim at most what its client declared")
     f.add_argument("--max-upload-value", type=positive_float, default=1e3,
                    help="uploads holding a value of larger magnitude are refused, as are NaN and infinity")
+    f.add_argument("--allocation", choices=["fixed", "fedra", "fedpilot", "fisher"], default="fixed",
+                   help="which blocks each client trains every round: fixed (its --blocks), fedra (random, "
+                        "its --capacity), fedpilot or fisher (a knapsack over its --train-memory-mb); all but "
+                        "fixed need --strategy layermean (docs/algorithms.md#allocation)")
+    f.add_argument("--cover-all", action="store_true",
+                   help="--allocation fedra: the round's clients together train every block when their "
+                        "capacities allow")
     r = s.add_argument_group("robust aggregation (any --strategy; docs/algorithms.md#robust)")
     r.add_argument("--clip-norm", type=positive_float, default=None,
                    help="scale each client's update (upload minus download) down to at most this L2 norm")
@@ -257,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--partition-alpha", type=positive_float, default=0.5, help="Dirichlet concentration")
     g.add_argument("--blocks", type=index_list, default=None,
                    help="comma-separated blocks whose LoRA this client trains (default: all)")
+    g.add_argument("--capacity", type=positive_int, default=None,
+                   help="blocks this client can train per round, for a server that allocates them (--allocation)")
+    g.add_argument("--train-memory-mb", type=positive_float, default=None,
+                   help="memory this client affords for trainable blocks, in MiB, for a server that allocates "
+                        "them (each block's cost comes from the cost model at this --batch-size and --max-length)")
     g.add_argument("--eval-rounds", action="store_true", help="evaluate the global model every round")
     g.add_argument("--personal", action="store_true",
                    help="FedDPA: train a personal adapter beside the global one; report both accuracies "
@@ -341,6 +353,9 @@ def _server(args) -> int:
     federation = None
     robust = {"--clip-norm": args.clip_norm, "--clip-median": args.clip_median, "--trim": args.trim,
               "--robust": None if args.robust == "none" else args.robust}
+    if not args.strategy and (args.allocation != "fixed" or args.cover_all):
+        raise ValueError("--allocation and --cover-all set which blocks each round trains; this server runs no "
+                         "federation: add --strategy layermean")
     if not args.strategy and any(v is not None for v in robust.values()):
         given = ", ".join(k for k, v in robust.items() if v is not None)
         raise ValueError(f"{given} set(s) how rounds aggregate; this server runs no federation: add --strategy")
@@ -352,7 +367,8 @@ def _server(args) -> int:
             local_epochs=args.local_epochs,
             client_init=args.client_init, init=args.init, reinit_every=args.reinit_every, seed=args.seed,
             max_samples=args.max_samples, max_upload_value=args.max_upload_value,
-            robust=RobustConfig(args.clip_norm, args.clip_median, args.robust, args.trim))
+            robust=RobustConfig(args.clip_norm, args.clip_median, args.robust, args.trim),
+            allocation=args.allocation, cover_all=args.cover_all)
     config = ServerConfig(model=args.model, cut=Cut.parse(args.cut), bind=args.bind, task=args.task,
                           num_labels=args.num_labels, seed=args.seed, dropout=not args.no_dropout,
                           session_timeout=args.session_timeout, pending_timeout=args.pending_timeout,
@@ -423,9 +439,12 @@ def _client(args, argv: list[str]) -> int:
     _set_threads(args.threads)
     profile = ""
     if args.profile:
+        from edge.allocation import planned_budget
         from edge.planned import apply_profile
 
-        profile = apply_profile(args, argv[argv.index("client") + 1:]).device
+        plan = apply_profile(args, argv[argv.index("client") + 1:])
+        planned_budget(args, plan)
+        profile = plan.device
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut) if args.cut else None,
                           task=args.task, lora=_lora_spec(args), lr=args.lr, head_lr=args.head_lr,
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
@@ -438,7 +457,8 @@ def _client(args, argv: list[str]) -> int:
                            progress=not args.no_progress, partition=args.partition,
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
-                           blocks=args.blocks, profile=profile)
+                           blocks=args.blocks, profile=profile, capacity=args.capacity,
+                           train_memory_mb=args.train_memory_mb, planned=bool(args.profile))
     emulator = None
     if emulation is not None:
         from edge.emulate import emulated_device

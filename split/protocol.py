@@ -29,6 +29,7 @@ from .wire import Message, WireError
 FACTOR_A, FACTOR_B, HEAD, DELTA = "A:", "B:", "H:", "D:"
 PREFIXES = (FACTOR_A, FACTOR_B, HEAD, DELTA)
 TRAINABLE = ("both", "A", "B")
+ALLOCATIONS = ("fixed", "fedra", "fedpilot", "fisher")  # how a federation chooses the blocks each client trains
 ROUND_STATUS = ("wait", "train", "done")
 _MISSING = object()
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -40,6 +41,11 @@ MAX_LABELS = 100_000
 # lists have 2 to 7 names).
 MAX_TARGETS = 64
 MAX_TARGET_NAME = 200
+# Layer allocation: per-block maps (memory costs, gradient scores) name at most
+# this many blocks, and a memory figure is at most 1 PiB.
+MAX_BLOCKS = 4096
+MAX_BYTES = 1 << 50
+_BLOCK_KEY = re.compile(r"0|[1-9][0-9]{0,5}")
 
 
 class ProtocolError(WireError):
@@ -104,6 +110,36 @@ def _blocks(meta: dict, op: str) -> frozenset[int] | None:
         return None
     if not all(_integer(b) and b >= 0 for b in blocks):
         raise ProtocolError(f"{op}: field 'blocks' must list block indices >= 0, got {blocks!r}")
+    return frozenset(blocks)
+
+
+def _block_map(meta: dict, op: str, key: str, what: str, accepts, expected: str) -> dict | None:
+    """A per-block map sent with string keys ("3": value): None when absent;
+    keys block indices, at most ``MAX_BLOCKS`` of them, values passing ``accepts``."""
+    raw = _field(meta, op, key, "map", None)
+    if raw is None:
+        return None
+    if len(raw) > MAX_BLOCKS:
+        raise ProtocolError(f"{op}: field {key!r} names {len(raw)} blocks, at most {MAX_BLOCKS}")
+    out = {}
+    for k, v in raw.items():
+        if not _BLOCK_KEY.fullmatch(k):
+            raise ProtocolError(f"{op}: field {key!r} must be keyed by block indices (\"0\", \"1\", ...), "
+                                f"got {k[:40]!r}")
+        if not accepts(v):
+            raise ProtocolError(f"{op}: {what} of block {k} must be {expected}, got {v!r}")
+        out[int(k)] = v
+    return out
+
+
+def _block_list(meta: dict, op: str, key: str) -> frozenset[int] | None:
+    """A list of distinct block indices (None when absent), at most ``MAX_BLOCKS``."""
+    blocks = _field(meta, op, key, "list", None)
+    if blocks is None:
+        return None
+    if len(blocks) > MAX_BLOCKS or not all(_integer(b) and 0 <= b < MAX_BLOCKS for b in blocks) or \
+            len(set(blocks)) != len(blocks):
+        raise ProtocolError(f"{op}: field {key!r} must list at most {MAX_BLOCKS} distinct block indices")
     return frozenset(blocks)
 
 
@@ -265,10 +301,11 @@ class FederationSettings:
     rounds: int
     local_steps: int
     local_epochs: float = 0.0  # > 0: passes over the client's data instead of local_steps
+    allocation: str = "fixed"  # "fixed": each client's --blocks; otherwise the server allocates every round
 
     def to_meta(self) -> dict:
         return {"strategy": self.strategy, "rounds": self.rounds, "local_steps": self.local_steps,
-                "local_epochs": self.local_epochs}
+                "local_epochs": self.local_epochs, "allocation": self.allocation}
 
     @classmethod
     def from_meta(cls, meta, op: str) -> "FederationSettings":
@@ -278,7 +315,8 @@ class FederationSettings:
         if epochs < 0:
             raise ProtocolError(f"{op}: field 'local_epochs' must be >= 0, got {epochs}")
         return cls(_field(meta, op, "strategy", "str"), _field(meta, op, "rounds", "positive"),
-                   _field(meta, op, "local_steps", "positive"), epochs)
+                   _field(meta, op, "local_steps", "positive"), epochs,
+                   _choice(meta, op, "allocation", ALLOCATIONS, "fixed"))
 
 
 @dataclass(frozen=True)
@@ -320,7 +358,13 @@ class Join:
     """A client joining the federation: its LoRA rank and alpha, sample count,
     the blocks it trains (None: all), its profile, its client-side LoRA
     modules (whole-model name -> (d_out, d_in)) and, for classification, its
-    class names in head order (every client's head must mean the same classes)."""
+    class names in head order (every client's head must mean the same classes).
+
+    For layer allocation (server/allocation.py) it may add what it can
+    afford: ``capacity``, the blocks it can train per round; ``train_memory``,
+    its memory budget for trainable blocks in bytes; and ``block_costs``, the
+    training memory of each block of the model in bytes, from its own cost
+    model (``profiles.cost.block_memory`` with its batch, sequence length and rank)."""
 
     rank: int
     alpha: float
@@ -329,13 +373,18 @@ class Join:
     blocks: frozenset[int] | None = None
     profile: str = ""
     labels: tuple[str, ...] | None = None
+    capacity: int | None = None
+    train_memory: int | None = None
+    block_costs: dict[int, int] | None = None
 
     def to_message(self) -> Message:
         return Message("join", meta={
             "rank": self.rank, "alpha": self.alpha, "num_samples": self.num_samples,
             "blocks": None if self.blocks is None else sorted(self.blocks), "profile": self.profile,
             "modules": {m: [d_out, d_in] for m, (d_out, d_in) in self.modules.items()},
-            "labels": None if self.labels is None else list(self.labels)})
+            "labels": None if self.labels is None else list(self.labels),
+            "capacity": self.capacity, "train_memory": self.train_memory,
+            "block_costs": None if self.block_costs is None else {str(b): c for b, c in self.block_costs.items()}})
 
     @classmethod
     def from_message(cls, msg: Message) -> "Join":
@@ -344,8 +393,14 @@ class Join:
         alpha = _field(meta, op, "alpha", "float")
         if alpha <= 0:
             raise ProtocolError(f"join: field 'alpha' must be > 0, got {alpha}")
+        train_memory = _field(meta, op, "train_memory", "positive", None)
+        if train_memory is not None and train_memory > MAX_BYTES:
+            raise ProtocolError(f"join: field 'train_memory' must be at most {MAX_BYTES} bytes, got {train_memory}")
+        costs = _block_map(meta, op, "block_costs", "the memory cost", lambda v: _integer(v) and 0 <= v <= MAX_BYTES,
+                           f"an integer number of bytes in [0, {MAX_BYTES}]")
         return cls(_field(meta, op, "rank", "positive"), alpha, _field(meta, op, "num_samples", "count"), modules,
-                   _blocks(meta, op), _field(meta, op, "profile", "str", ""), _labels(meta, op))
+                   _blocks(meta, op), _field(meta, op, "profile", "str", ""), _labels(meta, op),
+                   _field(meta, op, "capacity", "positive", None), train_memory, costs)
 
 
 # ---------------------------------------------------------------- round
@@ -361,6 +416,10 @@ class RoundOffer:
     ``fresh_seed`` when that is not None), the head, which factors train, the
     method's client-side ``options``; and, in any status, ``deltas`` to fold
     into the frozen weights first.
+
+    ``blocks`` are the blocks whose LoRA the client trains this round (None:
+    all it holds; layer allocation); it uploads only their modules, and
+    with ``fisher`` it also uploads each block's squared-gradient score.
     """
 
     status: str
@@ -374,10 +433,13 @@ class RoundOffer:
     trainable: str = "both"
     fresh_seed: int | None = None
     options: dict = field(default_factory=dict)
+    blocks: frozenset[int] | None = None
+    fisher: bool = False
 
     def to_message(self, client: str) -> Message:
         meta = {"status": self.status, "round": self.round, "rank": self.rank, "alpha": self.alpha,
-                "trainable": self.trainable, "fresh_seed": self.fresh_seed, "options": self.options}
+                "trainable": self.trainable, "fresh_seed": self.fresh_seed, "options": self.options,
+                "blocks": None if self.blocks is None else sorted(self.blocks), "fisher": self.fisher}
         return Message("ok", client, meta=meta,
                        tensors=pack(A=self.A, B=self.B, head=self.head, delta=self.deltas))
 
@@ -392,7 +454,8 @@ class RoundOffer:
         return cls(status, _field(meta, op, "round", "count"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD],
                    groups[DELTA], rank, _field(meta, op, "alpha", "float", None),
                    _choice(meta, op, "trainable", TRAINABLE, "both"), _field(meta, op, "fresh_seed", "count", None),
-                   _field(meta, op, "options", "map", {}))
+                   _field(meta, op, "options", "map", {}), _block_list(meta, op, "blocks"),
+                   _field(meta, op, "fisher", "bool", False))
 
 
 # ---------------------------------------------------------------- upload
@@ -401,7 +464,9 @@ class RoundOffer:
 @dataclass
 class UploadPayload:
     """A client's upload for ``round``: its client-side factors (at ``rank``:
-    HetLoRA may have pruned it), its head and its sample count."""
+    HetLoRA may have pruned it), its head and its sample count; when the
+    offer asked for them, ``fisher``: per trained client-side block, the
+    mean over the round's steps of the sum of its LoRA gradients squared."""
 
     round: int
     num_samples: int
@@ -409,10 +474,13 @@ class UploadPayload:
     A: dict[str, torch.Tensor] = field(default_factory=dict)
     B: dict[str, torch.Tensor] = field(default_factory=dict)
     head: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[int, float] | None = None
 
     def to_message(self) -> Message:
-        return Message("upload", meta={"round": self.round, "num_samples": self.num_samples, "rank": self.rank},
-                       tensors=pack(A=self.A, B=self.B, head=self.head))
+        meta = {"round": self.round, "num_samples": self.num_samples, "rank": self.rank}
+        if self.fisher is not None:
+            meta["fisher"] = {str(b): float(v) for b, v in self.fisher.items()}
+        return Message("upload", meta=meta, tensors=pack(A=self.A, B=self.B, head=self.head))
 
     @classmethod
     def from_message(cls, msg: Message) -> "UploadPayload":
@@ -423,5 +491,8 @@ class UploadPayload:
         if set(groups[FACTOR_A]) != set(groups[FACTOR_B]):
             odd = sorted(set(groups[FACTOR_A]) ^ set(groups[FACTOR_B]))
             raise ProtocolError(f"upload: modules {odd[:3]} have one LoRA factor but not the other")
+        fisher = _block_map(meta, op, "fisher", "the gradient score", lambda v: _KINDS["float"][0](v) and v >= 0,
+                            "a finite number >= 0")
         return cls(_field(meta, op, "round", "count"), _field(meta, op, "num_samples", "count"),
-                   _field(meta, op, "rank", "positive"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD])
+                   _field(meta, op, "rank", "positive"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD],
+                   None if fisher is None else {b: float(v) for b, v in fisher.items()})
