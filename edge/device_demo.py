@@ -95,6 +95,8 @@ class DeviceDemo:
     seed: int = 0
     model: str | None = None
     tokenizer: str | None = None
+    memory: str = "enforce"  # the clients' --emulate-memory
+    server_threads: int = 1
     server_args: list[str] = field(default_factory=list)
 
 
@@ -140,7 +142,8 @@ def server_arguments(demo: DeviceDemo, num_labels: int, run_dir: Path) -> list[s
     """The server's options after ``--cut`` and ``--bind``."""
     return ["--strategy", demo.strategy, "--rounds", str(demo.rounds), "--min-clients", str(len(demo.devices)),
             "--local-steps", str(demo.local_steps), "--num-labels", str(num_labels), "--seed", str(demo.seed),
-            "--plan", str(demo.out / PLAN_FILE), "--threads", "1", "--allocation", demo.allocation,
+            "--plan", str(demo.out / PLAN_FILE), "--threads", str(demo.server_threads),
+            "--allocation", demo.allocation,
             "--run-dir", str(run_dir), *demo.server_args]
 
 
@@ -150,9 +153,9 @@ def client_arguments(demo: DeviceDemo, index: int, endpoint: str, host_gflops: f
     folder = demo.out / f"client{index}"
     cmd = ["client", "--server", endpoint, "--data", "builtin", "--num-clients", str(len(demo.devices)),
            "--client-index", str(index), "--partition", "dirichlet", "--partition-alpha", str(demo.alpha),
-           "--profile", name, "--emulate", name, "--emulate-clock", "cpu", "--emulate-host-gflops", f"{host_gflops:.3f}",
-           "--emulate-evaluation", "host",
-           "--threads", "1", "--lr", str(demo.lr), "--head-lr", str(demo.head_lr), "--seed", str(demo.seed),
+           "--profile", name, "--emulate", name, "--emulate-clock", "cpu", "--threads", "1",
+           "--emulate-host-gflops", f"{host_gflops:.3f}", "--emulate-evaluation", "host", "--emulate-memory", demo.memory,
+           "--lr", str(demo.lr), "--head-lr", str(demo.head_lr), "--seed", str(demo.seed),
            "--id", f"{index}-{Path(name).stem}", "--summary-json", str(folder / "summary.json"),
            "--run-dir", str(folder / "run"), "--connect-timeout", "300", "--no-progress"]
     if evaluator:
