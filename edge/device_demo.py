@@ -154,7 +154,8 @@ def client_arguments(demo: DeviceDemo, index: int, endpoint: str, host_gflops: f
     cmd = ["client", "--server", endpoint, "--data", "builtin", "--num-clients", str(len(demo.devices)),
            "--client-index", str(index), "--partition", "dirichlet", "--partition-alpha", str(demo.alpha),
            "--profile", name, "--emulate", name, "--emulate-clock", "cpu", "--threads", "1",
-           "--emulate-host-gflops", f"{host_gflops:.3f}", "--emulate-evaluation", "host", "--emulate-memory", demo.memory,
+           "--emulate-host-gflops", f"{host_gflops:.3f}", "--emulate-evaluation", "host",
+           "--emulate-memory", demo.memory,
            "--lr", str(demo.lr), "--head-lr", str(demo.head_lr), "--seed", str(demo.seed),
            "--id", f"{index}-{Path(name).stem}", "--summary-json", str(folder / "summary.json"),
            "--run-dir", str(folder / "run"), "--connect-timeout", "300", "--no-progress"]
