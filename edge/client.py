@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from split.families import family_for
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
 from split.partition import CLIENT, Cut, build_segment, load_config, resolve_model_path
 from split.protocol import Hello, ModelInfo, OptimizerSettings, Welcome
+from split.records import SERVER_SECONDS
 from split.security import PLAIN_WARNING, check_pair, check_plain, load_client_keys
 from split.seeds import seeded_rng
 from split.transport import Connection, HandshakeFailed, ServerError, ServerUnavailable, SessionLost
@@ -82,8 +84,22 @@ def reply_tensor(reply: Message, name: str, shape: tuple[int, ...]) -> torch.Ten
     return tensor
 
 
+def reply_seconds(reply: Message) -> float:
+    """The compute seconds a forward or backward reply says the server spent:
+    a finite number >= 0, else a ``ServerError`` naming what came."""
+    value = reply.meta.get(SERVER_SECONDS)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ServerError(f"the server's reply must give {SERVER_SECONDS!r} as a finite number of seconds >= 0, "
+                          f"got {value!r}"[:300])
+    return float(value)
+
+
 class BackboneLink:
-    """What the client's placeholders need to reach the server for the current batch."""
+    """What the client's placeholders need to reach the server for the current batch.
+
+    ``waited`` and ``served`` add up the seconds the client spent in forward
+    and backward requests and the part of them the server says it computed
+    (``edge.metering`` reads them around each step)."""
 
     def __init__(self, conn: Connection, rotary: bool):
         self.conn = conn
@@ -93,6 +109,19 @@ class BackboneLink:
         self.position_ids: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
         self._step = 0
+        self.waited = 0.0
+        self.served = 0.0
+
+    def _request(self, msg: Message) -> Message:
+        """``conn.request``, timed, with the server's reported compute time."""
+        started = time.perf_counter()
+        reply = self.conn.request(msg)
+        waited = time.perf_counter() - started
+        self.waited += waited
+        # A reply the server's cache answered again says what the first answer
+        # cost: the client waited only for what it actually waited.
+        self.served += min(reply_seconds(reply), waited)
+        return reply
 
     def next_step(self) -> int:
         """The id of the next step sent to the server."""
@@ -123,7 +152,7 @@ class BackboneLink:
             tensors["position_ids"] = self.position_ids
         if self.labels is not None:
             tensors["labels"] = self.labels
-        reply = self.conn.request(Message("forward", step=step, meta={"train": train}, tensors=tensors))
+        reply = self._request(Message("forward", step=step, meta={"train": train}, tensors=tensors))
         # The reply is in the server's dtype; the client computes in its own.
         if self.labels is None:
             return reply_tensor(reply, "hidden", tuple(hidden.shape)).to(hidden.device, hidden.dtype)
@@ -132,7 +161,7 @@ class BackboneLink:
 
     def remote_backward(self, step: int, grad: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """The gradient at the cut for step ``step``, whose forward sent a hidden state of ``shape``."""
-        reply = self.conn.request(Message("backward", step=step, tensors={"grad": grad.contiguous()}))
+        reply = self._request(Message("backward", step=step, tensors={"grad": grad.contiguous()}))
         return reply_tensor(reply, "grad", shape)
 
     def through_server(self, hidden: torch.Tensor, training: bool) -> torch.Tensor:

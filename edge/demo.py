@@ -12,10 +12,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from split.console import table_console
 from split.launch import child_env, fedsplit_command, free_port, start_server, stop
+from split.summary import client_table
 
 from .client_shares import client_shares, label_table
 from .data import load_dataset
+from .report import load_rows
 
 
 def run_demo(args) -> int:
@@ -52,17 +55,23 @@ class FederationRun:
     server_args: tuple[str, ...] = ()
     seed: int = 0
     personal: bool = False
+    run_dir: str | None = None  # the run folder: server/ and clientK/ records, and every process's log
 
 
 def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
     """Start a server and ``run.clients`` client processes on loopback, wait for
     the federation to end, and return each client's summary (client 0 evaluates
-    the global model every round)."""
+    the global model every round). With ``run.run_dir`` every process records
+    its run there (``run_dir/server``, ``run_dir/clientK``) beside its log."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     ranks = [run.ranks[k % len(run.ranks)] for k in range(run.clients)]
     with tempfile.TemporaryDirectory() as tmp:
-        server_log = open(Path(tmp) / "server.log", "w+")
+        logs = Path(run.run_dir or tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        server_log = open(logs / "server.log", "w+")
         extra = ["--checkpoint-dir", run.checkpoint_dir] if run.checkpoint_dir else []
+        if run.run_dir:
+            extra += ["--run-dir", str(logs / "server")]
         server = start_server(run.model, run.cut, endpoint, "--strategy", run.strategy, "--rounds", str(run.rounds),
                               "--min-clients", str(run.clients), "--local-steps", str(run.local_steps),
                               "--num-labels", str(num_labels), "--seed", str(run.seed), *extra, *run.server_args,
@@ -82,8 +91,10 @@ def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
                 cmd += ["--model", run.model]
             if run.tokenizer:
                 cmd += ["--tokenizer", run.tokenizer]
+            if run.run_dir:
+                cmd += ["--run-dir", str(logs / f"client{k}")]
             clients.append(subprocess.Popen(fedsplit_command(*cmd), env=child_env(), stdout=subprocess.DEVNULL,
-                                            stderr=open(Path(tmp) / f"client{k}.log", "w")))
+                                            stderr=open(logs / f"client{k}.log", "w")))
         try:
             codes = [c.wait() for c in clients]
         finally:
@@ -94,19 +105,19 @@ def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
             bad = next(k for k, c in enumerate(codes) if c)
             server_log.seek(0)
             raise RuntimeError(f"client {bad} failed (exit {codes[bad]}):\n"
-                               f"{(Path(tmp) / f'client{bad}.log').read_text()[-3000:]}\n"
+                               f"{(logs / f'client{bad}.log').read_text()[-3000:]}\n"
                                f"server log:\n{server_log.read()[-2000:]}")
         return [json.loads((Path(tmp) / f"client{k}.json").read_text()) for k in range(run.clients)]
 
 
 def run_federated_demo(args) -> int:
     """A server and ``args.clients`` client processes training in rounds."""
-    console = Console()
+    console = table_console()
     run = FederationRun(strategy=args.strategy, clients=args.clients, rounds=args.rounds,
                         local_steps=args.local_steps, alpha=args.alpha,
                         ranks=args.ranks or [args.rank], lr=args.lr, head_lr=args.head_lr, model=args.model,
                         tokenizer=args.tokenizer, cut=args.cut, checkpoint_dir=args.out,
-                        personal=args.personal)
+                        personal=args.personal, run_dir=str(Path(args.out) / "runs" / time.strftime("%Y%m%d-%H%M%S")))
     console.print(f"[bold]fedsplit demo[/]: {run.clients} clients, {run.strategy}, {run.rounds} rounds of "
                   f"{run.local_steps} local steps, Dirichlet({run.alpha}) split of the built-in task, "
                   f"ranks {[run.ranks[k % len(run.ranks)] for k in range(run.clients)]}")
@@ -140,7 +151,10 @@ def run_federated_demo(args) -> int:
             acc = summary["personal_accuracy"]
             personal.add_row(str(k), f"{acc['global']:.1%}", f"{acc['personalised']:.1%}")
         console.print(personal)
+    server_run = Path(run.run_dir) / "server"
+    console.print(client_table(load_rows(server_run), "per client: the server's records"))
     console.print(f"checkpoints in {Path(args.out).resolve()} (round_N/: PEFT adapter + coordinator state); "
+                  f"run records and logs in {Path(run.run_dir).resolve()}; plots: fedsplit report {server_run}; "
                   f"{time.perf_counter() - started:.0f} s")
     return 0
 

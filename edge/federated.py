@@ -36,6 +36,7 @@ from split.wire import Message
 
 from .client import MAX_REDO, SplitClient
 from .hetlora import HetLoRAOptions, RankRegulariser
+from .metering import RoundMeter, upload_bytes
 from .personal import PersonalAdapter
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class RoundRecord:
     bytes_sent: int
     bytes_received: int
     seconds: float = 0.0  # the round's wall-clock here (an emulated device's, sleeps included)
+    record: dict = field(default_factory=dict)  # what was metered (split.records), as sent with the upload
 
 
 @dataclass
@@ -68,6 +70,8 @@ class FederatedOptions:
     train_memory: int | None = None  # bytes for trainable blocks
     block_costs: dict[int, int] | None = None  # each block's training memory in bytes (edge.allocation)
     blocks_planned: bool = False  # ``blocks`` came from a plan: a server that allocates decides them instead
+    budget_bytes: int | None = None  # the device profile's memory budget, reported in each round record
+    observers: list = field(default_factory=list)  # edge.metering.RoundObserver: display, run folder, ...
 
 
 def _head_name(param_name: str) -> str:
@@ -140,6 +144,7 @@ class FederatedClient:
         self.round_blocks: frozenset[int] | None = None  # blocks the running round trains (None: options.blocks)
         self.gradient_scores: dict[int, float] | None = None  # the round's squared gradients, when asked for
         self.redone = 0  # rounds begun again after the server lost this client's session
+        self.meter = RoundMeter(self.client, self.options.budget_bytes)
 
     def _request(self, msg):
         return self.client.conn.request(msg)
@@ -216,14 +221,22 @@ class FederatedClient:
             return self.personal.evaluate_global(self.test)
         return self.client.evaluate(self.test)
 
-    def _upload(self, round_index: int) -> None:
+    def _payload(self, round_index: int) -> UploadPayload:
         factors = get_factors(self.client.model, modules=self._trained_modules())
-        payload = UploadPayload(round_index, self.num_samples, self.rank,
-                                A={m: a[:self.rank].contiguous() for m, (a, _) in factors.items()},
-                                B={m: b[:, :self.rank].contiguous() for m, (_, b) in factors.items()},
-                                head={n: p.detach().clone() for n, p in head_params(self.client).items()},
-                                fisher=self.gradient_scores)
-        self._request(payload.to_message())
+        return UploadPayload(round_index, self.num_samples, self.rank,
+                             A={m: a[:self.rank].contiguous() for m, (a, _) in factors.items()},
+                             B={m: b[:, :self.rank].contiguous() for m, (_, b) in factors.items()},
+                             head={n: p.detach().clone() for n, p in head_params(self.client).items()},
+                             fisher=self.gradient_scores)
+
+    def _notify(self, hook: str, *args) -> None:
+        for observer in self.options.observers:
+            getattr(observer, hook)(*args)
+
+    def _metered_step(self, batch, penalty) -> float:
+        loss, record = self.meter.step(lambda: self.client.train_step(batch, penalty))
+        self._notify("step_done", record)
+        return loss
 
     def _train_round(self, offer: RoundOffer) -> list[float]:
         """The round's local steps, with HetLoRA's regulariser and pruning when
@@ -241,7 +254,7 @@ class FederatedClient:
         try:
             losses = []
             for _ in range(self._steps()):
-                losses.append(self.client.train_step(next(batches), penalty))
+                losses.append(self._metered_step(next(batches), penalty))
                 if gradients is not None:
                     gradients.step()
         finally:
@@ -314,11 +327,21 @@ class FederatedClient:
     def _take_part(self, offer: RoundOffer) -> None:
         """Train the offered round and upload it."""
         conn = self.client.conn
-        accuracy = self._evaluate_global() if self.options.evaluate and self.test is not None else None
+        self.meter.start(offer.round)
+        self._notify("round_started", offer.round, self.settings.rounds, self._steps())
+        evaluate = self.options.evaluate and self.test is not None
+        accuracy = self.meter.evaluate(self._evaluate_global) if evaluate else None
         sent, received, started = conn.bytes_sent, conn.bytes_received, time.perf_counter()
         losses = self._train_round(offer)
-        self._upload(offer.round)
+        payload = self._payload(offer.round)
+        extra = {}
+        for observer in self.options.observers:
+            extra.update(observer.record_extra())
+        payload.record = self.meter.finish(accuracy, upload_bytes(payload.to_message()), extra)
+        self._request(payload.to_message())
+        self.meter.uploaded()
         self.records.append(RoundRecord(offer.round, accuracy, sum(losses) / len(losses),
                                         conn.bytes_sent - sent, conn.bytes_received - received,
-                                        time.perf_counter() - started))
-        log.info("round %d: loss %.3f", offer.round, self.records[-1].loss)
+                                        time.perf_counter() - started, payload.record))
+        log.debug("round %d: loss %.3f", offer.round, self.records[-1].loss)
+        self._notify("round_done", offer.round, payload.record)

@@ -19,9 +19,12 @@ from .allocation import affordable
 from .client import ClientConfig, SplitClient
 from .client_shares import client_shares
 from .data import Batches, load_dataset, load_text_dataset, split_train_test
+from .display import round_display
 from .federated import FederatedClient, FederatedOptions
 from .lm import TextBatches, held_out_loss
 from .meter import cuda_peak, current_rss, peak_rss, reset_peak
+from .metering import StepMeter
+from .runlog import ClientRunLog
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class TrainOptions:
     eval_rounds: bool = False
     personal: bool = False  # FedDPA dual adapters, scored on a held-out 20% of this client's share
     profile: str = ""  # the device profile's name, sent at join (``--profile``)
+    run_dir: str | None = None  # steps.jsonl and clients.jsonl of this run (split.runfolder)
+    budget_bytes: int | None = None  # the device profile's memory budget, reported in each round record
 
     def __post_init__(self):
         # The CLI checks each value as it parses; this covers the Python API.
@@ -96,6 +101,7 @@ def run_client(config: ClientConfig, options: TrainOptions, emulator=None) -> di
     """Join the server, train, evaluate and save; returns a summary dict.
     With an ``emulator`` (``edge.emulate.EmulatedDevice``) the client runs
     under a device's limits; its ``summary()`` holds the emulated times."""
+    runlog = ClientRunLog(options.run_dir, config.client_id)  # a bad --run-dir fails before any work
     path = resolve_model_path(config.model)
     model_config = load_config(path, config.task, config.num_labels, config.dropout)
     family_for(model_config).head_modules(config.task)  # a task the family lacks is refused before any work
@@ -122,19 +128,21 @@ def run_client(config: ClientConfig, options: TrainOptions, emulator=None) -> di
     reset_peak()
     rss_before = current_rss()
     client = SplitClient(config, emulator)
+    runlog.client_id = client.conn.client_id
     try:
         if client.federation is not None:
             if config.task != "classification":
                 raise ValueError("federated rounds train classification only from `fedsplit client`; "
                                  "--task causal-lm runs with a server started without --strategy")
-            return _run_federated(client, dataset, tokenizer, options, rss_before)
+            return _run_federated(client, dataset, tokenizer, options, rss_before, runlog)
         # A plan a plain server serves trains every block; its capacity and budget go unused.
         budget = not options.planned and (options.capacity is not None or options.train_memory_mb is not None)
         if options.blocks is not None or options.personal or options.eval_rounds or options.num_clients > 1 or budget:
             raise ValueError("--blocks, --capacity, --train-memory-mb, --personal, --eval-rounds and --num-clients "
                              "are for federated rounds, but this server runs none (start it with --strategy)")
-        return _run_single(client, data, options, summary, rss_before)
+        return _run_single(client, data, options, summary, rss_before, runlog)
     finally:
+        runlog.close()
         client.close()
 
 
@@ -160,7 +168,8 @@ def _say_held_out(source: str | None, n_test: int, n_total: int, how: str) -> No
               file=sys.stderr, flush=True)
 
 
-def _run_single(client: SplitClient, data: TaskData, options: TrainOptions, summary: dict, rss_before: int) -> dict:
+def _run_single(client: SplitClient, data: TaskData, options: TrainOptions, summary: dict, rss_before: int,
+                runlog: ClientRunLog) -> dict:
     """Plain split training: steps, evaluation before and after, the adapter."""
     summary.update({"cut": str(client.cut), "client_owned_bytes": client.segment.owned_bytes,
                     "checkpoint_bytes": client.segment.checkpoint_bytes})
@@ -168,6 +177,8 @@ def _run_single(client: SplitClient, data: TaskData, options: TrainOptions, summ
         summary.update(data.scored(client, "before"))
     total = options.max_steps or max(1, round(options.epochs * len(data.train)))
     losses = []
+    meter = StepMeter(client)
+    split_s = {"compute_s": 0.0, "network_s": 0.0, "server_s": 0.0}
     started = time.perf_counter()
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -175,11 +186,16 @@ def _run_single(client: SplitClient, data: TaskData, options: TrainOptions, summ
         job = bar.add_task("train", total=total, loss=float("nan"))
         while client.steps < total:
             for batch in data.train:
-                losses.append(client.train_step(batch))
+                loss, record = meter.measure(lambda: client.train_step(batch))
+                losses.append(loss)
+                runlog.step_done(record)
+                for key in split_s:
+                    split_s[key] += getattr(record, key)
                 bar.update(job, advance=1, loss=sum(losses[-20:]) / len(losses[-20:]))
                 if client.steps >= total:
                     break
     summary["train_seconds"] = time.perf_counter() - started
+    summary.update(split_s)
     summary["steps"] = client.steps
     summary["first_loss"], summary["last_loss"] = losses[0], sum(losses[-20:]) / len(losses[-20:])
     summary.update(data.scored(client, "after"))
@@ -195,7 +211,8 @@ def _run_single(client: SplitClient, data: TaskData, options: TrainOptions, summ
     return summary
 
 
-def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOptions, rss_before: int) -> dict:
+def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOptions, rss_before: int,
+                   runlog: ClientRunLog) -> dict:
     labels = [s.label for s in dataset.train]
     parts = client_shares(labels, options.num_clients, options.partition, options.partition_alpha,
                           client.config.seed)
@@ -208,20 +225,27 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
     train = Batches(mine, dataset, tokenizer, options.max_length, options.batch_size, True, cfg.seed)
     test = Batches(dataset.test, dataset, tokenizer, options.max_length, 64, False) if options.eval_rounds else None
     budget = affordable(client, options.capacity, options.train_memory_mb, options.batch_size, options.max_length)
+    display = round_display(options.progress)
     runner = FederatedClient(client, train, len(mine), test,
                              FederatedOptions(blocks=options.blocks, profile=options.profile,
                                               evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test,
                                               labels=tuple(dataset.labels), blocks_planned=options.planned,
+                                              budget_bytes=options.budget_bytes, observers=[display, runlog],
                                               **budget))
-    records = runner.run()
+    try:
+        records = runner.run()
+    finally:
+        display.close()
+    peak = max(runner.meter.run_peak_rss, peak_rss())  # the meter resets the peak every round
     summary = {"labels": dataset.labels, "train_samples": len(mine), "test_samples": len(dataset.test),
                "federation": asdict(client.federation), "cut": str(client.cut),
                "rounds": [r.__dict__ for r in records], "final_accuracy": runner.final_accuracy,
                "personal_accuracy": runner.personal_accuracy,
+               "round_records": runlog.rows,
                "steps": client.steps, "bytes_sent": client.conn.bytes_sent,
-               "bytes_received": client.conn.bytes_received, "client_peak_rss": peak_rss(),
-               "client_peak_rss_above_start": peak_rss() - rss_before,
+               "bytes_received": client.conn.bytes_received, "client_peak_rss": peak,
+               "client_peak_rss_above_start": peak - rss_before,
                "label_counts": {lab: sum(1 for s in mine if s.label == lab) for lab in dataset.labels},
                **_cuda_peak(client)}
     if options.adapter_out:

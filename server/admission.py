@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
+from split import records
 from split.families import Family, block_of
 
 MAX_SAMPLES = 1_000_000  # default cap on the samples one client may declare
@@ -258,3 +259,12 @@ def check_upload_samples(num_samples: int, declared: int) -> None:
     if not 1 <= num_samples <= declared:
         raise Refused(f"the upload claims {num_samples} samples; this client declared {declared} at join, and "
                       f"an upload may claim 1 to {declared}")
+
+
+def check_record(record) -> dict[str, int | float]:
+    """An upload's round record (``split.records``): known keys, finite
+    numbers of the right kind within range; returns the checked copy."""
+    try:
+        return records.check_record(record)
+    except records.RecordError as exc:
+        raise Refused(f"bad round record: {exc}") from None

@@ -387,6 +387,7 @@ class Coordinator:
         info, rank, bound = member.info, payload.rank, self.config.max_upload_value
         blocks = self._blocks(member)
         admission.check_upload_samples(payload.num_samples, info.num_samples)
+        payload.record = admission.check_record(payload.record)
         admission.check_upload_rank(rank, info.rank, self.strategy.heterogeneous_ranks)
         admission.check_factors(payload.A, payload.B, rank, member.modules, blocks,
                                 every_module=not self.strategy.block_subsets)
@@ -466,7 +467,8 @@ class Coordinator:
                 self.refused[c] = f"the strategy has no download for it ({type(exc).__name__}: {exc})"
         self.started = now
         self.phase = "running"
-        log.info("round %d: %d of %d clients selected", self.round, len(self.selected), len(names))
+        log.info("round %d: %d of %d clients selected: %s", self.round, len(self.selected), len(names),
+                 ", ".join(self.selected))
 
     def _initial(self, seed: int) -> dict[str, Factors]:
         if self.config.init != "svd":
@@ -560,8 +562,11 @@ class Coordinator:
         self.retries = 0
         self.round += 1
         self.phase = "done" if self.round >= self.config.rounds else "running"
-        log.warning("round %d closed: %d of %d uploads%s (%.1fs)", entry.round, len(entry.uploaded),
-                    len(entry.selected), f", {entry.note}" if entry.note else "", entry.seconds)
+        # A round that took every upload is news; one that left clients out is a warning.
+        log.log(logging.INFO if entry.aggregated and not entry.note and not missed else logging.WARNING,
+                "round %d closed: %d of %d uploads %s%s (%.1fs)", entry.round, len(entry.uploaded),
+                len(entry.selected), "aggregated" if entry.aggregated else "not aggregated",
+                f", {entry.note}" if entry.note else "", entry.seconds)
         if self.phase == "done":
             log.info("federation finished after %d rounds", self.round)
         else:

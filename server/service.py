@@ -35,6 +35,7 @@ import gc
 import logging
 import math
 import threading
+import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from split.families import block_of
 from split.lora import adapter_state
 from split.partition import SERVER, Cut, build_segment
 from split.protocol import Hello, Join, ModelInfo, UploadPayload, Welcome
+from split.records import SERVER_SECONDS
 from split.security import PLAIN_WARNING, CurveServer, check_pair, check_plain, load_server_keys, peer_key
 from split.wire import Limits, Message, WireError, decode, encode, error, frame_len
 
@@ -59,6 +61,7 @@ from .plans import answer_plan, load_plan
 from .probe import ProbeResponder
 from .replies import StepReused, replay_key
 from .rounds import Coordinator, FederationConfig, FederationError
+from .runlog import ServerRunLog
 from .scheduler import Scheduler
 from .sessions import MB, RequestError, Session, Sessions, check_server_lora
 from .strategies.base import ClientInfo, StrategyError
@@ -114,8 +117,11 @@ class ServerConfig:
     max_queued: int = 8  # requests one connection may have waiting for the compute thread
     recv_hwm: int = 8  # messages ZeroMQ buffers per connection before the loop reads them
     plan: str | None = None  # plan file (`fedsplit plan --json`): each device profile's entry, served by "plan"
+    run_dir: str | None = None  # a federation's clients.jsonl and rounds.jsonl (server/runlog.py)
 
     def __post_init__(self):
+        if self.run_dir is not None and self.federation is None:
+            raise ValueError("--run-dir records a federation's rounds; this server runs none: add --strategy")
         check_server_lora(self.server_lora)  # before the model loads
         if not (math.isfinite(self.pending_timeout) and self.pending_timeout > 0):
             raise ValueError(f"pending_timeout must be a finite number of seconds > 0, got {self.pending_timeout}")
@@ -155,6 +161,8 @@ class BackboneServer:
         self.config = config
         self.keys = load_server_keys(config.secret_key, config.allow)  # a bad key file fails before the model loads
         self.curve: CurveServer | None = None
+        # Made before the model loads: a bad --run-dir fails at once.
+        self.runlog = ServerRunLog(config.run_dir, config.resume) if config.federation is not None else None
         self._context: zmq.Context | None = None  # the server's own, when it runs an authenticator
         self.device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
         self.segment = seg = build_segment(
@@ -200,7 +208,7 @@ class BackboneServer:
         self.socket = None
         self._replies: deque[tuple[bytes, list]] = deque()  # (routing id, encoded reply) from the compute thread
         self._worker_error: BaseException | None = None
-        log.info("server segment: blocks %s of %d, %.1f MB of %.1f MB", self.sessions.hosted, seg.num_layers,
+        log.debug("server segment: blocks %s of %d, %.1f MB of %.1f MB", self.sessions.hosted, seg.num_layers,
                  seg.owned_bytes / 1e6, seg.checkpoint_bytes / 1e6)
 
     # ------------------------------------------------------------ socket loop
@@ -239,6 +247,8 @@ class BackboneServer:
         if self._context is not None:
             self._context.term()
             self._context = None
+        if self.runlog is not None:
+            self.runlog.close()
 
     def _limit_socket(self, socket: zmq.Socket) -> None:
         """What ZeroMQ holds for a connection before the loop sees it, and how
@@ -360,6 +370,7 @@ class BackboneServer:
             return
         try:
             closed = self.coordinator.tick()
+            self.runlog.rounds(self.coordinator.history)
             if closed is not None and self.config.checkpoint_dir is not None:
                 self._checkpoint(closed.round)
         except Exception as exc:  # noqa: BLE001 - the server outlives a failing round; the coordinator notes why
@@ -567,12 +578,16 @@ class BackboneServer:
             # Saved before this step, once the client has every earlier reply:
             # a restored adapter then never holds a step the client redoes.
             self.store.save(self.sessions, session)
+        started = time.perf_counter()
         tensors = self.compute.forward(session, msg.step, msg.tensors, bool(msg.meta.get("train", True)))
-        return Message("ok", msg.client, msg.step, tensors=tensors)
+        return Message("ok", msg.client, msg.step, meta={SERVER_SECONDS: time.perf_counter() - started},
+                       tensors=tensors)
 
     def _backward(self, session: Session, msg: Message) -> Message:
+        started = time.perf_counter()
         grad = self.compute.backward(session, msg.step, msg.tensors.get("grad"))
-        return Message("ok", msg.client, msg.step, tensors={"grad": grad})
+        return Message("ok", msg.client, msg.step, meta={SERVER_SECONDS: time.perf_counter() - started},
+                       tensors={"grad": grad})
 
     def _adapter(self, session: Session, msg: Message) -> Message:
         return Message("ok", msg.client, msg.step, tensors=adapter_state(self.sessions.model, session.adapter))
@@ -628,7 +643,9 @@ class BackboneServer:
         return self._federation().poll(session.client).to_message(msg.client)
 
     def _upload(self, session: Session, msg: Message) -> Message:
-        self._federation().upload(session.client, UploadPayload.from_message(msg))
+        fed, payload = self._federation(), UploadPayload.from_message(msg)
+        fed.upload(session.client, payload)  # checks the record; refuses the upload if it is bad
+        self.runlog.upload(session.client, payload.round, payload.record, len(fed.uploads), len(fed.selected))
         return Message("ok", msg.client, msg.step)
 
     # ------------------------------------------------------------ checkpoints
@@ -659,6 +676,7 @@ class BackboneServer:
             raise ValueError(f"--resume: no complete round_N folder in {self.config.checkpoint_dir}")
         snap = read_coordinator(folder)
         self.coordinator.restore(snap)
+        self.runlog.rounds_written = len(self.coordinator.history)  # written by the run being resumed
         self.store.restore_from = folder / CLIENTS
         hosted = set(self.sessions.hosted)
         self.sessions.fold({m: d for m, d in snap["merged"].items() if block_of(m) in hosted})

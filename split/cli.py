@@ -9,21 +9,21 @@ client runtime.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
-import warnings
 from importlib.metadata import version
 
 import torch
 
-from edge import device_demo, emulate_cli
+from edge import device_demo, emulate_cli, report
 from profiles import cli_profile, plan_command
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
+from split.console import setup_logging, table_console
 from split.lora import LoraSpec
 from split.partition import Cut
+from split.summary import round_table
 from split.wire import Limits
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -64,8 +64,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="seed of LoRA initialisation, the new head, data order and every random draw")
     p.add_argument("--no-dropout", action="store_true", help="turn the model's dropout off")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
-                   help="logging level")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="level of fedsplit's own log lines (libraries log warnings and worse only)")
 
 
 def device_name(text: str) -> str:
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint-dir: a federation from its newest round; clients that "
                         "register again get their saved server-side adapters back")
+    k.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="write every client's round records (clients.jsonl) and every round (rounds.jsonl) "
+                        "here, for `fedsplit report DIR`; a federation only")
 
     c = _subparser(sub, "client", "train through a server on local data", CLIENT_EXAMPLE)
     _add_model_args(c)
@@ -255,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "compute slowed to its speed, its link's bandwidth and RTT on every message, its memory "
                         "budget enforced (the summary gains the emulated times)")
     emulate_cli.add_arguments(c)
+    c.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="write every training step (steps.jsonl) and round record (clients.jsonl) here, for "
+                        "`fedsplit report DIR`")
     g = c.add_argument_group("federation (when the server runs rounds)")
     g.add_argument("--num-clients", type=positive_int, default=1, help="clients the training data is split among")
     g.add_argument("--client-index", type=nonnegative_int, default=0,
@@ -307,15 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file name of the pair, e.g. server, client1 (one pair per machine)")
     cli_profile.add_parser(sub, HelpFormatter)
     plan_command.add_arguments(_subparser(sub, "plan", plan_command.HELP, plan_command.EXAMPLE))
+    report.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    # peft still calls a transformers property deprecated in v5; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(getattr(args, "log_level", "INFO"))
     try:
         if args.command == "server":
             return _server(args)
@@ -327,6 +331,8 @@ def main(argv=None) -> int:
             return cli_profile.run(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "report":
+            return report.run(args)
         from edge.demo import run_demo
 
         return run_demo(args)
@@ -380,7 +386,7 @@ def _server(args) -> int:
                           secret_key=args.secret_key, allow=args.allow,
                           max_rank=args.max_rank, max_tokens=args.max_tokens, max_sessions=args.max_sessions,
                           max_pending=args.max_pending, max_pending_mb=args.max_pending_mb,
-                          max_queued=args.max_queued, recv_hwm=args.recv_hwm, plan=args.plan)
+                          max_queued=args.max_queued, recv_hwm=args.recv_hwm, plan=args.plan, run_dir=args.run_dir)
     server = BackboneServer(config)
     endpoint = server.bind()
     try:
@@ -400,6 +406,9 @@ def _server(args) -> int:
         # A federation ends once its last round closed and every client has left.
         fed = server.coordinator
         server.serve(should_stop=lambda: bool(stopping) or (fed.phase == "done" and not server.sessions.count()))
+        table = server.runlog.table()
+        if table is not None:
+            table_console().print(table)
         return 0
     finally:
         server.close()
@@ -437,14 +446,14 @@ def _client(args, argv: list[str]) -> int:
 
     emulation = emulate_cli.emulation(args)  # checked before any work
     _set_threads(args.threads)
-    profile = ""
+    profile, budget = "", None
     if args.profile:
         from edge.allocation import planned_budget
         from edge.planned import apply_profile
 
         plan = apply_profile(args, argv[argv.index("client") + 1:])
         planned_budget(args, plan)
-        profile = plan.device
+        profile, budget = plan.device, plan.budget_bytes
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut) if args.cut else None,
                           task=args.task, lora=_lora_spec(args), lr=args.lr, head_lr=args.head_lr,
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
@@ -458,17 +467,21 @@ def _client(args, argv: list[str]) -> int:
                            partition_alpha=args.partition_alpha, num_clients=args.num_clients,
                            client_index=args.client_index, eval_rounds=args.eval_rounds, personal=args.personal,
                            blocks=args.blocks, profile=profile, capacity=args.capacity,
-                           train_memory_mb=args.train_memory_mb, planned=bool(args.profile))
+                           train_memory_mb=args.train_memory_mb, planned=bool(args.profile), run_dir=args.run_dir,
+                           budget_bytes=budget)
     emulator = None
     if emulation is not None:
         from edge.emulate import emulated_device
 
         emulator = emulated_device(**emulation)
+        options.budget_bytes = emulator.budget_bytes  # the budget the emulation enforces
         print(f"fedsplit client: {emulator.describe()}", file=sys.stderr, flush=True)
     summary = run_client(config, options, emulator)
     if emulator is not None:
         summary["emulation"] = emulator.summary()
     write_summary(summary, args.summary_json)
+    if summary.get("round_records"):
+        table_console().print(round_table(summary["round_records"], "fedsplit client: per round"))
     print(_client_report(summary))
     if emulator is not None:
         print(emulator.report())

@@ -466,7 +466,11 @@ class UploadPayload:
     """A client's upload for ``round``: its client-side factors (at ``rank``:
     HetLoRA may have pruned it), its head and its sample count; when the
     offer asked for them, ``fisher``: per trained client-side block, the
-    mean over the round's steps of the sum of its LoRA gradients squared."""
+    mean over the round's steps of the sum of its LoRA gradients squared;
+    and its round record (``split.records``). The record is taken as sent
+    here and checked by the coordinator (``server.admission.check_record``),
+    so a bad one is refused like a bad tensor: the round stops waiting for
+    that client."""
 
     round: int
     num_samples: int
@@ -475,9 +479,10 @@ class UploadPayload:
     B: dict[str, torch.Tensor] = field(default_factory=dict)
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[int, float] | None = None
+    record: object = field(default_factory=dict)
 
     def to_message(self) -> Message:
-        meta = {"round": self.round, "num_samples": self.num_samples, "rank": self.rank}
+        meta = {"round": self.round, "num_samples": self.num_samples, "rank": self.rank, "record": self.record}
         if self.fisher is not None:
             meta["fisher"] = {str(b): float(v) for b, v in self.fisher.items()}
         return Message("upload", meta=meta, tensors=pack(A=self.A, B=self.B, head=self.head))
@@ -495,4 +500,4 @@ class UploadPayload:
                             "a finite number >= 0")
         return cls(_field(meta, op, "round", "count"), _field(meta, op, "num_samples", "count"),
                    _field(meta, op, "rank", "positive"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD],
-                   None if fisher is None else {b: float(v) for b, v in fisher.items()})
+                   None if fisher is None else {b: float(v) for b, v in fisher.items()}, meta.get("record", {}))

@@ -20,7 +20,7 @@ class StubConnection:
         self.tensors = tensors
 
     def request(self, msg: Message, **_) -> Message:
-        return Message("ok", msg.client, msg.step, tensors=self.tensors)
+        return Message("ok", msg.client, msg.step, meta={"server_s": 0.01}, tensors=self.tensors)
 
 
 def _forward(tensors: dict, labels=None):
