@@ -105,6 +105,7 @@ class DeviceRun:
     """What one device's client did: its profile, its plan entry, its summary."""
 
     name: str  # as given on the command line
+    client_id: str
     profile: object  # profiles.schema.DeviceProfile
     plan: object  # profiles.planner.ClientPlan
     summary: dict
@@ -147,6 +148,11 @@ def server_arguments(demo: DeviceDemo, num_labels: int, run_dir: Path) -> list[s
             "--run-dir", str(run_dir), *demo.server_args]
 
 
+def client_id(demo: DeviceDemo, index: int) -> str:
+    """Device ``index``'s client id: its place and its profile's file stem."""
+    return f"{index}-{Path(demo.devices[index]).stem}"
+
+
 def client_arguments(demo: DeviceDemo, index: int, endpoint: str, host_gflops: float, evaluator: bool) -> list[str]:
     """The ``fedsplit client`` command line of device ``index``."""
     name = demo.devices[index]
@@ -157,7 +163,7 @@ def client_arguments(demo: DeviceDemo, index: int, endpoint: str, host_gflops: f
            "--emulate-host-gflops", f"{host_gflops:.3f}", "--emulate-evaluation", "host",
            "--emulate-memory", demo.memory,
            "--lr", str(demo.lr), "--head-lr", str(demo.head_lr), "--seed", str(demo.seed),
-           "--id", f"{index}-{Path(name).stem}", "--summary-json", str(folder / "summary.json"),
+           "--id", client_id(demo, index), "--summary-json", str(folder / "summary.json"),
            "--run-dir", str(folder / "run"), "--connect-timeout", "300", "--no-progress"]
     if evaluator:
         cmd.append("--eval-rounds")
@@ -203,7 +209,7 @@ def run_devices(demo: DeviceDemo, plans: dict, host_gflops: float, num_labels: i
     runs = []
     for k, (name, profile) in enumerate(zip(demo.devices, profiles)):
         summary = json.loads((demo.out / f"client{k}" / "summary.json").read_text())
-        runs.append(DeviceRun(name, profile, plans[profile.name], summary, k == judge))
+        runs.append(DeviceRun(name, client_id(demo, k), profile, plans[profile.name], summary, k == judge))
     return runs
 
 
@@ -223,30 +229,48 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 # ---------------------------------------------------------------- the summary
 
 GIB = 1 << 30
+WIDE = 180  # columns of the summary when the output is not a terminal
 
 
-def _sum_records(summary: dict, key: str) -> float | None:
-    """A key summed over the client's round records (None when it kept none)."""
-    records = summary.get("round_records")
-    if not records:
-        return None
-    return sum(r.get(key, 0.0) for r in records)
+def allocations(server_run: Path) -> dict[str, list[list[int]]]:
+    """Each client's allocated blocks per round, from the server's
+    ``rounds.jsonl`` (empty where the server does not allocate)."""
+    from split.runfolder import ROUNDS
+
+    out: dict[str, list[list[int]]] = {}
+    path = server_run / ROUNDS
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            for client, blocks in json.loads(line).get("allocation", {}).items():
+                out.setdefault(client, []).append(blocks)
+    return out
 
 
-def device_rows(runs: list[DeviceRun]) -> list[dict]:
-    """One row of figures per device (the table's, unformatted)."""
+def blocks_cell(planned: list[int], capacity: int, rounds: list[list[int]] | None) -> str:
+    """The blocks a device trained: its plan's, or each round's allocation."""
     from profiles.plan_table import blocks_text
+
+    if not rounds:
+        return f"{blocks_text(planned)} ({capacity})"
+    return " | ".join(blocks_text(b) for b in rounds) + f" ({capacity})"
+
+
+def device_rows(runs: list[DeviceRun], allocated: dict[str, list[list[int]]]) -> list[dict]:
+    """One row of figures per device (the table's, unformatted). Traffic is
+    the training's (polls, downloads, steps, uploads), evaluation left out."""
+    from split.summary import client_totals
 
     rows = []
     for run in runs:
         emu, s, plan = run.summary["emulation"], run.summary, run.plan
+        totals = client_totals([{"client": run.client_id, **r} for r in s["round_records"]])[run.client_id]
         rows.append({
-            "device": run.profile.name, "cut": f"{plan.k1},{plan.k2}", "rank": plan.rank,
-            "blocks": f"{blocks_text(plan.trainable)} ({plan.capacity})", "batch": plan.batch, "steps": s["steps"],
-            "compute_s": emu["device_compute_s"], "network_s": emu["network_s"],
-            "server_s": _sum_records(s, "server_s"), "wall_s": emu["wall_s"],
+            "device": run.name, "cut": f"{plan.k1},{plan.k2}", "rank": plan.rank,
+            "blocks": blocks_cell(plan.trainable, plan.capacity, allocated.get(run.client_id)),
+            "batch": plan.batch, "steps": s["steps"], "compute_s": emu["device_compute_s"],
+            "network_s": emu["network_s"], "server_s": totals.server_s, "wall_s": emu["wall_s"],
             "peak_bytes": emu["peak_memory_bytes"], "budget_bytes": emu["memory_budget_bytes"],
-            "bytes_up": s["bytes_sent"], "bytes_down": s["bytes_received"],
+            "bytes_up": totals.bytes_up, "bytes_down": totals.bytes_down,
             "accuracy": s.get("final_accuracy") if run.evaluator else None})
     return rows
 
@@ -260,9 +284,8 @@ def summary_table(rows: list[dict], title: str):
                  "wall s", "peak / budget GiB", "MB up / down", "accuracy"):
         t.add_column(name, justify="left" if name in ("device", "blocks (L_i)") else "right", no_wrap=True)
     for r in rows:
-        server = "-" if r["server_s"] is None else f"{r['server_s']:.1f}"
         t.add_row(r["device"], r["cut"], str(r["rank"]), r["blocks"], str(r["batch"]), str(r["steps"]),
-                  f"{r['compute_s']:.1f}", f"{r['network_s']:.1f}", server, f"{r['wall_s']:.0f}",
+                  f"{r['compute_s']:.1f}", f"{r['network_s']:.1f}", f"{r['server_s']:.1f}", f"{r['wall_s']:.0f}",
                   f"{r['peak_bytes'] / GIB:.2f} / {r['budget_bytes'] / GIB:.2f}",
                   f"{r['bytes_up'] / 1e6:.1f} / {r['bytes_down'] / 1e6:.1f}",
                   "-" if r["accuracy"] is None else f"{r['accuracy']:.1%}")
@@ -298,14 +321,19 @@ def settings(args: argparse.Namespace) -> DeviceDemo:
 def run(args: argparse.Namespace) -> int:
     """``fedsplit demo --devices ...``: plan, run, summarise, plot."""
     import torch
+
     from rich.console import Console
+
+    from split.console import table_console
 
     from .data import load_dataset
     from .emulate import host_speed
 
     check_options(args, args.demo_parser)
     demo = settings(args)
-    console = Console() if Console().is_terminal else Console(width=200)
+    console = table_console()
+    if not console.is_terminal:
+        console = Console(width=WIDE)  # a file or a pipe: the summary's rows stay whole
     started = time.perf_counter()
     labels = load_dataset(None).labels
     console.print(f"[bold]fedsplit demo[/]: {len(demo.devices)} emulated devices ({', '.join(demo.devices)}), "
@@ -321,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         console.print(f"[red]{exc}[/]")
         return 1
-    rows = device_rows(runs)
+    rows = device_rows(runs, allocations(demo.out / "server"))
     (demo.out / "devices.json").write_text(json.dumps(rows, indent=2) + "\n")
     judge = next(r for r in runs if r.evaluator)
     accuracies = [f"{r['accuracy']:.1%}" for r in judge.summary["rounds"] if r.get("accuracy") is not None]
