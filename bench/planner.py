@@ -33,7 +33,7 @@ The straggler ratio is the slowest over the fastest client's mean step time
 budget is reported, not ended: clients run with ``--emulate-memory report``.
 
     python bench/planner.py [--devices workstation,agx-orin,pi5,jetson-nano] [--seeds 0,1,2]
-        [--rounds 6] [--local-steps 5] [--out bench/results]
+        [--rounds 8] [--local-steps 4] [--out bench/results] [--work DIR [--resume]]
 
 Writes ``planner.json`` (every run's rounds and clients) and ``planner.md``
 (the table) into ``--out``; every run's logs and run folders go into
@@ -170,6 +170,7 @@ def run_config(args, config: str, seed: int, shape, profiles: list, planned: Pla
               "plans": {p.device: {"cut": [p.k1, p.k2], "rank": p.rank, "blocks": p.trainable, "batch": p.batch,
                                    "predicted_step_s": p.predicted_step_s} for p in plans},
               "clients": [{k: v for k, v in r.items() if k != "summary"} for r in runs]}
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")  # kept should a later run fail
     print(f"seed {seed} {config}: final accuracy {result['final_accuracy']:.3f}, emulated "
           f"{sum(result['round_s']):.0f} s, straggler ratio {result['straggler_ratio']:.2f}, wall {wall:.0f} s",
           flush=True)
@@ -205,6 +206,8 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
         runs = [r for r in results if r["config"] == config]
+        if not runs:
+            continue
         reached = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
         ratios = [r["ratio_to_uniform"] for r in runs if r["ratio_to_uniform"] is not None]
         over = sorted({d for r in runs for d in r["over_budget"]})
@@ -216,13 +219,26 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def devices_table(results: list[dict]) -> str:
+    """Per configuration and device: the measured mean step time and peak
+    memory against the budget (mean over the seeds)."""
+    lines = ["| configuration | device | measured step s | peak / budget GiB |", "|---|---|---|---|"]
+    for config in CONFIGS:
+        runs = [r for r in results if r["config"] == config]
+        for device in (runs[0]["step_s"] if runs else {}):
+            step = statistics.fmean(r["step_s"][device] for r in runs)
+            peak = max(r["peak_gib"][device] for r in runs)
+            lines.append(f"| {config} | {device} | {step:.3f} | {peak:.2f} / {runs[0]['budget_gib'][device]:.2f} |")
+    return "\n".join(lines)
+
+
 def plans_table(result: list[dict]) -> str:
     """Each configuration's settings per device (the same for every seed)."""
     lines = ["| configuration | device | cut | rank | blocks | batch | predicted step s |",
              "|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
-        r = next(x for x in result if x["config"] == config)
-        for device, p in r["plans"].items():
+        r = next((x for x in result if x["config"] == config), None)
+        for device, p in ({} if r is None else r["plans"]).items():
             blocks = ",".join(map(str, p["blocks"]))
             lines.append(f"| {config} | {device} | {p['cut'][0]},{p['cut'][1]} | {p['rank']} | {blocks} | "
                          f"{p['batch']} | {p['predicted_step_s']:.3f} |")
@@ -233,20 +249,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default=DEFAULT_DEVICES, help="comma-separated device profiles")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data split, LoRA init, order)")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     parser.add_argument("--server-threads", type=int, default=2)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations to run")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--work", default=None, help="folder for every run's logs and records")
+    parser.add_argument("--resume", action="store_true",
+                        help="take the runs --work already holds (their result.json) instead of running them again")
     args = parser.parse_args(argv)
     args.devices = [d.strip() for d in args.devices.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = [c for c in args.configs.split(",") if c]
     if "uniform" not in configs or set(configs) - set(CONFIGS):
         parser.error(f"--configs: a subset of {','.join(CONFIGS)} that holds uniform (the other runs' reference)")
+    if args.resume and not args.work:
+        parser.error("--resume needs the --work folder of the runs to take")
     args.work = args.work or tempfile.mkdtemp(prefix="fedsplit-bench-planner-")
     return bench(args, seeds, configs)
 
@@ -271,6 +291,10 @@ def bench(args, seeds: list[int], configs: list[str]) -> int:
     results = []
     for seed in seeds:
         for config in configs:
+            done = Path(args.work) / f"seed{seed}-{config}" / "result.json"
+            if args.resume and done.is_file():
+                results.append(json.loads(done.read_text()))
+                continue
             results.append(run_config(args, config, seed, shape, profiles, planned, host, len(labels)))
     with_targets(results)
     out = Path(args.out)
@@ -282,7 +306,8 @@ def bench(args, seeds: list[int], configs: list[str]) -> int:
     (out / "planner.json").write_text(json.dumps({"settings": settings, "runs": results}, indent=1) + "\n")
     planned_runs = [r for r in results if r["config"] == "planned"]
     ratios = [r["ratio_to_uniform"] for r in planned_runs]
-    met = all(r is not None and r <= TARGET for r in ratios) and not any(r["over_budget"] for r in planned_runs)
+    met = bool(ratios) and all(r is not None and r <= TARGET for r in ratios) and not any(
+        r["over_budget"] for r in planned_runs)
     verdict = (f"Target (planned at most {TARGET}x uniform's time, no client over budget): "
                f"{'met' if met else 'missed'}; planned/uniform per seed: "
                + ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios))
@@ -290,7 +315,8 @@ def bench(args, seeds: list[int], configs: list[str]) -> int:
           f"{args.local_steps} local steps, layermean, fixed blocks, sequence {args.seq_len}, Dirichlet("
           f"{args.alpha}) split, seeds {', '.join(map(str, seeds))}; mean ± standard deviation over the seeds. "
           "Times are emulated device time (bench/planner.py: busy time of the slowest client per round).\n",
-          table(results), "", verdict, "", "Settings per configuration:\n", plans_table(results), ""]
+          table(results), "", verdict, "", "Settings per configuration:\n", plans_table(results), "",
+          "Measured per device (mean step time over the seeds, the largest peak):\n", devices_table(results), ""]
     (out / "planner.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
