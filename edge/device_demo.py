@@ -40,6 +40,7 @@ DEFAULT_ROUNDS = 3
 DEFAULT_STEPS = 5
 SERVER_CUT = "1,1"
 PLAN_FILE = "plan.json"
+MAX_RANK = 64  # the planner's default candidates: 4..64
 CLIENT_TIMEOUT = 1800.0  # seconds a client may run before the demo gives up on it
 
 
@@ -112,9 +113,18 @@ class DeviceRun:
     evaluator: bool
 
 
-def plan_arguments(demo: DeviceDemo, num_labels: int) -> list[str]:
+def rank_range(shape, highest: int = MAX_RANK) -> str:
+    """The planner's candidate ranks for ``shape``: powers of two from 4 (or
+    1 for a very narrow model) up to ``highest``, and never above a LoRA
+    module's smaller dimension, which the server refuses."""
+    widest = min([highest] + [min(d_out, d_in) for _, d_out, d_in in shape.lora_targets])
+    top = 1 << (widest.bit_length() - 1)
+    return f"{min(4, top)}..{top}"
+
+
+def plan_arguments(demo: DeviceDemo, num_labels: int, ranks: str) -> list[str]:
     """The ``fedsplit plan`` command line (less ``plan``) the demo plans with."""
-    args = ["--profiles", *demo.devices, "--seq-len", str(demo.seq_len), "--cut", SERVER_CUT,
+    args = ["--profiles", *demo.devices, "--seq-len", str(demo.seq_len), "--cut", SERVER_CUT, "--ranks", ranks,
             "--strategy", demo.strategy, "--num-labels", str(num_labels), "--json", str(demo.out / PLAN_FILE)]
     return args + (["--model", demo.model] if demo.model else [])
 
@@ -122,11 +132,15 @@ def plan_arguments(demo: DeviceDemo, num_labels: int) -> list[str]:
 def make_plan(demo: DeviceDemo, num_labels: int):
     """Plan the devices in-process (printing the plan's table) and read the
     plan file back: {profile name: ClientPlan}."""
+    from profiles.cost import ModelShape
     from profiles.planfile import read_plan
     from split.cli import main
+    from split.partition import load_config, resolve_model_path
 
     demo.out.mkdir(parents=True, exist_ok=True)
-    if main(["plan", *plan_arguments(demo, num_labels)]) != 0:
+    shape = ModelShape.from_config(load_config(resolve_model_path(demo.model), "classification", num_labels, True),
+                                   num_labels=num_labels)
+    if main(["plan", *plan_arguments(demo, num_labels, rank_range(shape))]) != 0:
         raise RuntimeError("planning failed (the reason is printed above)")
     return read_plan(demo.out / PLAN_FILE)
 

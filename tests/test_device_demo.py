@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import minilm_path, save_tiny
 from edge.device_demo import (DeviceDemo, client_arguments, device_list, evaluator_index, make_plan,
                               server_arguments)
 from profiles.schema import DEVICES_DIR, builtin_profiles, resolve_profile
@@ -139,3 +140,38 @@ def test_the_round_log_names_the_blocks_each_client_was_allocated():
     plain.upload("c0", payload(plain, "c0"))
     plain.tick(1.0)
     assert plain.history[0].allocation == {}  # no allocation: the clients train their own blocks
+
+
+def tiny_for_the_builtin_task(folder: Path) -> Path:
+    """A tiny BERT with the built-in MiniLM tokenizer and a head of the built-in task's 10 classes."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok.save_pretrained(folder)
+    return save_tiny("bert", folder, vocab_size=len(tok), num_labels=10)
+
+
+def test_a_short_device_demo_plans_runs_summarises_and_plots(tmp_path, capsys):
+    """Two emulated devices, one round of two steps on a tiny BERT: the plan,
+    the run folders, the per-device summary and the four plots."""
+    model = tiny_for_the_builtin_task(tmp_path / "tiny")
+    assert main(["demo", "--devices", "laptop,jetson-nano", "--rounds", "1", "--local-steps", "2", "--seq-len", "16",
+                 "--model", str(model), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    (run,) = (tmp_path / "out").iterdir()
+    assert (run / "plan.json").is_file() and (run / "server" / "rounds.jsonl").is_file()
+    rows = {r["device"]: r for r in json.loads((run / "devices.json").read_text())}
+    assert set(rows) == {"laptop", "jetson-nano"}
+    for name, row in rows.items():
+        assert row["steps"] == 2 and row["rank"] > 0 and row["batch"] > 0
+        assert row["network_s"] > 0 and row["compute_s"] > 0 and row["server_s"] > 0
+        assert 0 < row["peak_bytes"] <= row["budget_bytes"] == resolve_profile(name).memory_bytes
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert row["blocks"].endswith(")")  # the round's allocated blocks, then the plan's capacity
+    # The laptop's link is as fast and its compute faster: it evaluates, at host speed.
+    assert rows["laptop"]["accuracy"] is not None and rows["jetson-nano"]["accuracy"] is None
+    # The Jetson Nano computes about 10x slower than the laptop: its device-equivalent compute says so.
+    assert rows["jetson-nano"]["compute_s"] > 3 * rows["laptop"]["compute_s"]
+    for plot in ("accuracy.png", "bytes.png", "memory.png", "time.png"):
+        assert (run / plot).stat().st_size > 1000 and f"plot: {run / plot}" in printed
+    assert "fedsplit device demo: layermean, fedpilot allocation" in printed
