@@ -168,6 +168,10 @@ def test_a_short_device_demo_plans_runs_summarises_and_plots(tmp_path, capsys):
         assert 0 < row["peak_bytes"] <= row["budget_bytes"] == resolve_profile(name).memory_bytes
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
         assert row["blocks"].endswith(")")  # the round's allocated blocks, then the plan's capacity
+    # The server's run folder holds both clients' records, with their emulated busy times.
+    records = [json.loads(line) for line in (run / "server" / "clients.jsonl").read_text().splitlines()]
+    assert sorted(r["client"] for r in records) == ["0-laptop", "1-jetson-nano"]
+    assert all(r["emulated_link_s"] > 0 and r["emulated_train_s"] > 0 for r in records)
     # The laptop's link is as fast and its compute faster: it evaluates, at host speed.
     assert rows["laptop"]["accuracy"] is not None and rows["jetson-nano"]["accuracy"] is None
     # The Jetson Nano computes about 10x slower than the laptop: its device-equivalent compute says so.

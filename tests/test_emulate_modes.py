@@ -168,3 +168,27 @@ def test_a_bad_host_speed_is_refused_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         main(["client", "--emulate", "pi5", "--emulate-host-gflops", "0"])
     assert "--emulate-host-gflops: must be > 0" in capsys.readouterr().err
+
+
+def test_each_round_record_carries_the_rounds_emulated_times(one_thread):
+    """The observer reports what the emulator's counters moved since the
+    previous record, under keys the server's record check accepts."""
+    from edge.emulate_record import KEYS, emulated_rounds
+    from split.records import check_record
+
+    emulator = EmulatedDevice(profile(gflops=HOST / 2, uplink=8.0, downlink=8.0, rtt=0.0), HOST, clock="cpu")
+    assert emulated_rounds(None) == []
+    (observer,) = emulated_rounds(emulator)
+    emulator.on_receive(10_000)  # the round's download: 10 ms
+    with emulator.computing("training step 1"):
+        spin(0.02)
+        emulator.on_send(10_000)
+        emulator.on_receive(10_000)
+    first = observer.record_extra()
+    assert set(first) == set(KEYS) and check_record(first) == first
+    assert first["emulated_link_s"] == pytest.approx(0.03)
+    assert first["emulated_train_s"] == pytest.approx(first["emulated_compute_s"] + 0.02)
+    assert first["emulated_compute_s"] == pytest.approx(2 * emulator.host_compute_s)
+    emulator.on_send(10_000)  # the upload, then the next round's polls: counted in the next record
+    second = observer.record_extra()
+    assert second == {"emulated_compute_s": 0.0, "emulated_link_s": pytest.approx(0.01), "emulated_train_s": 0.0}
