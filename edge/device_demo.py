@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
                   f"steps, Dirichlet({demo.alpha}) split of the built-in task; output in {demo.out}")
     plans = make_plan(demo, len(labels)).clients
     torch.set_num_threads(1)
-    host = host_speed(clock="cpu")
+    host = host_speed(clock="cpu", seconds=0.5)
     console.print(f"this host: {host:.1f} GFLOP/s on one thread (by its CPU time); every process computes on one "
                   "thread and each emulated device's compute is dilated from its CPU time")
     try:
