@@ -114,8 +114,8 @@ class DeviceRun:
 
 
 def rank_range(shape, highest: int = MAX_RANK) -> str:
-    """The planner's candidate ranks for ``shape``: powers of two from 4 (or
-    1 for a very narrow model) up to ``highest``, and never above a LoRA
+    """The planner's candidate ranks for ``shape``: powers of two from 4 (less
+    for a very narrow model) up to ``highest``, and never above a LoRA
     module's smaller dimension, which the server refuses."""
     widest = min([highest] + [min(d_out, d_in) for _, d_out, d_in in shape.lora_targets])
     top = 1 << (widest.bit_length() - 1)
@@ -131,7 +131,8 @@ def plan_arguments(demo: DeviceDemo, num_labels: int, ranks: str) -> list[str]:
 
 def make_plan(demo: DeviceDemo, num_labels: int):
     """Plan the devices in-process (printing the plan's table) and read the
-    plan file back: {profile name: ClientPlan}."""
+    plan file back (a ``profiles.planfile.PlanFile``: ``clients`` maps each
+    profile's name to its ``ClientPlan``)."""
     from profiles.cost import ModelShape
     from profiles.planfile import read_plan
     from split.cli import main
@@ -208,18 +209,23 @@ def run_devices(demo: DeviceDemo, plans: dict, host_gflops: float, num_labels: i
                 clients.append(subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL))
         say(f"started the server and {len(clients)} emulated clients; logs in {demo.out}")
-        codes = _wait(clients, CLIENT_TIMEOUT)
+        codes = _wait(clients, server, CLIENT_TIMEOUT)
+        server_code = server.poll()
     finally:
         for c in clients:
             stop(c)
         stop(server)
         server_log.close()
-    failed = [k for k, code in enumerate(codes) if code != 0]
+    server_tail = (demo.out / "server.log").read_text()[-2000:]
+    failed = [k for k, code in enumerate(codes) if code not in (None, 0)]
     if failed:
         k = failed[0]
         raise RuntimeError(f"the client of {demo.devices[k]} failed (exit {codes[k]}):\n"
-                           f"{logs[k].read_text()[-3000:]}\nserver log:\n"
-                           f"{(demo.out / 'server.log').read_text()[-2000:]}")
+                           f"{logs[k].read_text()[-3000:]}\nserver log:\n{server_tail}")
+    if None in codes:
+        why = (f"the server exited (code {server_code})" if server_code is not None
+               else f"the clients did not finish within {CLIENT_TIMEOUT:.0f} s")
+        raise RuntimeError(f"{why}; server log:\n{server_tail}")
     runs = []
     for k, (name, profile) in enumerate(zip(demo.devices, profiles)):
         summary = json.loads((demo.out / f"client{k}" / "summary.json").read_text())
@@ -227,16 +233,22 @@ def run_devices(demo: DeviceDemo, plans: dict, host_gflops: float, num_labels: i
     return runs
 
 
-def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
-    """Every process's exit code; one still running after ``timeout`` seconds is stopped (code -1)."""
+def _wait(procs: list[subprocess.Popen], server: subprocess.Popen, timeout: float,
+          poll: float = 0.5) -> list[int | None]:
+    """Every client's exit code, once all have ended. When one fails, the
+    server ends, or ``timeout`` seconds pass, the clients still running are
+    stopped at once (code None): a federation would otherwise wait out its
+    deadline for a failed client, and clients their timeout for a server gone."""
     deadline = time.monotonic() + timeout
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(max(0.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = any(c not in (None, 0) for c in codes)
+        if all(c is not None for c in codes) or failed or server.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(poll)
+    for p, code in zip(procs, codes):
+        if code is None:
             stop(p)
-            codes.append(-1)
     return codes
 
 
@@ -328,7 +340,7 @@ def settings(args: argparse.Namespace) -> DeviceDemo:
     return DeviceDemo(devices=args.devices, out=folder, strategy=args.strategy or "layermean",
                       allocation=args.allocation, rounds=args.rounds or DEFAULT_ROUNDS,
                       local_steps=args.local_steps or DEFAULT_STEPS, seq_len=args.seq_len, alpha=args.alpha,
-                      lr=args.lr, head_lr=args.head_lr, seed=getattr(args, "seed", 0), model=args.model,
+                      lr=args.lr, head_lr=args.head_lr, model=args.model,
                       tokenizer=args.tokenizer)
 
 

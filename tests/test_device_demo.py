@@ -179,3 +179,28 @@ def test_a_short_device_demo_plans_runs_summarises_and_plots(tmp_path, capsys):
     for plot in ("accuracy.png", "bytes.png", "memory.png", "time.png"):
         assert (run / plot).stat().st_size > 1000 and f"plot: {run / plot}" in printed
     assert "fedsplit device demo: layermean, fedpilot allocation" in printed
+
+
+def test_a_failed_client_or_a_gone_server_stops_the_others_at_once():
+    import subprocess
+    import sys
+    import time
+
+    from edge.device_demo import _wait
+
+    def proc(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    sleeper, server = proc("import time; time.sleep(60)"), proc("import time; time.sleep(60)")
+    started = time.monotonic()
+    try:
+        assert _wait([proc("raise SystemExit(3)"), sleeper], server, timeout=60) == [3, None]
+        assert time.monotonic() - started < 20 and sleeper.poll() is not None  # stopped, not waited for
+        sleeper, gone = proc("import time; time.sleep(60)"), proc("pass")
+        gone.wait()
+        assert _wait([sleeper], gone, timeout=60) == [None] and sleeper.poll() is not None
+        assert _wait([proc("pass"), proc("pass")], server, timeout=60) == [0, 0]
+    finally:
+        for p in (sleeper, server):
+            p.kill()
+            p.wait()
