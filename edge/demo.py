@@ -23,9 +23,14 @@ from .report import load_rows
 
 def run_demo(args) -> int:
     # Rounds of few local steps need larger steps than one long run to get as far.
-    federated = args.clients > 1
+    federated = args.clients > 1 or args.devices is not None
     args.lr = args.lr or (5e-3 if federated else 2e-3)
     args.head_lr = args.head_lr or (2e-2 if federated else 5e-3)
+    if args.devices is not None:
+        from .device_demo import run
+
+        return run(args)
+    args.strategy, args.rounds, args.local_steps = args.strategy or "fedit", args.rounds or 5, args.local_steps or 10
     if federated:
         return run_federated_demo(args)
     return run_split_demo(args)

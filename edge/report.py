@@ -6,7 +6,9 @@ client's rounds, a client's its own) and writes four PNGs:
 - ``accuracy.png``: accuracy of the global model per round, per client that evaluated;
 - ``bytes.png``: MB sent and received per client per round;
 - ``memory.png``: each client's peak memory against its device budget;
-- ``time.png``: each client's training time split into compute, network and server.
+- ``time.png``: each client's training time split into compute, network and server
+  (for emulated devices, ``--emulate``: their compute and link as on the device,
+  from the records' ``emulated_*`` keys, and the server's compute).
 
 The file is input like any other: every line is checked (``split.records``)
 and a bad one is an error naming the file and the line. matplotlib is an
@@ -219,16 +221,25 @@ def _memory(plt, by_client: dict[str, list[dict]]):
     return fig
 
 
+MEASURED = (("client compute", "compute_s", "tab:blue"),
+            ("waiting: network and server queue", "network_s", "tab:orange"),
+            ("server compute", "server_s", "tab:green"))
+EMULATED = (("device compute", "emulated_compute_s", "tab:blue"), ("device link", "emulated_link_s", "tab:orange"),
+            ("server compute", "server_s", "tab:green"))
+
+
 def _time(plt, by_client: dict[str, list[dict]]):
-    totals = client_totals([r for rows in by_client.values() for r in rows])
+    rows = [r for rows in by_client.values() for r in rows]
+    totals = client_totals(rows)
     names = list(totals)
     fig, ax = plt.subplots(figsize=(max(9.0, 1.3 * len(names) + 5), 4.4))
-    ax.set_title("Where each client's training steps spent their time (all rounds)")
+    # Emulated devices: their wall-clock holds the dilation's sleeps, so their own figures say more.
+    emulated = all("emulated_compute_s" in r for r in rows)
+    ax.set_title("Where each emulated device's rounds spent their time (all rounds)" if emulated else
+                 "Where each client's training steps spent their time (all rounds)")
     bottom = [0.0] * len(names)
-    for label, key, color in (("client compute", "compute_s", "tab:blue"),
-                              ("waiting: network and server queue", "network_s", "tab:orange"),
-                              ("server compute", "server_s", "tab:green")):
-        values = [getattr(totals[c], key) for c in names]
+    for label, key, color in EMULATED if emulated else MEASURED:
+        values = [sum(r.get(key, 0.0) for r in by_client[c]) for c in names]
         ax.bar(names, values, 0.6, bottom=bottom, label=label, color=color)
         bottom = [b + v for b, v in zip(bottom, values)]
     for i, total in enumerate(bottom):

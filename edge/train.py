@@ -20,6 +20,7 @@ from .client import ClientConfig, SplitClient
 from .client_shares import client_shares
 from .data import Batches, load_dataset, load_text_dataset, split_train_test
 from .display import round_display
+from .emulate_record import emulated_rounds
 from .federated import FederatedClient, FederatedOptions
 from .lm import TextBatches, held_out_loss
 from .meter import cuda_peak, current_rss, peak_rss, reset_peak
@@ -231,7 +232,8 @@ def _run_federated(client: SplitClient, dataset, tokenizer, options: TrainOption
                                               evaluate=options.eval_rounds,
                                               personal=options.personal, personal_test=personal_test,
                                               labels=tuple(dataset.labels), blocks_planned=options.planned,
-                                              budget_bytes=options.budget_bytes, observers=[display, runlog],
+                                              budget_bytes=options.budget_bytes,
+                                              observers=[display, runlog, *emulated_rounds(client.emulator)],
                                               **budget))
     try:
         records = runner.run()

@@ -154,6 +154,7 @@ class RoundLog:
     aggregated: bool
     seconds: float
     note: str = ""
+    allocation: dict[str, list[int]] = field(default_factory=dict)  # blocks each client trained (--allocation)
 
 
 def initial_factors(shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int,
@@ -519,7 +520,8 @@ class Coordinator:
         missed = sorted(set(self.selected) - set(uploaded) - set(self.refused))
         if missed:
             log.warning("round %d: %s missed the deadline and are left out", self.round, ", ".join(missed))
-        entry = RoundLog(self.round, list(self.selected), uploaded, False, now - self.started)
+        entry = RoundLog(self.round, list(self.selected), uploaded, False, now - self.started,
+                         allocation={c: sorted(b) for c, b in sorted(self.allocation.current.items())})
         notes = [f"{c} refused: {why}" for c, why in sorted(self.refused.items())]
         result, short = None, f"only {len(uploaded)} uploads (minimum {self.config.min_uploads})"
         if len(uploaded) >= self.config.min_uploads:

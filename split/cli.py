@@ -15,7 +15,7 @@ from importlib.metadata import version
 
 import torch
 
-from edge import report
+from edge import device_demo, emulate_cli, report
 from profiles import cli_profile, plan_command
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
@@ -97,7 +97,8 @@ SERVER_EXAMPLE = ("fedsplit server --cut 1,1 --bind tcp://*:5555 --secret-key ke
                   "--allow keys/clients --strategy fedit --rounds 10 --min-clients 4")
 CLIENT_EXAMPLE = ("fedsplit client --server tcp://SERVER_HOST:5555 --key keys/client1.key_secret "
                   "--server-key keys/server.key --data train.jsonl --test-data test.jsonl --epochs 3 --out my-adapter")
-DEMO_EXAMPLE = "fedsplit demo --clients 4 --strategy flexlora --ranks 4,8,16 --rounds 5"
+DEMO_EXAMPLE = ("fedsplit demo --clients 4 --strategy flexlora --ranks 4,8,16 --rounds 5\n"
+                "  fedsplit demo --devices laptop,orin-nano,pi5,jetson-nano")
 KEYS_EXAMPLE = "fedsplit keys keys --name client1"
 
 
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run as a device would: a built-in profile (pi5, jetson-nano, ...) or a .toml file; "
                         "compute slowed to its speed, its link's bandwidth and RTT on every message, its memory "
                         "budget enforced (the summary gains the emulated times)")
+    emulate_cli.add_arguments(c)
     c.add_argument("--run-dir", default=None, metavar="DIR",
                    help="write every training step (steps.jsonl) and round record (clients.jsonl) here, for "
                         "`fedsplit report DIR`")
@@ -282,9 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help="model folder or hub id (default: the built-in all-MiniLM-L6-v2)")
     d.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the --model folder)")
     d.add_argument("--clients", type=positive_int, default=4, help="client processes (1: plain split training)")
-    d.add_argument("--strategy", default="fedit", help="aggregation method (docs/algorithms.md)")
-    d.add_argument("--rounds", type=positive_int, default=5, help="rounds of the federation")
-    d.add_argument("--local-steps", type=positive_int, default=10, help="training steps per client per round")
+    d.add_argument("--strategy", default=None,
+                   help="aggregation method (docs/algorithms.md) (default: fedit; layermean with --devices)")
+    d.add_argument("--rounds", type=positive_int, default=None,
+                   help="rounds of the federation (default: 5; 3 with --devices)")
+    d.add_argument("--local-steps", type=positive_int, default=None,
+                   help="training steps per client per round (default: 10; 5 with --devices)")
     d.add_argument("--alpha", type=positive_float, default=0.5, help="Dirichlet concentration of the label split")
     d.add_argument("--ranks", type=positive_int_list, default=None,
                    help="comma-separated ranks, cycled over the clients (default: --rank)")
@@ -297,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA learning rate (default 5e-3; 2e-3 with one client)")
     d.add_argument("--head-lr", type=positive_float, default=None,
                    help="head learning rate (default 2e-2; 5e-3 with one client)")
-    d.add_argument("--out", default="fedsplit-demo", help="adapter (one client) or checkpoint folder")
+    d.add_argument("--out", default="fedsplit-demo",
+                   help="adapter (one client) or checkpoint folder; with --devices, the run's folder goes in it")
+    device_demo.add_arguments(d)
+    d.set_defaults(demo_parser=d)  # the device demo refuses options it does not use (edge.device_demo)
 
     k = _subparser(sub, "keys", "create a CurveZMQ key pair for a server or a client", KEYS_EXAMPLE)
     k.add_argument("folder", metavar="DIR", help="folder to write NAME.key and NAME.key_secret into (made if missing)")
@@ -436,6 +444,7 @@ def _client(args, argv: list[str]) -> int:
     from edge.client import ClientConfig
     from edge.train import TrainOptions, run_client, write_summary
 
+    emulation = emulate_cli.emulation(args)  # checked before any work
     _set_threads(args.threads)
     profile, budget = "", None
     if args.profile:
@@ -461,10 +470,10 @@ def _client(args, argv: list[str]) -> int:
                            train_memory_mb=args.train_memory_mb, planned=bool(args.profile), run_dir=args.run_dir,
                            budget_bytes=budget)
     emulator = None
-    if args.emulate:
+    if emulation is not None:
         from edge.emulate import emulated_device
 
-        emulator = emulated_device(args.emulate, args.device, args.dtype)
+        emulator = emulated_device(**emulation)
         options.budget_bytes = emulator.budget_bytes  # the budget the emulation enforces
         print(f"fedsplit client: {emulator.describe()}", file=sys.stderr, flush=True)
     summary = run_client(config, options, emulator)

@@ -53,6 +53,10 @@ RECORD_FIELDS: dict[str, Field] = {
     "peak_uss": Field("int", 0, MAX_BYTES, "B", "largest unique memory sampled after each step"),
     "peak_cuda": Field("int", 0, MAX_BYTES, "B", "peak CUDA memory allocated by torch in the round"),
     "budget_bytes": Field("int", 1, MAX_BYTES, "B", "the memory budget of the client's device profile"),
+    # An emulated device's busy time in the round (edge.emulate_record), robust to a shared machine's load:
+    "emulated_compute_s": Field("float", 0.0, MAX_SECONDS, "s", "emulated: compute as long as the device takes"),
+    "emulated_link_s": Field("float", 0.0, MAX_SECONDS, "s", "emulated: the delays the device's link imposed"),
+    "emulated_train_s": Field("float", 0.0, MAX_SECONDS, "s", "emulated: compute and link within training steps"),
 }
 
 
