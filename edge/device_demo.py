@@ -234,16 +234,22 @@ def run_devices(demo: DeviceDemo, plans: dict, host_gflops: float, num_labels: i
 
 
 def _wait(procs: list[subprocess.Popen], server: subprocess.Popen, timeout: float,
-          poll: float = 0.5) -> list[int | None]:
+          poll: float = 0.5, grace: float = 60.0) -> list[int | None]:
     """Every client's exit code, once all have ended. When one fails, the
-    server ends, or ``timeout`` seconds pass, the clients still running are
+    server fails, or ``timeout`` seconds pass, the clients still running are
     stopped at once (code None): a federation would otherwise wait out its
-    deadline for a failed client, and clients their timeout for a server gone."""
+    deadline for a failed client, and clients their timeout for a server gone.
+    A server that ended cleanly has finished the federation: its clients get
+    ``grace`` seconds to write their summaries."""
     deadline = time.monotonic() + timeout
     while True:
         codes = [p.poll() for p in procs]
         failed = any(c not in (None, 0) for c in codes)
-        if all(c is not None for c in codes) or failed or server.poll() is not None or time.monotonic() > deadline:
+        server_code = server.poll()
+        if server_code == 0:
+            deadline = min(deadline, time.monotonic() + grace)
+        if all(c is not None for c in codes) or failed or server_code not in (None, 0) or \
+                time.monotonic() > deadline:
             break
         time.sleep(poll)
     for p, code in zip(procs, codes):

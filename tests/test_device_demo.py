@@ -196,9 +196,16 @@ def test_a_failed_client_or_a_gone_server_stops_the_others_at_once():
     try:
         assert _wait([proc("raise SystemExit(3)"), sleeper], server, timeout=60) == [3, None]
         assert time.monotonic() - started < 20 and sleeper.poll() is not None  # stopped, not waited for
-        sleeper, gone = proc("import time; time.sleep(60)"), proc("pass")
+        sleeper, gone = proc("import time; time.sleep(60)"), proc("raise SystemExit(1)")
         gone.wait()
         assert _wait([sleeper], gone, timeout=60) == [None] and sleeper.poll() is not None
+        # A server that ended cleanly has finished: its clients may still write their summaries...
+        done = proc("pass")
+        done.wait()
+        assert _wait([proc("import time; time.sleep(1)")], done, timeout=60) == [0]
+        # ... within a grace period.
+        sleeper = proc("import time; time.sleep(60)")
+        assert _wait([sleeper], done, timeout=60, grace=1) == [None] and sleeper.poll() is not None
         assert _wait([proc("pass"), proc("pass")], server, timeout=60) == [0, 0]
     finally:
         for p in (sleeper, server):
