@@ -72,7 +72,7 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
                    help="device profiles, built-in names (jetson-nano, orin-nano, agx-orin, pi4, pi5, laptop, "
                         "workstation) or .toml files: one emulated client each, planned by the planner, with "
                         f"Fed-piLot layer allocation. With the defaults ({DEFAULT_ROUNDS} rounds of "
-                        f"{DEFAULT_STEPS} steps) the four devices of the example take about 5 minutes")
+                        f"{DEFAULT_STEPS} steps) the four devices of the example take 3 to 5 minutes on 2 cores")
     g.add_argument("--seq-len", type=int_at_least(2), default=64,
                    help="--devices: tokens per sample the plan is made for (the clients' --max-length)")
     g.add_argument("--allocation", choices=["fixed", "fedra", "fedpilot", "fisher"], default="fedpilot",
