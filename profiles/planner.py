@@ -275,7 +275,13 @@ def plan_with(shape: ModelShape, profiles: list[DeviceProfile], options: PlanOpt
         raise PlanningError(f"profile {twice[0]!r} is listed twice; each profile gets one plan, which every client "
                             "started with that profile uses: list it once")
     devices = [_Device(shape, p, options) for p in profiles]
-    ranks = tuple(sorted(options.ranks))
+    # A LoRA rank above a module's smaller dimension is refused by the server
+    # (--max-rank's rule): such candidates are not plans.
+    widest = min(min(d_out, d_in) for _, d_out, d_in in shape.lora_targets)
+    ranks = tuple(r for r in sorted(options.ranks) if r <= widest)
+    if not ranks:
+        raise PlanningError(f"every candidate rank {list(options.ranks)} is above {widest}, the smaller dimension "
+                            f"of this model's smallest LoRA module; give --ranks up to {widest}")
     k1, k2 = options.server_cut
     capacity = layers if options.all_blocks else options.min_capacity
     floor_blocks = trainable_blocks(layers, capacity, options.order)

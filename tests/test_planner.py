@@ -393,3 +393,13 @@ def test_the_plan_op_treats_its_request_as_hostile(bert, bert_plan, tmp_path):
                 conn.request(Message("plan", meta={"profile": PI4}))
         finally:
             conn.close()
+
+
+def test_ranks_above_the_smallest_lora_module_are_not_planned():
+    from profiles.schema import resolve_profile
+
+    shape = shape_of(GPT2Config(n_embd=32, n_layer=4, n_head=2, n_positions=64, vocab_size=100))
+    plans = plan_clients(shape, [resolve_profile("laptop")], seq_len=16, ranks=(4, 8, 16, 32, 64))
+    assert all(p.rank <= 32 for p in plans)
+    with pytest.raises(PlanningError, match="above 32"):
+        plan_clients(shape, [resolve_profile("laptop")], seq_len=16, ranks=(64, 128))
