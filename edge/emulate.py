@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from profiles.measure import matmul_gflops
+from profiles.measure import matmul_gflops, median_product_seconds
 from profiles.schema import resolve_profile
 from split.devices import resolve_device, resolve_dtype
 
@@ -127,14 +127,7 @@ def _thread_matmul_gflops(dtype: torch.dtype, seconds: float) -> float:
     out = torch.empty(side, side, dtype=dtype)
     with torch.no_grad():
         torch.matmul(a, b, out=out)  # warm-up
-        times = []
-        start = time.thread_time()
-        while time.thread_time() - start < seconds or len(times) < 5:
-            t0 = time.thread_time()
-            torch.matmul(a, b, out=out)
-            times.append(time.thread_time() - t0)
-    times.sort()
-    median = times[len(times) // 2]
+        median = median_product_seconds(a, b, out, seconds, clock=time.thread_time)
     if not median > 0:
         raise RuntimeError("this thread's CPU clock cannot time a 512x512 product")
     return 2 * side ** 3 / median / 1e9

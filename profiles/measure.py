@@ -63,11 +63,7 @@ def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, secon
             rate = 2 * side ** 3 / quickest
             if side >= cap or not (short or gaining) or time.perf_counter() - start > seconds:
                 break
-        times = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds or len(times) < 5:
-            times.append(_timed_matmul(a, b, out))
-    median = statistics.median(times)
+        median = median_product_seconds(a, b, out, seconds)
     if not median > 0:
         raise RuntimeError(f"a {side}x{side} product timed at {median} s: this clock cannot time it")
     return 2 * side ** 3 / median / 1e9
@@ -80,13 +76,24 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _timed_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
-    """Seconds one product takes, the device's queue drained before and after."""
+def _timed_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, clock=time.perf_counter) -> float:
+    """Seconds one product takes by ``clock``, the device's queue drained before and after."""
     _synchronize(a.device)
-    start = time.perf_counter()
+    start = clock()
     torch.matmul(a, b, out=out)
     _synchronize(a.device)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def median_product_seconds(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, seconds: float,
+                           clock=time.perf_counter) -> float:
+    """The median time of products ``a @ b`` timed one by one by ``clock`` for
+    ``seconds`` of that clock (at least 5 products)."""
+    times = []
+    start = clock()
+    while clock() - start < seconds or len(times) < 5:
+        times.append(_timed_matmul(a, b, out, clock))
+    return statistics.median(times)
 
 
 @dataclass(frozen=True)
