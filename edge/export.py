@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from split.adapter_folder import AdapterError, AdapterFolder, lora_key, read_adapter, server_part, tensors_digest
-from split.families import block_of, family_for
+from split.adapter_folder import AdapterError, AdapterFolder, read_adapter, server_part, tensors_digest
+from split.families import block_of
 from split.lora import PEFT_PREFIX, attach_lora, fold_into, lora_layers, set_factors
 from split.onnx_manifest import TOKENIZER, Manifest, SegmentFile
 from split.partition import CLIENT, Cut, Segment, build_segment, load_config, resolve_model_path
@@ -128,6 +128,16 @@ def export_segment(module: FrontSegment | BackSegment, inputs: tuple[torch.Tenso
     return SegmentFile(path.name, graph_inputs, (output,))
 
 
+def _check_exporter() -> None:
+    """torch's ONNX exporter needs onnx and onnxscript; say how to get them before any work."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"fedsplit export needs {' and '.join(missing)} (torch's ONNX exporter): "
+                           "pip install 'fedsplit[onnx]'")
+
+
 def _opset(path: Path) -> int:
     import onnx
 
@@ -152,6 +162,7 @@ def export_client(model: str | None, adapter_dir: str | Path, out: str | Path, c
     ``adapter_dir`` into ``out`` (front.onnx, back.onnx, manifest.json,
     tokenizer/)."""
     started = time.perf_counter()
+    _check_exporter()
     adapter = read_adapter(adapter_dir)
     if adapter.task != "classification":
         raise AdapterError(f"{adapter.path} is a {adapter.task} adapter; fedsplit export handles classification")

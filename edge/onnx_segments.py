@@ -98,7 +98,7 @@ def front_segment(model: nn.Module, family: Family, cut: Cut, num_layers: int) -
     for part in family.base_head:
         if _has(base, part):
             set_module(base, part, None)
-    return FrontSegment(base.eval(), family.rotary)
+    return FrontSegment(base, family.rotary).eval()
 
 
 def back_segment(model: nn.Module, family: Family, cut: Cut, num_layers: int, width: int) -> BackSegment:
@@ -115,7 +115,7 @@ def back_segment(model: nn.Module, family: Family, cut: Cut, num_layers: int, wi
     for extra in family.embed_extras:
         if _has(base, extra):
             set_module(base, extra, nn.Identity())
-    return BackSegment(clone.eval(), given, family.rotary)
+    return BackSegment(clone, given, family.rotary).eval()
 
 
 def _has(root: nn.Module, path: str) -> bool:

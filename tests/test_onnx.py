@@ -127,8 +127,9 @@ def _texts(n: int, seed: int) -> list[dict]:
             for i in range(n)]
 
 
-def _client_logits(endpoint, model, adapter_dir, texts, batch_size):
-    """Logits of the torch split client holding the adapter's client half."""
+def _client_logits(endpoint, model, adapter_dir, texts, batch_size, save_to):
+    """Logits of the torch split client holding the adapter's client half;
+    the client then saves the whole adapter to ``save_to``."""
     client = SplitClient(ClientConfig(server=endpoint, model=str(model), cut=CUT, num_labels=len(LABELS), lora=SPEC,
                                       dropout=False))
     try:
@@ -142,6 +143,7 @@ def _client_logits(endpoint, model, adapter_dir, texts, batch_size):
             ids, mask = pad_batch(tok(texts[start:start + batch_size], truncation=True, max_length=64)["input_ids"],
                                   tok.pad_token_id)
             out.append(client.predict({"input_ids": ids, "attention_mask": mask}))
+        client.save_adapter(save_to, labels=list(LABELS))
         return torch.cat(out)
     finally:
         client.close()
@@ -157,7 +159,7 @@ def test_split_inference_loopback_agrees_with_the_torch_client_and_the_whole_mod
     with threaded_server(model, "1,1", num_labels=len(LABELS), dropout=False, adapter=str(adapter)) as (endpoint, _):
         summary = run_inference(InferOptions(server=endpoint, onnx=str(folder), data=str(data),
                                              out=str(tmp_path / "pred.jsonl"), batch_size=4))
-        torch_logits = _client_logits(endpoint, model, adapter, texts, 4)
+        torch_logits = _client_logits(endpoint, model, adapter, texts, 4, tmp_path / "saved")
     preds = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     torch_probs = softmax(torch_logits.double().numpy())
     assert [p["prediction"] for p in preds] == [LABELS[k] for k in torch_probs.argmax(-1)]
@@ -165,6 +167,10 @@ def test_split_inference_loopback_agrees_with_the_torch_client_and_the_whole_mod
     assert [p["label"] for p in preds] == [r["label"] for r in rows]
     assert summary["samples"] == 10 and summary["bytes_sent"] > 0
     assert summary["accuracy"] == sum(p["prediction"] == p["label"] for p in preds) / 10
+    # The client's saved adapter records its cut and checkpoint, and holds the served server half.
+    manifest, saved = read_manifest(folder), read_adapter(tmp_path / "saved")
+    assert saved.cuts == (CUT,) and saved.model.fingerprint == manifest.model.fingerprint
+    assert tensors_digest(server_part(saved, CUT, 4)) == manifest.server_adapter
     # The server served the adapter's server half: the monolithic model agrees.
     tok = load_tokenizer(minilm_path(), 30522)
     enc = tok(texts, truncation=True, max_length=64, padding=True, return_tensors="pt")
@@ -173,13 +179,13 @@ def test_split_inference_loopback_agrees_with_the_torch_client_and_the_whole_mod
     assert np.abs(softmax(whole.double().numpy()) - torch_probs).max() < TOL
 
 
-def test_infer_refuses_a_server_without_the_export_adapter(exports, tmp_path):
+def test_infer_refuses_a_server_without_the_export_adapter(exports, tmp_path, capsys):
     model, adapter, folder, _ = exports("bert")
     data = tmp_path / "unlabelled.jsonl"
     data.write_text(json.dumps({"text": "red fig"}) + "\n")
     with threaded_server(model, "1,1", num_labels=len(LABELS)) as (endpoint, _):
-        with pytest.raises(ServerRefused, match="does not serve the adapter"):
-            run_inference(InferOptions(server=endpoint, onnx=str(folder), data=str(data)))
+        assert main(["infer", "--server", endpoint, "--onnx", str(folder), "--data", str(data)]) == 2
+    assert "does not serve the adapter this export was made from" in capsys.readouterr().err
     # A served adapter refuses a client that asks for another LoRA.
     with threaded_server(model, "1,1", num_labels=len(LABELS), adapter=str(adapter)) as (endpoint, _):
         with pytest.raises(ServerRefused, match="serves the adapter"):
