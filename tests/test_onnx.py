@@ -25,6 +25,7 @@ from edge.onnx_segments import back_segment, front_segment
 from edge.tokenizer import load_tokenizer
 from split.adapter_folder import (SPLIT_RECORD, AdapterError, read_adapter, record_split, server_part,
                                   tensors_digest)
+from server.service import ServerConfig
 from split.cli import main
 from split.families import block_of, family_for
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
@@ -249,3 +250,13 @@ def test_round_checkpoint_cut_comes_from_its_client_records(exports, tmp_path):
     key = next(iter(changed))
     changed[key] = changed[key] + 1e-3
     assert tensors_digest(changed) != tensors_digest(part)
+
+
+def test_a_served_adapter_is_refused_where_it_has_no_meaning(capsys):
+    # Refused from the command line before any model loads.
+    assert main(["server", "--adapter", "some-adapter", "--strategy", "fedit"]) == 2
+    assert "--adapter serves a trained adapter for inference" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--server-lora per-client"):
+        ServerConfig(adapter="some-adapter", server_lora="shared")
+    with pytest.raises(ValueError, match="two-part split"):
+        ServerConfig(adapter="some-adapter", cut=Cut(1, 0))
