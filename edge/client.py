@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from split.adapter_folder import record_split
 from split.devices import place, resolve_device, resolve_dtype
 from split.families import family_for
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
@@ -92,6 +93,19 @@ def reply_seconds(reply: Message) -> float:
         raise ServerError(f"the server's reply must give {SERVER_SECONDS!r} as a finite number of seconds >= 0, "
                           f"got {value!r}"[:300])
     return float(value)
+
+
+def register(conn: Connection, hello: Hello, timeout: float, retry: bool) -> Welcome:
+    """Say ``hello`` on ``conn`` and keep the session token the server answers
+    with; a refusal is a ``ServerRefused`` naming the server and the cause."""
+    try:
+        welcome = Welcome.from_message(conn.request(hello.to_message(), timeout=timeout, retry=retry))
+    except HandshakeFailed as exc:  # its text already names the server and the cause
+        raise ServerRefused(str(exc), exc.code) from None
+    except ServerError as exc:
+        raise ServerRefused(f"the server at {conn.address} refused this client: {exc}") from None
+    conn.token = welcome.token
+    return welcome
 
 
 class BackboneLink:
@@ -301,14 +315,7 @@ class SplitClient:
     def _hello(self, hello: Hello, retry: bool) -> Welcome:
         """Register with the server (with this connection's token, if it has
         one: the proof that a saved server-side adapter is this client's)."""
-        try:
-            reply = self.conn.request(hello.to_message(), timeout=self.config.connect_timeout, retry=retry)
-            welcome = Welcome.from_message(reply)
-        except HandshakeFailed as exc:  # its text already names the server and the cause
-            raise ServerRefused(str(exc), exc.code) from None
-        except ServerError as exc:
-            raise ServerRefused(f"the server at {self.config.server} refused this client: {exc}") from None
-        self.conn.token = welcome.token
+        welcome = register(self.conn, hello, self.config.connect_timeout, retry)
         self.federation = welcome.federation  # None: plain split training
         return welcome
 
@@ -433,8 +440,10 @@ class SplitClient:
         if labels is not None and len(labels) != self.config.num_labels:
             raise ValueError(f"{len(labels)} label names for a head of {self.config.num_labels} labels")
         heads = fam.trained_heads(self.config.task)
-        return save_adapter(folder, self.adapter_state(), self.config.lora, fam, self.config.task,
-                            str(self.segment.path), heads, labels=labels, tokenizer=tokenizer)
+        saved = save_adapter(folder, self.adapter_state(), self.config.lora, fam, self.config.task,
+                             str(self.segment.path), heads, labels=labels, tokenizer=tokenizer)
+        record_split(saved, self.cut, self._hello_payload.model)  # what `fedsplit export` needs to know
+        return saved
 
     def close(self, say_bye: bool = True) -> None:
         """Leave the server (freeing this client's state there) and close the socket."""

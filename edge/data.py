@@ -113,6 +113,22 @@ def load_texts(path: str | Path) -> list[str]:
     return [str(row["text"]) for _, row in _rows(Path(path), ("text",))]
 
 
+def load_inputs(path: str | Path) -> list[Sample | str]:
+    """Texts to classify from a JSONL or CSV file with a ``text`` field: a
+    ``Sample`` per record where the file gives labels, else the text. A label
+    on some records only is refused (an accuracy over part of a file would
+    read as the whole file's)."""
+    path = Path(path)
+    rows = _rows(path, ("text",))
+    labelled = [row.get("label") not in (None, "") for _, row in rows]
+    if any(labelled) and not all(labelled):
+        lineno = rows[labelled.index(False)][0]
+        raise DataError(f"{path}:{lineno}: no 'label', while other records have one; label every record or none")
+    if not any(labelled):
+        return [str(row["text"]) for _, row in rows]
+    return [Sample(str(row["text"]), str(row["label"]), f"{path}:{lineno}") for lineno, row in rows]
+
+
 # ---------------------------------------------------------------- built-in task
 
 

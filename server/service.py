@@ -63,6 +63,7 @@ from .replies import StepReused, replay_key
 from .rounds import Coordinator, FederationConfig, FederationError
 from .runlog import ServerRunLog
 from .scheduler import Scheduler
+from .serving import ServedAdapter, check_serving
 from .sessions import MB, RequestError, Session, Sessions, check_server_lora
 from .strategies.base import ClientInfo, StrategyError
 
@@ -118,6 +119,7 @@ class ServerConfig:
     recv_hwm: int = 8  # messages ZeroMQ buffers per connection before the loop reads them
     plan: str | None = None  # plan file (`fedsplit plan --json`): each device profile's entry, served by "plan"
     run_dir: str | None = None  # a federation's clients.jsonl and rounds.jsonl (server/runlog.py)
+    adapter: str | None = None  # a saved adapter every session starts from, for inference (server/serving.py)
 
     def __post_init__(self):
         if self.run_dir is not None and self.federation is None:
@@ -131,6 +133,8 @@ class ServerConfig:
             check_plain(self.bind, "--bind", "--secret-key and --allow")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("--resume continues from saved state: give the --checkpoint-dir it was saved in")
+        if self.adapter is not None:
+            check_serving(self.federation is not None, self.server_lora, self.cut)
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0 steps (0: never), got {self.save_every}")
         for name in ("max_pending", "max_rank", "max_tokens", "max_sessions", "max_queued", "recv_hwm"):
@@ -179,6 +183,9 @@ class BackboneServer:
                                  pending_budget=int(config.max_pending_mb * MB),
                                  pending_timeout=config.pending_timeout, reply_cache=2 * config.max_pending)
         plain = config.federation is None
+        self.served = None if config.adapter is None else ServedAdapter.load(config.adapter, seg)
+        if self.served is not None:
+            self.sessions.fold(self.served.base_delta)
         self.store = SessionStore(config.checkpoint_dir if plain else None, config.save_every, None)
         self.compute = BackboneCompute(seg, self.sessions, config.max_pending, self.device, dtype,
                                        max_tokens=config.max_tokens)
@@ -516,9 +523,17 @@ class BackboneServer:
         record = self.store.find(msg.client) if isinstance(token, str) and (token or peer) else None
         if record is not None and not owned_by(record, token, peer):
             record = None  # someone else's adapter: this hello opens a fresh session
+        if self.served is not None:
+            self.served.check(hello.lora)
         session = self.sessions.open(msg.client, routing_id, cut, hello.lora, hello.seed, hello.optimizer, peer,
                                      token=token if record is not None else None)
         restored = self._restore(session, record)
+        if self.served is not None and restored is None:
+            try:
+                self.served.install(self.sessions, session)
+            except RequestError:
+                self.sessions.drop(msg.client)
+                raise
         fed = self.config.federation
         welcome = Welcome(seg.num_layers, seg.cut, self.config.session_timeout,
                           None if fed is None else fed.settings(), session.token, restored).to_message(msg.client)

@@ -1,4 +1,4 @@
-"""The ``fedsplit`` command: server, client, demo, keys, profile and plan.
+"""The ``fedsplit`` command: server, client, demo, keys, profile, plan, report, export and infer.
 
 This module is the composition root: the one module that imports both sides.
 Each subcommand imports its side when it runs, so a device that runs
@@ -16,6 +16,8 @@ from importlib.metadata import version
 import torch
 
 from edge import device_demo, emulate_cli, report
+from edge import export as export_command
+from edge import infer as infer_command
 from profiles import cli_profile, plan_command
 from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
@@ -209,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--run-dir", default=None, metavar="DIR",
                    help="write every client's round records (clients.jsonl) and every round (rounds.jsonl) "
                         "here, for `fedsplit report DIR`; a federation only")
+    s.add_argument("--adapter", default=None, metavar="DIR",
+                   help="serve this saved adapter's server-side LoRA to every client (split inference with "
+                        "`fedsplit export`/`infer`; docs/onnx.md)")
 
     c = _subparser(sub, "client", "train through a server on local data", CLIENT_EXAMPLE)
     _add_model_args(c)
@@ -314,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_profile.add_parser(sub, HelpFormatter)
     plan_command.add_arguments(_subparser(sub, "plan", plan_command.HELP, plan_command.EXAMPLE))
     report.add_parser(sub)
+    export_command.add_parser(sub, HelpFormatter)
+    infer_command.add_parser(sub, HelpFormatter)
     return parser
 
 
@@ -333,6 +340,10 @@ def main(argv=None) -> int:
             return _plan(args)
         if args.command == "report":
             return report.run(args)
+        if args.command == "export":
+            return export_command.run(args)
+        if args.command == "infer":
+            return infer_command.run(args)
         from edge.demo import run_demo
 
         return run_demo(args)
@@ -386,7 +397,8 @@ def _server(args) -> int:
                           secret_key=args.secret_key, allow=args.allow,
                           max_rank=args.max_rank, max_tokens=args.max_tokens, max_sessions=args.max_sessions,
                           max_pending=args.max_pending, max_pending_mb=args.max_pending_mb,
-                          max_queued=args.max_queued, recv_hwm=args.recv_hwm, plan=args.plan, run_dir=args.run_dir)
+                          max_queued=args.max_queued, recv_hwm=args.recv_hwm, plan=args.plan, run_dir=args.run_dir,
+                          adapter=args.adapter)
     server = BackboneServer(config)
     endpoint = server.bind()
     try:
@@ -400,6 +412,8 @@ def _server(args) -> int:
               f"{endpoint} ({wire})", flush=True)
         if server.plan is not None:
             print(f"fedsplit server: plan {args.plan} for {', '.join(map(repr, server.plan.clients))}", flush=True)
+        if server.served is not None:
+            print(f"fedsplit server: serving the adapter {server.served.describe()}", flush=True)
         if server.coordinator is None:
             server.serve(should_stop=lambda: bool(stopping))
             return 0
