@@ -12,6 +12,7 @@ import torch
 import split.transport as transport
 from conftest import VOCAB, random_batch, save_tiny, threaded_server
 from edge.client import ClientConfig, SplitClient
+from edge.device_demo import check_options
 from server.service import BackboneServer, ServerConfig
 from split.cli import build_parser
 from split.codecs import parse_codec, roundtrip
@@ -192,6 +193,12 @@ def test_the_server_refuses_a_bad_codec_and_the_client_options_name_it(tiny_mode
         build_parser().parse_args(["client", "--codec-down", "nf3"])
     args = build_parser().parse_args(["client", "--codec-up", "int8:outliers=0", "--codec-down", "topk:density=.1"])
     assert (args.codec_up, args.codec_down) == ("int8", "topk:density=0.1")
+    demo = build_parser().parse_args(["demo", "--codec-up", "int8", "--codec-down", "int8"])
+    assert (demo.codec_up, demo.codec_down) == ("int8", "int8")
+    # The device demo's plan decides each client's traffic: codec options are refused there by name.
+    devices = build_parser().parse_args(["demo", "--devices", "laptop,pi5", "--codec-up", "int8"])
+    with pytest.raises(ValueError, match="--codec-up do"):
+        check_options(devices, devices.demo_parser)
 
 
 def test_a_reply_the_down_codec_cannot_encode_is_an_error_reply_not_a_stopped_server():
