@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from split.codecs import parse_codec
+
 from . import activations as act
 from .runtime import runtime_baseline
 from .shape import ModelShape
@@ -62,7 +64,10 @@ CLIENT_ID = "client-0123abcd"  # a client's default id: "client-" + 8 hex digits
 class Plan:
     """One client's choices. ``trainable``: block indices whose LoRA trains
     (client or server blocks). ``dtype``: the client's frozen weights and compute;
-    ``server_dtype``: what the server's replies carry."""
+    ``server_dtype``: what the server's replies carry. ``codec_up`` /
+    ``codec_down``: the wire codecs (``split.codecs``, as their text) of the
+    hidden states and gradients the client sends and of the server's replies;
+    stored in their canonical text."""
 
     k1: int
     k2: int
@@ -72,9 +77,19 @@ class Plan:
     trainable: frozenset[int] = field(default_factory=frozenset)
     dtype: str = "float32"
     server_dtype: str = "float32"
+    codec_up: str = "fp32"
+    codec_down: str = "fp32"
 
     def __post_init__(self):
         object.__setattr__(self, "trainable", frozenset(self.trainable))
+        for name in ("codec_up", "codec_down"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"plan: {name} must be a codec's text such as fp32 or int8, got {value!r}")
+            try:
+                object.__setattr__(self, name, parse_codec(value).text)
+            except ValueError as exc:
+                raise ValueError(f"plan: {name}: {exc}") from None
         for name in ("k1", "rank", "batch", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
