@@ -181,10 +181,9 @@ def link_steps(codecs, steps: int, warmup: int) -> dict[str, dict]:
         try:
             for text in codecs:
                 emulator = EmulatedDevice(profile, profile.gflops_fp32)
-                spec = parse_codec(text)
                 config = ClientConfig(server=endpoint, num_labels=labels, cut=CUT, lora=LoraSpec(8, 16.0),
-                                      lr=5e-3, head_lr=2e-2, client_id=f"link-{len(clients)}", codec_up=spec,
-                                      codec_down=spec)
+                                      lr=5e-3, head_lr=2e-2, client_id=f"link-{len(clients)}", codec_up=text,
+                                      codec_down=text)
                 clients[text] = SplitClient(config, emulator)
             for i, batch in enumerate(batches):
                 for text, client in clients.items():
@@ -224,7 +223,7 @@ def federated(codec: str, seed: int, work: Path, resume: bool) -> dict:
         return json.loads(done.read_text())
     run = FederationRun(strategy="fedit", clients=4, rounds=5, local_steps=10, alpha=0.5, ranks=[8], lr=5e-3,
                         head_lr=2e-2, seed=seed, run_dir=str(work / name),
-                        client_args=("--codec-up", codec, "--codec-down", codec))
+                        codec_up=codec, codec_down=codec)
     started = time.perf_counter()
     summaries = run_federation(run, num_labels())
     first = summaries[0]

@@ -53,7 +53,6 @@ class FederationRun:
     cut: str = "1,1"
     checkpoint_dir: str | None = None
     server_args: tuple[str, ...] = ()
-    client_args: tuple[str, ...] = ()  # more options for every client (``--codec-up int8``, ...)
     seed: int = 0
     personal: bool = False
     run_dir: str | None = None  # the run folder: server/ and clientK/ records, and every process's log
@@ -91,7 +90,6 @@ def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
                 cmd.append("--eval-rounds")
             if run.personal:
                 cmd.append("--personal")
-            cmd += run.client_args
             if run.model:
                 cmd += ["--model", run.model]
             if run.tokenizer:

@@ -38,6 +38,7 @@ import msgpack
 import torch
 
 from split.codecs import RAW, CodecSpec, encoded_nbytes, parse_codec
+from split.records import SERVER_SECONDS
 
 from . import activations as act
 from .runtime import runtime_baseline
@@ -302,6 +303,7 @@ def _message(op: str, meta: dict, tensors: list[tuple[str, str, tuple[int, ...],
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "uint8": torch.uint8, "int64": torch.int64}
 _REQUEST_META = {"rid": 1000, "token": "0" * 32}
+_REPLY_META = {SERVER_SECONDS: 0.5}  # the server's compute time, a float64 in every forward and backward reply
 
 
 def step_bytes(shape: ModelShape, plan: Plan) -> tuple[int, int]:
@@ -328,8 +330,8 @@ def step_bytes(shape: ModelShape, plan: Plan) -> tuple[int, int]:
         backward = [("grad", plan.dtype, hidden, up)]
     sent = (_message("forward", {"train": True, **_REQUEST_META}, forward)
             + _message("backward", _REQUEST_META, backward))
-    received = (_message("ok", {}, forward_reply)
-                + _message("ok", {}, [("grad", plan.server_dtype, hidden, down)]))
+    received = (_message("ok", _REPLY_META, forward_reply)
+                + _message("ok", _REPLY_META, [("grad", plan.server_dtype, hidden, down)]))
     return sent, received
 
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import minilm_path
 from profiles.codec_choice import SLACK, choose_codecs, parse_codec_list, precision
-from profiles.cost import ModelShape, Plan, predict_step_time
+from profiles.cost import ModelShape, Plan, predict_step_time, step_bytes
 from profiles.planfile import PlanFile, PlanFileError, PlanModel, parse_plan
 from profiles.planner import PlanningError, plan_clients
 from profiles.schema import builtin_profiles
@@ -159,3 +159,60 @@ def test_fedsplit_plan_takes_codecs(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["plan", "--profiles", "pi5", "--codecs", "fp32,zip"])
     assert info.value.code == 2 and "--codecs: unknown codec 'zip'; known: fp32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,cut,up,down", [("bert", "1,1", "int8", "topk:density=0.1"),
+                                                ("llama", "2,1", "topk:density=0.25", "int8:outliers=4"),
+                                                ("bert", "1,1", "nf4:block=32", "fp16"),
+                                                ("gpt2", "1,0", "int8", "int8")])
+def test_step_bytes_equal_what_a_client_counts_in_its_codecs(tiny_models, family, cut, up, down):
+    """The cost model's bytes of a step in the plan's codecs are the bytes the
+    client's connection counts, headers (with the codecs' params) included."""
+    from conftest import VOCAB, random_batch, threaded_server
+    from edge.client import ClientConfig, SplitClient
+    from split.lora import LoraSpec
+    from split.partition import Cut
+
+    folder = tiny_models(family)
+    c = Cut.parse(cut)
+    plan = Plan(c.front, c.back, rank=4, batch=6, seq_len=12, codec_up=up, codec_down=down)
+    shape = ModelShape.from_config(load_config(folder, "classification", 3, True), num_labels=3)
+    with threaded_server(folder, cut, num_labels=3) as (endpoint, _):
+        client = SplitClient(ClientConfig(server=endpoint, model=str(folder), num_labels=3, lora=LoraSpec(4, 8.0),
+                                          cut=c, timeout=60, codec_up=up, codec_down=down))
+        try:
+            client.train_step(random_batch(0, VOCAB, batch=6, max_len=12))
+            counted = []
+            for seed in (1, 2):
+                sent, received = client.conn.bytes_sent, client.conn.bytes_received
+                client.train_step(random_batch(seed, VOCAB, batch=6, max_len=12))
+                counted.append((client.conn.bytes_sent - sent, client.conn.bytes_received - received))
+        finally:
+            client.close()
+    predicted = step_bytes(shape, plan)
+    lossless = step_bytes(shape, Plan(c.front, c.back, rank=4, batch=6, seq_len=12))
+    for up_bytes, down_bytes in counted:
+        # Headers differ by a few bytes with the request ids and tokens' msgpack widths.
+        assert abs(predicted[0] - up_bytes) <= 16 and abs(predicted[1] - down_bytes) <= 16, (predicted, counted)
+    assert predicted[0] < lossless[0] and (predicted[1] < lossless[1] or c.two_part)
+
+
+def test_a_client_with_a_profile_takes_the_plans_codecs(minilm, monkeypatch):
+    """``fedsplit client --profile`` sets --codec-up/--codec-down from the
+    plan; the same codec given (in any spelling) is fine, another an error
+    naming both."""
+    import edge.planned as planned
+    from split.cli import build_parser
+
+    entry, = plan_clients(minilm, [BUILTIN["pi5"]], seq_len=64, codecs=("fp32", "int8:outliers=4"))
+    assert entry.codec_up == "int8:outliers=4"
+    monkeypatch.setattr(planned, "fetch_plan", lambda *args: entry)
+    base = ["client", "--server", "tcp://127.0.0.1:9", "--profile", "pi5", "--data", "builtin"]
+    for extra in ([], ["--codec-up", "int8:outliers=4"], ["--codec-down", f"{entry.codec_down} "]):
+        args = build_parser().parse_args(base + extra)
+        planned.apply_profile(args, base[1:] + extra)
+        assert (args.codec_up, args.codec_down) == (entry.codec_up, entry.codec_down)
+    args = build_parser().parse_args(base + ["--codec-up", "int8"])
+    with pytest.raises(ValueError, match=r"--codec-up int8 conflicts with the server's plan for 'Raspberry Pi 5 "
+                                         r"\(8 GB\)', which gives --codec-up int8:outliers=4"):
+        planned.apply_profile(args, base[1:] + ["--codec-up", "int8"])
