@@ -15,16 +15,19 @@ left out and adds it to the next step's tensor).
    (``split.codecs.roundtrip``; for top-k, one step without the residual of
    earlier ones).
 2. **Bytes and step time on an emulated edge link** (20 Mbit/s up, 50 Mbit/s
-   down, 20 ms round trip; ``edge.emulate``, a custom profile as fast as this
-   host so that only the link is emulated): one client per codec against one
-   ``fedsplit server`` process on loopback, the clients taking turns on the
-   same batches of the built-in data (16 x up to 64 tokens) so that drift in
-   the machine's load hits every codec alike. Bytes per step are the
-   connection's frame counters (``edge.metering.StepMeter``), headers
-   included, beside the cost model's prediction (``profiles.cost.step_bytes``
-   at the batch's shape); step time is the median wall-clock of a training
-   step, link delays, this host's compute on both sides and the codec's own
-   work included.
+   down, 20 ms round trip, with a Raspberry Pi 5's compute; ``edge.emulate``):
+   one client per codec against one ``fedsplit server`` process on loopback,
+   the clients taking turns on the same batches of the built-in data (16 x up
+   to 64 tokens) so that drift in the machine's load hits every codec alike.
+   Bytes per step are the connection's frame counters
+   (``edge.metering.StepMeter``), headers included, beside the cost model's
+   prediction (``profiles.cost.step_bytes`` at the batch's shape). A step's
+   time is the median of its emulated time: the client's compute on one
+   thread, timed by that thread's CPU time and scaled to the Pi 5 (the codec's
+   own work included), plus the link's delays on its four messages; the
+   server's compute is left out (it stands for a GPU machine, and here shares
+   two cores with everything else). The wall-clock of the steps here is
+   reported beside.
 3. **Accuracy**: the federated task ``fedsplit demo`` runs (4 clients,
    fedit, 5 rounds of 10 local steps, Dirichlet(0.5) split of the built-in
    task), once per codec and seed; the final test accuracy against the
@@ -35,7 +38,8 @@ points; int8 at most 0.26x and within 1 point; top-k at 10% with error
 feedback within 2 points; int8's step time on the link at most 0.4x fp32's.
 
     python bench/compression.py [--seeds 0,1,2] [--seeded fp32,int8,topk:density=0.1]
-        [--codecs ...] [--link-steps 8] [--out bench/results] [--work DIR [--resume]]
+        [--codecs ...] [--link-steps 8] [--device pi5] [--rounds 5] [--local-steps 10]
+        [--out bench/results] [--work DIR [--resume]]
 
 ``--seeded`` codecs run every seed, the others the first seed only (the
 accuracy of a run moves by points from seed to seed, so the paired difference
@@ -47,6 +51,7 @@ so ``--resume`` goes on after an interruption.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -65,7 +70,7 @@ from edge.emulate import EmulatedDevice, host_speed  # noqa: E402
 from edge.metering import StepMeter  # noqa: E402
 from edge.tokenizer import load_tokenizer  # noqa: E402
 from profiles.cost import ModelShape, Plan, step_bytes  # noqa: E402
-from profiles.schema import DeviceProfile  # noqa: E402
+from profiles.schema import resolve_profile  # noqa: E402
 from split.codecs import parse_codec, roundtrip  # noqa: E402
 from split.launch import running_server  # noqa: E402
 from split.lora import LoraSpec  # noqa: E402
@@ -154,74 +159,89 @@ def reconstruction(tensors: dict[str, torch.Tensor], codecs) -> dict[str, dict[s
 # ---------------------------------------------------------------- 2. the link
 
 
-def link_profile(gflops: float) -> DeviceProfile:
-    """An edge link on a device as fast as this host: only the link is emulated."""
-    return DeviceProfile(
-        name="edge link (20/50 Mbit/s, 20 ms)", memory_gb=64.0, gflops_fp32=gflops, gflops_fp16=None,
-        accelerator="cpu", uplink_mbps=UPLINK_MBPS, downlink_mbps=DOWNLINK_MBPS, rtt_ms=RTT_MS,
-        bitsandbytes=True,
-        sources={"memory_gb": "not limited here", "gflops_fp32": "this host's, measured: no time dilation",
-                 "accelerator": "this host's CPU", "uplink_mbps": "issue 10's edge link",
-                 "downlink_mbps": "issue 10's edge link", "rtt_ms": "issue 10's edge link",
-                 "bitsandbytes": "installed here"})
+def link_profile(device: str):
+    """``device``'s compute (a built-in profile or a .toml file) on the issue's edge link."""
+    base = resolve_profile(device)
+    return dataclasses.replace(
+        base, name=f"{base.name} compute on a {UPLINK_MBPS:g}/{DOWNLINK_MBPS:g} Mbit/s link",
+        uplink_mbps=UPLINK_MBPS, downlink_mbps=DOWNLINK_MBPS, rtt_ms=RTT_MS, memory_gb=64.0,
+        sources={**base.sources, "memory_gb": "not limited here", "uplink_mbps": "issue 10's edge link",
+                 "downlink_mbps": "issue 10's edge link", "rtt_ms": "issue 10's edge link"})
 
 
-def link_steps(codecs, steps: int, warmup: int) -> dict[str, dict]:
+def link_steps(codecs, steps: int, warmup: int, device: str = "pi5") -> tuple[dict[str, dict], dict]:
     """One emulated client per codec, taking turns on the same batches
-    against one server process; per codec the step records after warm-up."""
+    against one server process; per codec the step records after warm-up.
+
+    The clients compute on one thread, timed by its CPU time (``clock="cpu"``),
+    so the device-equivalent compute does not grow with the load of this shared
+    machine; a step's emulated time is that compute plus the link's delays on
+    its four messages (the emulator's training counters). The server's compute
+    is left out of it (the server stands for a GPU machine, and here shares the
+    cores with everything else); its wall-clock, with the server's compute, is
+    reported beside."""
     path = resolve_model_path(None)
     labels = num_labels()
     batches = builtin_batches(warmup + steps)
-    profile = link_profile(host_speed("cpu", torch.float32, "wall", seconds=1.0))
     shape = ModelShape.from_config(load_config(path, "classification", labels, True), num_labels=labels)
     records: dict[str, list] = {c: [] for c in codecs}
+    emulated: dict[str, list] = {c: [] for c in codecs}
     predicted: dict[str, list] = {c: [] for c in codecs}
-    with running_server(path, str(CUT), "--num-labels", str(labels)) as endpoint:
-        clients = {}
-        try:
-            for text in codecs:
-                emulator = EmulatedDevice(profile, profile.gflops_fp32)
-                config = ClientConfig(server=endpoint, num_labels=labels, cut=CUT, lora=LoraSpec(8, 16.0),
-                                      lr=5e-3, head_lr=2e-2, client_id=f"link-{len(clients)}", codec_up=text,
-                                      codec_down=text)
-                clients[text] = SplitClient(config, emulator)
-            for i, batch in enumerate(batches):
-                for text, client in clients.items():
-                    _, record = StepMeter(client).measure(lambda: client.train_step(batch))
-                    if i >= warmup:
-                        records[text].append(record)
-                        B, S = batch["input_ids"].shape
-                        predicted[text].append(step_bytes(shape, Plan(CUT.front, CUT.back, 8, B, S,
-                                                                      codec_up=text, codec_down=text)))
-        finally:
-            for client in clients.values():
-                client.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        profile, host = link_profile(device), host_speed("cpu", torch.float32, "cpu", seconds=1.0)
+        with running_server(path, str(CUT), "--num-labels", str(labels)) as endpoint:
+            clients = {}
+            try:
+                for text in codecs:
+                    config = ClientConfig(server=endpoint, num_labels=labels, cut=CUT, lora=LoraSpec(8, 16.0),
+                                          lr=5e-3, head_lr=2e-2, client_id=f"link-{len(clients)}", codec_up=text,
+                                          codec_down=text)
+                    clients[text] = SplitClient(config, EmulatedDevice(profile, host, clock="cpu"))
+                for i, batch in enumerate(batches):
+                    for text, client in clients.items():
+                        before = client.emulator.counters()
+                        _, record = StepMeter(client).measure(lambda: client.train_step(batch))
+                        if i >= warmup:
+                            records[text].append(record)
+                            emulated[text].append(client.emulator.counters() - before)
+                            B, S = batch["input_ids"].shape
+                            predicted[text].append(step_bytes(shape, Plan(CUT.front, CUT.back, 8, B, S,
+                                                                          codec_up=text, codec_down=text)))
+            finally:
+                for client in clients.values():
+                    client.close()
+    finally:
+        torch.set_num_threads(threads)
     out = {}
     for text in codecs:
-        rs = records[text]
+        rs, es = records[text], emulated[text]
         out[text] = {"bytes_up": statistics.mean(r.bytes_up for r in rs),
                      "bytes_down": statistics.mean(r.bytes_down for r in rs),
                      "predicted_up": statistics.mean(p[0] for p in predicted[text]),
                      "predicted_down": statistics.mean(p[1] for p in predicted[text]),
-                     "step_s": statistics.median(r.seconds for r in rs),
-                     "compute_s": statistics.median(r.compute_s for r in rs),
-                     "network_s": statistics.median(r.network_s for r in rs),
+                     "step_s": statistics.median(e.train_s for e in es),
+                     "compute_s": statistics.median(e.train_compute_s for e in es),
+                     "link_s": statistics.median(e.train_network_s for e in es),
+                     "wall_s": statistics.median(r.seconds for r in rs),
                      "server_s": statistics.median(r.server_s for r in rs),
                      "steps": len(rs)}
-    return out
+    return out, {"profile": resolve_profile(device).name, "device_gflops": profile.gflops_fp32, "host_gflops": host}
 
 
 # ---------------------------------------------------------------- 3. accuracy
 
 
-def federated(codec: str, seed: int, work: Path, resume: bool) -> dict:
+def federated(codec: str, seed: int, work: Path, resume: bool, rounds: int, local_steps: int) -> dict:
     """The demo's federation with ``codec`` both ways; its result is kept in
     ``work`` (and read back with ``resume``)."""
-    name = f"{codec.replace(':', '_').replace('=', '')}-seed{seed}"
+    name = f"{codec.replace(':', '_').replace('=', '')}-seed{seed}-r{rounds}x{local_steps}"
     done = work / f"{name}.json"
     if resume and done.is_file():
         return json.loads(done.read_text())
-    run = FederationRun(strategy="fedit", clients=4, rounds=5, local_steps=10, alpha=0.5, ranks=[8], lr=5e-3,
+    run = FederationRun(strategy="fedit", clients=4, rounds=rounds, local_steps=local_steps, alpha=0.5, ranks=[8],
+                        lr=5e-3,
                         head_lr=2e-2, seed=seed, run_dir=str(work / name),
                         codec_up=codec, codec_down=codec)
     started = time.perf_counter()
@@ -285,9 +305,14 @@ def markdown(result: dict) -> str:
     lines = ["# Compression benchmark", "",
              f"MiniLM (all-MiniLM-L6-v2), cut {CUT}, the built-in task, batch {BATCH} x up to {MAX_LENGTH} tokens; "
              f"each codec both ways. Link: {UPLINK_MBPS:g} Mbit/s up, {DOWNLINK_MBPS:g} Mbit/s down, "
-             f"{RTT_MS:g} ms round trip (edge.emulate), compute at this host's speed ({result['threads']} threads); "
-             f"{result['link_steps']} timed steps per codec after {result['warmup']} warm-up, codecs taking turns. "
-             f"Accuracy: `fedsplit demo`'s federation (4 clients, fedit, 5 rounds of 10 local steps, Dirichlet(0.5)), "
+             f"{RTT_MS:g} ms round trip, with the compute of {result['device']['profile']} "
+             f"({result['device']['device_gflops']:g} GFLOP/s; this host: {result['device']['host_gflops']:.1f} on "
+             "one thread) (edge.emulate, CPU clock); "
+             f"{result['link_steps']} timed steps per codec after {result['warmup']} warm-up, codecs taking turns; "
+             "a step's time is the client's emulated compute plus the link's delays (the server's compute, a GPU "
+             "machine's, left out; the wall-clock on this shared machine, with it, beside). "
+             f"Accuracy: `fedsplit demo`'s federation (4 clients, fedit, {result['rounds']} rounds of "
+             f"{result['local_steps']} local steps, Dirichlet(0.5)), "
              f"seeds {', '.join(map(str, result['seeds']))} for {', '.join(result['seeded'])}, seed "
              f"{result['seeds'][0]} for the others; differences are paired with fp32's run of the same seed.", "",
              "| codec | bytes up / step | bytes down / step | total / fp32 | predicted / measured | "
@@ -306,10 +331,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {codec} | {r['bytes_up'] / 1e6:.3f} MB | {r['bytes_down'] / 1e6:.3f} MB | "
                      f"{total / base_total:.3f} | {predicted:.4f} | {r['step_s']:.3f} | "
                      f"{r['step_s'] / base['step_s']:.3f} | {accuracy_text} | {diff_text} |")
-    lines += ["", "Step time split (medians, s): compute on the client / waiting on the link / the server's compute",
-              "", "| codec | compute | link | server |", "|---|---|---|---|"]
+    lines += ["", "Step time on the link (medians, s): the client's emulated compute, the link's delays, their sum; "
+                  "the wall-clock of the step here and the server's compute in it:",
+              "", "| codec | compute | link | step | wall-clock | server |", "|---|---|---|---|---|---|"]
     for codec, r in link.items():
-        lines.append(f"| {codec} | {r['compute_s']:.3f} | {r['network_s']:.3f} | {r['server_s']:.3f} |")
+        lines.append(f"| {codec} | {r['compute_s']:.3f} | {r['link_s']:.3f} | {r['step_s']:.3f} | {r['wall_s']:.3f} | "
+                     f"{r['server_s']:.3f} |")
     names = list(next(iter(rec.values())))
     lines += ["", "Reconstruction error of one encoding on real MiniLM tensors at the cut (relative L2; largest "
                   "error over max |x|):", "",
@@ -339,6 +366,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeded", type=_codec_list, default=list(SEEDED), help="codecs run on every seed")
     parser.add_argument("--link-steps", type=int, default=8, help="timed steps per codec on the emulated link")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per codec first")
+    parser.add_argument("--device", default="pi5", help="device profile whose compute the link's client emulates")
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (the demo's 5)")
+    parser.add_argument("--local-steps", type=int, default=10, help="local steps per round (the demo's 10)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--work", default=None, help="each federated run's result and logs (default: a temporary "
                                                      "folder)")
@@ -355,7 +385,7 @@ def main(argv=None) -> int:
 
     rec = reconstruction(cut_tensors(builtin_batches(1)[0]), codecs)
     print("reconstruction error done", flush=True)
-    link = link_steps(codecs, args.link_steps, args.warmup)
+    link, device = link_steps(codecs, args.link_steps, args.warmup, args.device)
     for codec, r in link.items():
         print(f"link {codec}: {(r['bytes_up'] + r['bytes_down']) / 1e6:.3f} MB/step, {r['step_s']:.3f} s/step",
               flush=True)
@@ -364,15 +394,16 @@ def main(argv=None) -> int:
         for codec in codecs:
             if seed != seeds[0] and codec not in args.seeded:
                 continue
-            r = federated(codec, seed, work, args.resume)
+            r = federated(codec, seed, work, args.resume, args.rounds, args.local_steps)
             runs.append(r)
             print(f"federation {codec} seed {seed}: final accuracy {r['final_accuracy']:.3f} "
                   f"({r['wall_s']:.0f} s)", flush=True)
     accuracy = accuracy_table(runs, codecs)
     command = "python bench/compression.py" + (f" {' '.join(sys.argv[1:])}" if argv is None and sys.argv[1:] else "")
     result = {"codecs": codecs, "seeds": seeds, "seeded": [c for c in codecs if c in args.seeded],
-              "link_steps": args.link_steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
-              "link_mbps": [UPLINK_MBPS, DOWNLINK_MBPS], "rtt_ms": RTT_MS, "reconstruction": rec, "link": link,
+              "link_steps": args.link_steps, "warmup": args.warmup, "rounds": args.rounds,
+              "local_steps": args.local_steps, "threads": torch.get_num_threads(),
+              "link_mbps": [UPLINK_MBPS, DOWNLINK_MBPS], "rtt_ms": RTT_MS, "device": device, "reconstruction": rec, "link": link,
               "runs": runs, "accuracy": accuracy, "targets": targets(link, accuracy),
               "wall_s": time.perf_counter() - started, "command": command}
     out = Path(args.out)
