@@ -6,7 +6,8 @@ The client names its device profile (a built-in name such as ``pi5``, or a
 the server answers with that device's entry of its plan (``fedsplit server
 --plan``). The entry's cut, rank, batch size, sequence length and trainable
 blocks then stand for ``--cut``, ``--rank``, ``--batch-size``,
-``--max-length`` and ``--blocks``. An option also given on the command line
+``--max-length``, ``--blocks``, ``--dtype``, ``--codec-up`` and
+``--codec-down``. An option also given on the command line
 must say the same as the plan: a conflict is an error naming both, never a
 silent override. The reply is checked like any input from the network.
 """
@@ -19,13 +20,14 @@ from dataclasses import dataclass
 from profiles.planfile import PlanFileError, plan_request, replied_plan
 from profiles.planner import ClientPlan
 from profiles.schema import resolve_profile
+from split.codecs import parse_codec
 from split.partition import Cut, load_config, resolve_model_path
 from split.security import load_client_keys
 from split.transport import Connection, HandshakeFailed, ServerError
 
 # argparse dest -> the option that sets it, for what a plan decides.
 PLANNED = {"cut": "--cut", "rank": "--rank", "batch_size": "--batch-size", "max_length": "--max-length",
-           "blocks": "--blocks", "dtype": "--dtype"}
+           "blocks": "--blocks", "dtype": "--dtype", "codec_up": "--codec-up", "codec_down": "--codec-down"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class PlannedOptions:
     max_length: int
     blocks: list[int] | None
     dtype: str
+    codec_up: str  # canonical codec texts (split.codecs)
+    codec_down: str
 
     def value(self, dest: str):
         return getattr(self, dest)
@@ -57,7 +61,8 @@ def planned_options(plan: ClientPlan, num_layers: int) -> PlannedOptions:
         raise ValueError(f"the server's plan for {plan.device!r} trains block {outside[0]}, but this client's model "
                          f"has blocks 0..{num_layers - 1}: are both started with the same --model?")
     blocks = None if plan.trainable == list(range(num_layers)) else list(plan.trainable)
-    return PlannedOptions(cut, plan.rank, plan.batch, plan.seq_len, blocks, plan.dtype)
+    return PlannedOptions(cut, plan.rank, plan.batch, plan.seq_len, blocks, plan.dtype, plan.codec_up,
+                          plan.codec_down)
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str], dests) -> set[str]:
@@ -86,6 +91,8 @@ def check_conflicts(planned: PlannedOptions, given: dict, device: str, num_layer
             value = None if value == list(range(num_layers)) else value
         if dest == "cut" and isinstance(value, str):
             value = Cut.parse(value)
+        if dest in ("codec_up", "codec_down"):
+            value = parse_codec(value).text
         if value != mine:
             raise ValueError(f"{PLANNED[dest]} {_shown(dest, value)} conflicts with the server's plan for "
                              f"{device!r}, which gives {PLANNED[dest]} {_shown(dest, mine)}; leave {PLANNED[dest]} "
@@ -112,7 +119,7 @@ def fetch_plan(server: str, profile: str, client_id: str, key: str | None, serve
 
 def apply_profile(args: argparse.Namespace, argv: list[str]) -> ClientPlan:
     """Fetch the plan for ``args.profile`` from ``args.server`` and set the
-    client's cut, rank, batch size, max length, dtype and blocks from it
+    client's cut, rank, batch size, max length, dtype, codecs and blocks from it
     (``argv``: the client subcommand's own arguments, to tell options given
     from defaults). Returns the plan; its ``device`` is the profile name the
     client joins with, its ``capacity`` and ``train_memory`` what layer
@@ -126,9 +133,10 @@ def apply_profile(args: argparse.Namespace, argv: list[str]) -> ClientPlan:
     args.cut = str(planned.cut)
     args.rank, args.batch_size, args.max_length, args.blocks, args.dtype = (
         planned.rank, planned.batch_size, planned.max_length, planned.blocks, planned.dtype)
+    args.codec_up, args.codec_down = planned.codec_up, planned.codec_down
     print(f"fedsplit client: plan for {device!r}: cut {planned.cut}, rank {planned.rank}, batch "
-          f"{planned.batch_size}, max length {planned.max_length}, {planned.dtype}, blocks "
-          f"{_shown('blocks', planned.blocks)} (predicted peak "
+          f"{planned.batch_size}, max length {planned.max_length}, {planned.dtype}, codecs up {planned.codec_up} "
+          f"down {planned.codec_down}, blocks {_shown('blocks', planned.blocks)} (predicted peak "
           f"{plan.predicted_peak_bytes / 2**30:.2f} GiB of {plan.budget_bytes / 2**30:.2f} GiB, "
           f"{plan.predicted_step_s:.3f} s a step)", flush=True)
     return plan

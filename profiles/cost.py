@@ -35,6 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import msgpack
+import torch
+
+from split.codecs import RAW, CodecSpec, encoded_nbytes, parse_codec
+from split.records import SERVER_SECONDS
 
 from . import activations as act
 from .runtime import runtime_baseline
@@ -62,7 +66,10 @@ CLIENT_ID = "client-0123abcd"  # a client's default id: "client-" + 8 hex digits
 class Plan:
     """One client's choices. ``trainable``: block indices whose LoRA trains
     (client or server blocks). ``dtype``: the client's frozen weights and compute;
-    ``server_dtype``: what the server's replies carry."""
+    ``server_dtype``: what the server's replies carry. ``codec_up`` /
+    ``codec_down``: the wire codecs (``split.codecs``, as their text) of the
+    hidden states and gradients the client sends and of the server's replies;
+    stored in their canonical text."""
 
     k1: int
     k2: int
@@ -72,9 +79,19 @@ class Plan:
     trainable: frozenset[int] = field(default_factory=frozenset)
     dtype: str = "float32"
     server_dtype: str = "float32"
+    codec_up: str = "fp32"
+    codec_down: str = "fp32"
 
     def __post_init__(self):
         object.__setattr__(self, "trainable", frozenset(self.trainable))
+        for name in ("codec_up", "codec_down"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"plan: {name} must be a codec's text such as fp32 or int8, got {value!r}")
+            try:
+                object.__setattr__(self, name, parse_codec(value).text)
+            except ValueError as exc:
+                raise ValueError(f"plan: {name}: {exc}") from None
         for name in ("k1", "rank", "batch", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -264,51 +281,58 @@ def block_memory(shape: ModelShape, plan: Plan, block: int) -> int:
 # ---------------------------------------------------------------- the wire
 
 
-def _header(op: str, meta: dict, tensors: list[tuple[str, str, tuple[int, ...], int]]) -> int:
+def _header(op: str, meta: dict, tensors: list[tuple[str, str, tuple[int, ...], CodecSpec, int]]) -> int:
     """Bytes of a message's msgpack header (``split.wire.encode``'s layout)."""
-    entries = [{"name": n, "dtype": dt, "shape": list(s), "codec": "raw", "nbytes": nb} for n, dt, s, nb in tensors]
+    entries = []
+    for name, dtype, dims, spec, nbytes in tensors:
+        entry = {"name": name, "dtype": dtype, "shape": list(dims), "codec": spec.wire_name, "nbytes": nbytes}
+        if spec.params:
+            entry["params"] = dict(spec.params)
+        entries.append(entry)
     header = {"v": 1, "op": op, "client": CLIENT_ID, "step": 1000, "meta": meta, "tensors": entries}
     return len(msgpack.packb(header, use_bin_type=True))
 
 
-def _message(op: str, meta: dict, tensors: list[tuple[str, str, tuple[int, ...]]]) -> int:
-    sized = []
-    for name, dtype, dims in tensors:
-        numel = 1
-        for d in dims:
-            numel *= d
-        sized.append((name, dtype, dims, numel * _DTYPE_SIZE[dtype]))
-    return _header(op, meta, sized) + sum(s[3] for s in sized)
+def _message(op: str, meta: dict, tensors: list[tuple[str, str, tuple[int, ...], CodecSpec]]) -> int:
+    """Bytes of a message whose tensors (name, dtype, shape, codec) travel in their codecs."""
+    sized = [(name, dtype, dims, spec, encoded_nbytes(dims, _TORCH_DTYPES[dtype], spec))
+             for name, dtype, dims, spec in tensors]
+    return _header(op, meta, sized) + sum(s[4] for s in sized)
 
 
-_DTYPE_SIZE = {**DTYPE_BYTES, "uint8": 1, "int64": 8}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "uint8": torch.uint8, "int64": torch.int64}
 _REQUEST_META = {"rid": 1000, "token": "0" * 32}
+_REPLY_META = {SERVER_SECONDS: 0.5}  # the server's compute time, a float64 in every forward and backward reply
 
 
 def step_bytes(shape: ModelShape, plan: Plan) -> tuple[int, int]:
     """(bytes up, bytes down) of one training step: the forward and backward
-    requests and their replies, headers included, as ``Connection`` counts them."""
+    requests and their replies, headers included, as ``Connection`` counts them.
+    The hidden states and gradients at the cut travel in the plan's codecs
+    (``codec_up`` from the client, ``codec_down`` from the server)."""
     client_blocks(shape, plan)
     B, S, d = plan.batch, plan.seq_len, shape.hidden
     hidden = (B, S, d)
-    forward = [("hidden", plan.dtype, hidden), ("attention_mask", "uint8", (B, S))]
+    up, down = parse_codec(plan.codec_up), parse_codec(plan.codec_down)
+    forward = [("hidden", plan.dtype, hidden, up), ("attention_mask", "uint8", (B, S), RAW)]
     if shape.rotary:
-        forward.append(("position_ids", "int64", (1, S)))
+        forward.append(("position_ids", "int64", (1, S), RAW))
     if plan.k2 == 0:
         # Two-part split: the labels go up, the logits and the loss come back, the loss's gradient goes up.
         labels = (B, S) if shape.task == "causal-lm" else (B,)
-        forward.append(("labels", "int64", labels))
+        forward.append(("labels", "int64", labels, RAW))
         logits = (B, S, shape.vocab) if shape.task == "causal-lm" else (B, shape.num_labels)
-        forward_reply = [("logits", "float32", logits), ("loss", "float32", (1,))]
-        backward = [("grad", "float32", ())]
+        forward_reply = [("logits", "float32", logits, RAW), ("loss", "float32", (1,), RAW)]
+        backward = [("grad", "float32", (), RAW)]
     else:
-        forward_reply = [("hidden", plan.server_dtype, hidden)]
-        backward = [("grad", plan.dtype, hidden)]
-    up = (_message("forward", {"train": True, **_REQUEST_META}, forward)
-          + _message("backward", _REQUEST_META, backward))
-    down = (_message("ok", {}, forward_reply)
-            + _message("ok", {}, [("grad", plan.server_dtype, hidden)]))
-    return up, down
+        forward_reply = [("hidden", plan.server_dtype, hidden, down)]
+        backward = [("grad", plan.dtype, hidden, up)]
+    sent = (_message("forward", {"train": True, **_REQUEST_META}, forward)
+            + _message("backward", _REQUEST_META, backward))
+    received = (_message("ok", _REPLY_META, forward_reply)
+                + _message("ok", _REPLY_META, [("grad", plan.server_dtype, hidden, down)]))
+    return sent, received
 
 
 # ---------------------------------------------------------------- time

@@ -27,6 +27,16 @@ def ranks_type(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def codecs_type(text: str) -> tuple[str, ...]:
+    """An argparse type: wire codecs separated by commas (``fp32,fp16,int8``)."""
+    from .codec_choice import parse_codec_list
+
+    try:
+        return tuple(spec.text for spec in parse_codec_list(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def margin_type(text: str) -> float:
     """An argparse type: a share of the budget kept free, in [0, 1)."""
     value = nonnegative_float(text)
@@ -73,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-labels", type=int_at_least(2), default=2, help="classes of the classification head")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="precision of the clients' frozen weights (their --dtype)")
+    p.add_argument("--codecs", type=codecs_type, default=("fp32",), metavar="CODEC,CODEC,...",
+                   help="wire codecs a device may get, each direction: the most precise one whose predicted step "
+                        "time is within 10%% of the fastest (docs/planner.md). Default fp32 alone (lossless)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="write the plan here, for `fedsplit server --plan FILE`")
 
@@ -100,7 +113,8 @@ def run(args, strategy: tuple[bool, bool] | None = None) -> int:
     options = PlanOptions(seq_len=args.seq_len, ranks=args.ranks, server_cut=(cut.front, cut.back),
                           margin=args.margin, batch=args.batch, max_batch=args.max_batch, same_rank=same_rank,
                           all_blocks=all_blocks, min_capacity=args.min_blocks, order=args.order,
-                          offload=args.offload, server_seconds=args.server_seconds, dtype=args.dtype)
+                          offload=args.offload, server_seconds=args.server_seconds, dtype=args.dtype,
+                          codecs=args.codecs)
     plans = plan_with(shape, profiles, options)
     plan = PlanFile(model, args.seq_len, (cut.front, cut.back), {p.device: p for p in plans}, args.margin,
                     same_rank)

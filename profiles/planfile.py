@@ -8,7 +8,7 @@ reads, and the one check of a client's entry both ends of the wire use.
                "fingerprint": "<64 hex digits, or null>", "source": "..."},
      "seq_len": 64, "server_cut": [1, 1], "margin": 0.15, "same_rank": false,
      "clients": {"<profile name>": {"k1": 1, "k2": 1, "rank": 8, "trainable": [4, 5],
-                                    "batch": 16, "seq_len": 64, ...}}}
+                                    "batch": 16, "seq_len": 64, "codec_up": "int8", ...}}}
 
 Everything read is treated as hostile: each field is checked for type and
 range, and a problem is a ``PlanFileError`` naming the file, the field and what
@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from split.codecs import parse_codec
 from split.protocol import ProtocolError
 from split.wire import Message
 
@@ -33,6 +34,7 @@ MAX_NAME = 200  # a profile name (profiles/schema.py allows as many characters)
 MAX_CLIENTS = 10_000
 MAX_BLOCKS = 100_000
 MAX_SOURCE = 512
+MAX_CODEC = 100  # a codec's text: a name and a few parameters
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -144,7 +146,8 @@ def device_name(value, where: str) -> str:
 
 
 ENTRY_FIELDS = ("k1", "k2", "rank", "trainable", "batch", "seq_len", "predicted_peak_bytes", "budget_bytes",
-                "bytes_up", "bytes_down", "predicted_step_s", "train_memory_bytes", "capacity", "dtype")
+                "bytes_up", "bytes_down", "predicted_step_s", "train_memory_bytes", "capacity", "dtype", "codec_up",
+                "codec_down")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -168,7 +171,8 @@ def client_plan(device: str, data, where: str) -> ClientPlan:
                       _int(data, "predicted_peak_bytes", where, 0), _int(data, "budget_bytes", where, 1),
                       _int(data, "bytes_up", where, 0), _int(data, "bytes_down", where, 0),
                       _float(data, "predicted_step_s", where, 0.0), _int(data, "train_memory_bytes", where, 0),
-                      _int(data, "capacity", where, 1), _dtype(data, where))
+                      _int(data, "capacity", where, 1), _dtype(data, where), _codec(data, "codec_up", where),
+                      _codec(data, "codec_down", where))
     if plan.capacity != len(trainable):
         raise PlanFileError(f"{where}: field 'capacity' is {plan.capacity} but 'trainable' lists {len(trainable)} "
                             "blocks; capacity is the number of trainable blocks")
@@ -180,6 +184,19 @@ def _dtype(data: dict, where: str) -> str:
     if value not in DTYPES:
         raise PlanFileError(f"{where}: field 'dtype' must be one of {', '.join(DTYPES)}, got {_show(value)}")
     return value
+
+
+def _codec(data: dict, key: str, where: str) -> str:
+    """A wire codec's text (``split.codecs.parse_codec``), in its canonical form."""
+    if key not in data:
+        raise PlanFileError(f"{where}: field {key!r} is missing")
+    value = data[key]
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_CODEC):
+        raise PlanFileError(f"{where}: field {key!r} must be a codec such as fp32 or int8, got {_show(value)}")
+    try:
+        return parse_codec(value).text
+    except ValueError as exc:
+        raise PlanFileError(f"{where}: field {key!r}: {exc}") from None
 
 
 def parse_plan(text: str, source: str) -> PlanFile:

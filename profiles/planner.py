@@ -25,6 +25,14 @@ client's step time. The planner
       off the shared server (the cost model does not see the server's queue,
       so this is off unless asked for).
 
+Codecs. Before anything else each device gets a wire codec per direction
+(``profiles.codec_choice``): among ``codecs`` (default fp32 alone, which
+changes nothing), the most precise one whose predicted step time on the
+reference plan (below) is within 10% of the fastest allowed choice, the
+uplink first, then the downlink. Every later figure of the device (its rank
+score, floor, pace and growth) is predicted with those codecs: compression
+that buys time buys capacity.
+
 Rank (HetLoRA-style, by capacity). Each device gets a capacity score from
 its predicted step time ``t_i`` of one common reference plan (the server's
 cut, rank ``r_min``, ``min_capacity`` blocks, the nominal batch), relative to
@@ -55,9 +63,11 @@ needs and its budget.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
+from .codec_choice import choose_codecs, parse_codec_list
 from .cost import ModelShape, Plan, block_memory, predict_memory, predict_step_time, step_bytes
 from .schema import GIB, DeviceProfile
 
@@ -95,6 +105,8 @@ class ClientPlan:
     train_memory_bytes: int
     capacity: int
     dtype: str = "float32"  # the frozen weights' dtype the predictions assume
+    codec_up: str = "fp32"  # the wire codec of what the client sends (split.codecs text)
+    codec_down: str = "fp32"  # the wire codec of the server's replies
 
     @property
     def train_memory(self) -> int:
@@ -108,7 +120,8 @@ class ClientPlan:
     def plan(self) -> Plan:
         """The cost model's view of this plan."""
         return Plan(k1=self.k1, k2=self.k2, rank=self.rank, batch=self.batch, seq_len=self.seq_len,
-                    trainable=frozenset(self.trainable), dtype=self.dtype)
+                    trainable=frozenset(self.trainable), dtype=self.dtype, codec_up=self.codec_up,
+                    codec_down=self.codec_down)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +144,7 @@ class PlanOptions:
     offload: bool = False
     server_seconds: float = 0.0  # the server's share of a step, added to every device's step time
     dtype: str = "float32"  # the client's frozen weights (and the throughput figure that applies)
+    codecs: tuple[str, ...] = ("fp32",)  # wire codecs a device may get (split.codecs texts)
 
     def check(self, num_layers: int) -> None:
         """Raise a PlanningError naming the first option out of range."""
@@ -153,6 +167,10 @@ class PlanOptions:
             raise PlanningError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if not (math.isfinite(self.server_seconds) and self.server_seconds >= 0):
             raise PlanningError(f"server_seconds must be a finite number >= 0, got {self.server_seconds}")
+        try:
+            parse_codec_list(",".join(self.codecs))
+        except ValueError as exc:
+            raise PlanningError(str(exc)) from None
 
 
 def rank_ladder(text: str) -> tuple[int, ...]:
@@ -213,7 +231,8 @@ def assess(shape: ModelShape, profile: DeviceProfile, plan: Plan, server_seconds
     trainable = sorted(plan.trainable)
     return ClientPlan(profile.name, plan.k1, plan.k2, plan.rank, trainable, plan.batch, plan.seq_len,
                       int(memory.total), profile.memory_bytes, int(up), int(down), float(time.total),
-                      sum(int(block_memory(shape, plan, b)) for b in trainable), len(trainable), plan.dtype)
+                      sum(int(block_memory(shape, plan, b)) for b in trainable), len(trainable), plan.dtype,
+                      plan.codec_up, plan.codec_down)
 
 
 def usable_bytes(profile: DeviceProfile, margin: float) -> int:
@@ -231,16 +250,35 @@ def straggler_ratio(plans: list[ClientPlan]) -> float:
 
 
 class _Device:
-    """One device under planning: its profile and the checks on its plans."""
+    """One device under planning: its profile, its codecs and the checks on
+    its plans (every plan is judged with the device's codecs)."""
 
     def __init__(self, shape: ModelShape, profile: DeviceProfile, options: PlanOptions):
         self.shape, self.profile, self.options = shape, profile, options
         self.usable = usable_bytes(profile, options.margin)
+        self.codecs = ("fp32", "fp32")  # (up, down): chosen by choose_codecs
+
+    def coded(self, plan: Plan) -> Plan:
+        """``plan`` with this device's codecs."""
+        return dataclasses.replace(plan, codec_up=self.codecs[0], codec_down=self.codecs[1])
+
+    def choose_codecs(self, reference: Plan) -> None:
+        """Pick this device's codecs on ``reference`` (module docstring)."""
+        allowed = parse_codec_list(",".join(self.options.codecs))
+
+        def time(up, down) -> float:
+            return self._time(dataclasses.replace(reference, codec_up=up.text, codec_down=down.text))
+
+        up, down = choose_codecs(time, allowed)
+        self.codecs = (up.text, down.text)
 
     def memory(self, plan: Plan) -> int:
-        return int(predict_memory(self.shape, plan).total)
+        return int(predict_memory(self.shape, self.coded(plan)).total)
 
     def time(self, plan: Plan) -> float:
+        return self._time(self.coded(plan))
+
+    def _time(self, plan: Plan) -> float:
         return float(predict_step_time(self.shape, plan, self.profile, self.options.server_seconds).total)
 
     def fits(self, plan: Plan) -> bool:
@@ -254,12 +292,13 @@ def plan_clients(shape: ModelShape, profiles: list[DeviceProfile], *, seq_len: i
                  ranks: tuple[int, ...] = DEFAULT_RANKS, server_cut: tuple[int, int] = (1, 1),
                  margin: float = 0.15, batch: int = 16, max_batch: int = 64, same_rank: bool = False,
                  all_blocks: bool = False, min_capacity: int = 1, order: str = "top", offload: bool = False,
-                 server_seconds: float = 0.0, dtype: str = "float32") -> list[ClientPlan]:
+                 server_seconds: float = 0.0, dtype: str = "float32",
+                 codecs: tuple[str, ...] = ("fp32",)) -> list[ClientPlan]:
     """One plan per profile, in the order given (module docstring: objective
     and tie-breaks). Raises PlanningError for options out of range, a profile
     listed twice, or devices that cannot fit the smallest plan."""
     options = PlanOptions(seq_len, tuple(sorted(ranks)), tuple(server_cut), margin, batch, max_batch, same_rank,
-                          all_blocks, min_capacity, order, offload, server_seconds, dtype)
+                          all_blocks, min_capacity, order, offload, server_seconds, dtype, tuple(codecs))
     return plan_with(shape, profiles, options)
 
 
@@ -290,6 +329,9 @@ def plan_with(shape: ModelShape, profiles: list[DeviceProfile], options: PlanOpt
         return Plan(k1=cut[0], k2=cut[1], rank=rank, batch=batch, seq_len=options.seq_len, trainable=blocks,
                     dtype=options.dtype)
 
+    # 0. Codecs, on the reference plan the rank score uses.
+    for d in devices:
+        d.choose_codecs(plan(ranks[0], floor_blocks, options.batch))
     _check_smallest(devices, plan(ranks[0], floor_blocks, 1), options)
     batches = batch_ladder(options.batch, options.max_batch)
     nominal = [b for b in batches if b <= options.batch]
@@ -321,7 +363,7 @@ def plan_with(shape: ModelShape, profiles: list[DeviceProfile], options: PlanOpt
         if options.offload:
             cut = next(c for c in client_cuts(layers, (k1, k2)) if c == (k1, k2) or d.feasible(
                 plan(r, blocks, b, c), pace))
-        out.append(assess(shape, d.profile, plan(r, blocks, b, cut), options.server_seconds))
+        out.append(assess(shape, d.profile, d.coded(plan(r, blocks, b, cut)), options.server_seconds))
     return out
 
 
