@@ -5,8 +5,9 @@ A message is one ZeroMQ multipart message::
     [header, tensor_0, tensor_1, ...]
 
 The header is msgpack: protocol version, op, client id, step id, a small
-``meta`` map of plain values, and per tensor its name, dtype, shape, codec and
-byte count. Tensor frames are the raw buffers, sent without copying. Nothing is
+``meta`` map of plain values, and per tensor its name, dtype, shape, codec
+(with its ``params`` map when it has any) and byte count. Tensor frames are
+the codec's buffers; the lossless codec's are sent without copying. Nothing is
 ever unpickled: a header is plain data checked against the schema before any
 tensor is built, and a message that fails any check raises ``WireError`` with
 what was wrong.
@@ -20,12 +21,14 @@ belongs is refused by name rather than failing deep inside a lookup.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgpack
 import torch
 
-from .codecs import CODECS, DTYPE_NAMES, DTYPES, get_codec
+from .codecs import CODECS, DTYPE_NAMES, DTYPES, RAW, CodecSpec, check_dtype, decode_tensor, encode_tensor, \
+    encoded_nbytes, spec_for_wire
 
 PROTOCOL = 1
 REQUESTS = ("hello", "forward", "backward", "adapter", "bye", "status", "join", "round", "upload", "ping", "probe",
@@ -73,16 +76,27 @@ class Message:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def encode(msg: Message, codec: str = "raw") -> list:
-    """Frames for ``msg``: a msgpack header, then one zero-copy buffer per tensor."""
-    c = get_codec(codec)
+def encode(msg: Message, codecs: Mapping[str, CodecSpec] | None = None) -> list:
+    """Frames for ``msg``: a msgpack header, then one buffer per tensor (zero-copy
+    for the lossless codec). The tensors named in ``codecs`` go in that codec,
+    every other one raw; a name ``msg`` lacks is ignored. Encoding is a pure
+    function of the message: error feedback is applied when a message is
+    built, never here, so a message resent or replayed from a cache is the same
+    bytes and updates no residual twice."""
     entries, frames = [], []
     for name, tensor in msg.tensors.items():
         if tensor.dtype not in DTYPE_NAMES:
             raise WireError(f"tensor {name}: dtype {tensor.dtype} cannot be sent")
-        buf = c.encode(tensor)
-        entries.append({"name": name, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "codec": c.name, "nbytes": len(buf)})
+        spec = (codecs or {}).get(name, RAW)
+        try:
+            buf = encode_tensor(tensor, spec)
+        except ValueError as exc:
+            raise WireError(f"tensor {name}: {exc}") from None
+        entry = {"name": name, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                 "codec": spec.wire_name, "nbytes": memoryview(buf).nbytes}
+        if spec.params:
+            entry["params"] = dict(spec.params)
+        entries.append(entry)
         frames.append(buf)
     header = {"v": PROTOCOL, "op": msg.op, "client": msg.client, "step": msg.step,
               "meta": msg.meta, "tensors": entries}
@@ -201,9 +215,20 @@ def _check_shape(shape, name: str, limits: Limits) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _check_entry(entry, seen: dict, limits: Limits) -> tuple[str, str, tuple[int, ...], str, int]:
-    """One tensor entry's fields: (name, dtype, shape, codec, nbytes), each
-    type-checked before it is looked up or used."""
+def _check_params(params, name: str) -> dict:
+    """A header entry's codec parameters: a map of names to numbers (their
+    ranges are the codec's to check)."""
+    _check(isinstance(params, dict), f"tensor {name}: codec params must be a map, not {_show(params)}")
+    for key, value in params.items():
+        _check(isinstance(key, str), f"tensor {name}: codec param names must be strings, not {_show(key)}")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"tensor {name}: codec param {key[:40]!r} must be a number, not {_show(value)}")
+    return params
+
+
+def _check_entry(entry, seen: dict, limits: Limits) -> tuple[str, str, tuple[int, ...], CodecSpec, int]:
+    """One tensor entry's fields: (name, dtype, shape, codec spec, nbytes),
+    each type-checked before it is looked up or used."""
     _check(isinstance(entry, dict), f"each tensor entry must be a map, not {_show(entry)}")
     name = entry.get("name")
     _check(isinstance(name, str) and 0 < len(name) <= limits.max_tensor_name and name not in seen,
@@ -215,31 +240,38 @@ def _check_entry(entry, seen: dict, limits: Limits) -> tuple[str, str, tuple[int
     codec = entry.get("codec")
     _check(isinstance(codec, str) and codec in CODECS,
            f"tensor {name}: unknown codec {_show(codec)}; known: {', '.join(CODECS)}")
+    params = _check_params(entry.get("params", {}), name)
+    try:
+        spec = spec_for_wire(codec, params)
+        check_dtype(spec, DTYPES[dtype])
+    except ValueError as exc:
+        raise WireError(f"tensor {name}: {exc}") from None
     nbytes = entry.get("nbytes")
     _check(_is_int(nbytes) and nbytes >= 0, f"tensor {name}: nbytes must be an integer >= 0, not {_show(nbytes)}")
     _check(nbytes <= limits.max_tensor_bytes,
            f"tensor {name}: {nbytes} bytes exceed the limit of {limits.max_tensor_bytes}")
-    expected = CODECS[codec].nbytes(shape, DTYPES[dtype])
+    expected = encoded_nbytes(shape, DTYPES[dtype], spec)
+    label = codec if spec.lossless else spec.text
     _check(nbytes == expected,
-           f"tensor {name}: header says {nbytes} bytes, but shape {list(shape)} in {dtype} ({codec}) is {expected}")
-    return name, dtype, shape, codec, nbytes
+           f"tensor {name}: header says {nbytes} bytes, but shape {list(shape)} in {dtype} ({label}) is {expected}")
+    return name, dtype, shape, spec, nbytes
 
 
-def _build_tensor(frame, name: str, dtype: str, shape: tuple[int, ...], codec: str) -> torch.Tensor:
-    """The tensor a checked entry describes. A codec that still fails on a
-    frame of the right size (a lossy codec's payload, say) is the peer's
-    fault, not a reason to end the process."""
+def _build_tensor(frame, name: str, dtype: str, shape: tuple[int, ...], spec: CodecSpec) -> torch.Tensor:
+    """The tensor a checked entry describes. A payload of the right size can
+    still be inconsistent (a lossy codec's NaN scale or repeated index): that
+    is the peer's fault, refused by name, not a reason to end the process."""
     buffer = getattr(frame, "buffer", frame)
     # A bool is one byte holding 0 or 1; other bytes make torch's bool ops undefined.
-    if dtype == "bool" and codec == "raw" and memoryview(buffer).nbytes:
+    if dtype == "bool" and spec.lossless and memoryview(buffer).nbytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, only read
             _check(int(torch.frombuffer(buffer, dtype=torch.uint8).max()) <= 1,
                    f"tensor {name}: a bool tensor's bytes must be 0 or 1")
     try:
-        return CODECS[codec].decode(buffer, shape, DTYPES[dtype])
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise WireError(f"tensor {name}: the {codec} codec could not decode its frame ({exc})") from None
+        return decode_tensor(buffer, shape, DTYPES[dtype], spec)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise WireError(f"tensor {name}: the {spec.wire_name} codec could not decode its frame ({exc})") from None
 
 
 def decode(frames: list, limits: Limits = Limits()) -> Message:
@@ -258,13 +290,13 @@ def decode(frames: list, limits: Limits = Limits()) -> Message:
     tensors: dict[str, torch.Tensor] = {}
     total = 0
     for entry, frame in zip(entries, frames[1:]):
-        name, dtype, shape, codec, nbytes = _check_entry(entry, tensors, limits)
+        name, dtype, shape, spec, nbytes = _check_entry(entry, tensors, limits)
         got = frame_len(frame)
         _check(got == nbytes, f"tensor {name}: header says {nbytes} bytes, the frame holds {got}")
         total += nbytes
         _check(total <= limits.max_message_bytes,
                f"message exceeds the limit of {limits.max_message_bytes} bytes")
-        tensors[name] = _build_tensor(frame, name, dtype, shape, codec)
+        tensors[name] = _build_tensor(frame, name, dtype, shape, spec)
     return Message(op=header["op"], client=header.get("client", ""), step=header.get("step", 0),
                    meta=header.get("meta", {}), tensors=tensors)
 
