@@ -147,6 +147,7 @@ class FederatedClient:
         self.redone = 0  # rounds begun again after the server lost this client's session
         self.meter = RoundMeter(self.client, self.options.budget_bytes)
         self.adapters: AdapterUploads | None = None  # upload codec and error feedback, from the settings
+        self.offer_bytes = 0  # frames of the latest round offer received
 
     def _request(self, msg):
         return self.client.conn.request(msg)
@@ -294,7 +295,9 @@ class FederatedClient:
         """Poll, train and upload rounds until the federation is done."""
         waited = time.monotonic()
         while True:
+            received = self.client.conn.bytes_received
             offer = RoundOffer.from_message(self._request(Message("round")))
+            self.offer_bytes = self.client.conn.bytes_received - received  # in the round's record
             if offer.status == "wait":
                 if time.monotonic() - waited > self.options.max_wait:
                     raise TimeoutError(f"no round for this client in {self.options.max_wait:.0f}s")
@@ -340,7 +343,7 @@ class FederatedClient:
         sent, received, started = conn.bytes_sent, conn.bytes_received, time.perf_counter()
         losses = self._train_round(offer)
         payload = self.adapters.prepare(self._payload(offer.round), offer.trainable)
-        extra = {}
+        extra = {"download_bytes": self.offer_bytes}
         for observer in self.options.observers:
             extra.update(observer.record_extra())
         payload.record = self.meter.finish(accuracy, upload_bytes(payload.to_message()), extra)

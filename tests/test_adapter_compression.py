@@ -5,18 +5,23 @@ on the command line, and a federated run in each codec."""
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from conftest import VOCAB, random_batch, save_tiny, threaded_server
 from edge.adapter_uploads import AdapterUploads
+from edge.client import ClientConfig, SplitClient
+from edge.federated import FederatedClient, FederatedOptions
 from round_helpers import CLIENT_MODULE, HEAD, coordinator, payload
 from server.rounds import FederationConfig, FederationError
 from split.adapter_codec import parse_adapter_codec, rank_slice, rebuild, update
 from split.cli import build_parser
 from split.codecs import parse_codec, roundtrip
+from split.lora import LoraSpec
 from split.protocol import FederationSettings, ProtocolError, RoundOffer, UploadPayload
-from split.wire import decode, encode
+from split.wire import decode, encode, frame_len
 
 TOPK = "topk:density=0.25"
 
@@ -207,3 +212,77 @@ def test_topk_uploads_need_downloads_that_carry_factors():
     with pytest.raises(ValueError, match="--client-init local"):
         FederationConfig(client_init="local", adapter_up="topk:density=0.1")
     assert FederationConfig(client_init="local", adapter_up="fp16").adapter_up == parse_adapter_codec("fp16")
+
+
+# ---------------------------------------------------------------- a federated run
+
+
+class Meter(FederatedClient):
+    """A federated client noting the tensor bytes of each upload it sends."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.upload_tensor_bytes: list[int] = []
+
+    def _request(self, msg):
+        if msg.op == "upload":
+            self.upload_tensor_bytes.append(sum(frame_len(f) for f in encode(msg)[1:]))
+        return super()._request(msg)
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tmp_path_factory):
+    """A 4-block BERT 128 wide: its LoRA factors outweigh the upload's header."""
+    return save_tiny("bert", tmp_path_factory.mktemp("bert128"), hidden_size=128, intermediate_size=128)
+
+
+def federate(path, up: str, down: str) -> tuple[list[Meter], object]:
+    fed = FederationConfig(strategy="fedit", rounds=2, local_steps=2, min_clients=2, adapter_up=up, adapter_down=down)
+    with threaded_server(path, "1,1", num_labels=3, dropout=False, federation=fed) as (endpoint, server):
+        runners = []
+        for index in range(2):
+            client = SplitClient(ClientConfig(server=endpoint, model=str(path), num_labels=3, dropout=False,
+                                              lora=LoraSpec(4, 8.0), client_id=f"c{index}", lr=5e-3, timeout=60))
+            batches = [random_batch(100 * index + i, VOCAB) for i in range(2)]
+            runners.append(Meter(client, batches, 10, test=batches, options=FederatedOptions(evaluate=True)))
+
+        def one(runner):
+            try:
+                runner.run()
+            finally:
+                runner.client.close()
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(one, runners))
+        return runners, server.coordinator
+
+
+def test_a_federation_runs_in_each_adapter_codec_and_its_uploads_shrink(wide_bert):
+    runs = {up: federate(wide_bert, up, down) for up, down in
+            (("fp32", "fp32"), ("fp16", "fp16"), ("topk:density=0.1", "topk:density=0.5"))}
+    for runners, coord in runs.values():
+        assert [h.aggregated for h in coord.history] == [True, True]
+        assert all(r.final_accuracy is not None for r in runners)
+    # The last round's uploads (the head is in the offer by then, so every tensor is an update).
+    last = {up: runners[0].upload_tensor_bytes[-1] for up, (runners, _) in runs.items()}
+    assert last["fp16"] / last["fp32"] == pytest.approx(0.5, abs=0.01)
+    # 10% of the entries, each an int32 index and an fp16 value: 0.15 of fp32's bytes.
+    assert last["topk:density=0.1"] / last["fp32"] == pytest.approx(0.15, abs=0.01)
+    # The metered bytes are the compressed ones.
+    records = {up: runners[0].records[-1].record["upload_bytes"] for up, (runners, _) in runs.items()}
+    assert records["topk:density=0.1"] < 0.25 * records["fp32"] and records["fp16"] < 0.6 * records["fp32"]
+    # Downloads: fp16 halves the offer; top-k at density 0.5 sends 0.75 of fp32's bytes.
+    offers = {up: runners[0].records[-1].record["download_bytes"] for up, (runners, _) in runs.items()}
+    assert offers["fp16"] < 0.55 * offers["fp32"] and offers["topk:density=0.1"] < 0.8 * offers["fp32"]
+
+
+def test_a_pruned_rank_is_rebuilt_from_the_leading_part_of_what_was_received():
+    # HetLoRA: a client may upload a smaller rank than its download had.
+    coord, _ = coordinator(2, strategy="hetlora", adapter_up=TOPK)
+    coord.tick(0.0)
+    offer = coord.poll("c0")
+    body = payload(coord, "c0", 0.25, rank=2, delta=True)
+    coord.upload("c0", body)
+    factors = coord.uploads["c0"].factors[CLIENT_MODULE]
+    assert torch.allclose(factors.A, offer.A[CLIENT_MODULE][:2] + 0.25)
+    assert torch.allclose(factors.B, offer.B[CLIENT_MODULE][:, :2] + 0.25)
