@@ -11,9 +11,13 @@ accuracy is client 0's evaluation of the final global model (which travels
 lossless) on the held-out test set.
 
     python bench/adapter_compression.py [--rounds 5] [--local-steps 10] [--seed 0] [--out bench/results]
+        [--only NAME ...]
 
 Writes ``adapter_compression.json`` (every client's round records) and
-``adapter_compression.md`` (the table) into ``--out``.
+``adapter_compression.md`` (the table) into ``--out`` after each
+configuration; ``--only`` runs the named configurations and keeps the others'
+results already in the file (a run takes 4 to 20 minutes on a shared 2-core
+machine).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def measure(summaries: list[dict]) -> dict:
 
 def table(results: dict, args) -> str:
     base = results["fp32"]
+    results = {name: results[name] for name, _, _ in CONFIGS if name in results}
     lines = [f"Adapter compression on the built-in task: MiniLM, 4 clients, FedIT, rank 8, {args.rounds} rounds of "
              f"{args.local_steps} local steps, seed {args.seed} (one seed: a figure, not a claim).", "",
              "| adapters | download B/round | upload B/round | upload B, rounds 1+ | vs fp32 (down / up / up 1+) "
@@ -73,10 +78,22 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--only", nargs="+", choices=[c[0] for c in CONFIGS], default=None,
+                        help="run these configurations only, keeping the others' saved results")
     args = parser.parse_args()
     labels = len(load_dataset(None).labels)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "adapter_compression.json"
     results, runs = {}, {}
+    if args.only and saved.exists():
+        old = json.loads(saved.read_text())
+        if old.get("settings") != settings(args):
+            raise SystemExit(f"{saved} holds runs of other settings ({old.get('settings')}); run every configuration")
+        results, runs = old["results"], old["runs"]
     for name, up, down in CONFIGS:
+        if args.only and name not in args.only:
+            continue
         started = time.perf_counter()
         run = FederationRun(rounds=args.rounds, local_steps=args.local_steps, seed=args.seed,
                             server_args=("--adapter-up", up, "--adapter-down", down))
@@ -85,13 +102,18 @@ def main() -> int:
         runs[name] = {"adapter_up": up, "adapter_down": down,
                       "clients": [[r["record"] for r in s["rounds"]] for s in summaries]}
         print(f"{name}: {results[name]} ({time.perf_counter() - started:.0f} s)", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_compression.json").write_text(json.dumps({"results": results, "runs": runs}, indent=1))
+        saved.write_text(json.dumps({"settings": settings(args), "results": results, "runs": runs}, indent=1))
+    if "fp32" not in results:
+        raise SystemExit("no fp32 run to compare with: run the fp32 configuration too")
     text = table(results, args)
     (out / "adapter_compression.md").write_text(text)
     print(text)
     return 0
+
+
+def settings(args) -> dict:
+    """What every configuration of one table shares."""
+    return {"rounds": args.rounds, "local_steps": args.local_steps, "seed": args.seed}
 
 
 if __name__ == "__main__":
