@@ -34,6 +34,7 @@ from split.seeds import stable_seed
 from split.transport import SessionLost
 from split.wire import Message
 
+from .adapter_uploads import AdapterUploads
 from .client import MAX_REDO, SplitClient
 from .hetlora import HetLoRAOptions, RankRegulariser
 from .metering import RoundMeter, upload_bytes
@@ -145,6 +146,8 @@ class FederatedClient:
         self.gradient_scores: dict[int, float] | None = None  # the round's squared gradients, when asked for
         self.redone = 0  # rounds begun again after the server lost this client's session
         self.meter = RoundMeter(self.client, self.options.budget_bytes)
+        self.adapters: AdapterUploads | None = None  # upload codec and error feedback, from the settings
+        self.offer_bytes = 0  # frames of the latest round offer received
 
     def _request(self, msg):
         return self.client.conn.request(msg)
@@ -160,6 +163,8 @@ class FederatedClient:
         reply = self._request(Join(spec.rank, spec.alpha, self.num_samples, self.modules, blocks, opts.profile,
                                    opts.labels, opts.capacity, opts.train_memory, opts.block_costs).to_message())
         self.settings = FederationSettings.from_meta(reply.meta, "join reply")
+        if self.adapters is None or not self.adapters.follows(self.settings):
+            self.adapters = AdapterUploads(self.settings)
         return self.settings
 
     def _apply(self, offer: RoundOffer) -> None:
@@ -290,7 +295,9 @@ class FederatedClient:
         """Poll, train and upload rounds until the federation is done."""
         waited = time.monotonic()
         while True:
+            received = self.client.conn.bytes_received
             offer = RoundOffer.from_message(self._request(Message("round")))
+            self.offer_bytes = self.client.conn.bytes_received - received  # in the round's record
             if offer.status == "wait":
                 if time.monotonic() - waited > self.options.max_wait:
                     raise TimeoutError(f"no round for this client in {self.options.max_wait:.0f}s")
@@ -317,12 +324,14 @@ class FederatedClient:
                                    f"{last.round}: the server resumed from a checkpoint older than this client's "
                                    "state; start this client again")
             last.put_back(self)
+            self.adapters.rewind()
             self.redone += 1
             log.warning("%s: redoing round %d from its start", self.client.conn.client_id, offer.round)
             return
         self._apply(offer)
         if offer.status == "train":
             self.started = RoundStart.take(self, offer.round)
+            self.adapters.begin(offer)
 
     def _take_part(self, offer: RoundOffer) -> None:
         """Train the offered round and upload it."""
@@ -333,8 +342,8 @@ class FederatedClient:
         accuracy = self.meter.evaluate(self._evaluate_global) if evaluate else None
         sent, received, started = conn.bytes_sent, conn.bytes_received, time.perf_counter()
         losses = self._train_round(offer)
-        payload = self._payload(offer.round)
-        extra = {}
+        payload = self.adapters.prepare(self._payload(offer.round), offer.trainable)
+        extra = {"download_bytes": self.offer_bytes}
         for observer in self.options.observers:
             extra.update(observer.record_extra())
         payload.record = self.meter.finish(accuracy, upload_bytes(payload.to_message()), extra)

@@ -32,6 +32,7 @@ from split.protocol import FederationSettings, RoundOffer, UploadPayload
 from split.seeds import generator, stable_seed
 
 from . import admission
+from .adapter_compression import AdapterCompression, check_adapter_codecs
 from .admission import MAX_SAMPLES, MAX_VALUE, ModelLayout, Refused
 from .allocation import ALLOCATIONS, Allocator, Resources, below_cut, check_fisher
 from .strategies import get_strategy
@@ -68,6 +69,8 @@ class FederationConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)  # clipping, trimmed mean or median
     allocation: str = "fixed"  # which blocks each client trains per round (server/allocation.py)
     cover_all: bool = False  # FedRA: the round's participants cover every block when they can
+    adapter_up: object = "fp32"  # codec of uploads' factors and head: fp32, fp16, topk:density=D (CodecSpec or text)
+    adapter_down: object = "fp32"  # codec of round offers' factors and head
 
     def __post_init__(self):
         if not 0 < self.fraction <= 1:
@@ -96,10 +99,12 @@ class FederationConfig:
             raise ValueError(f"--cover-all applies to --allocation fedra, not {self.allocation}")
         if "seed" in self.strategy_options:
             raise ValueError("the strategy's seed is the run's seed: give --seed, not --strategy-option seed=...")
+        check_adapter_codecs(self)
 
     def settings(self) -> FederationSettings:
         """What a client needs to know of these rounds."""
-        return FederationSettings(self.strategy, self.rounds, self.local_steps, self.local_epochs, self.allocation)
+        return FederationSettings(self.strategy, self.rounds, self.local_steps, self.local_epochs, self.allocation,
+                                  self.adapter_up.text, self.adapter_down.text)
 
 
 class FederationError(ValueError):
@@ -210,6 +215,7 @@ class Coordinator:
         if config.robust.active:
             log.warning("robust aggregation: %s", config.robust.describe())
         self.allocation = Allocator(config.allocation, layout.num_layers, config.seed, config.cover_all)
+        self.compression = AdapterCompression(config.adapter_up, config.adapter_down)
         if self.allocation.active and not self.strategy.block_subsets:
             self.strategy.refuse_block_subsets(f"--allocation {config.allocation} gives clients block subsets")
         self.members: dict[str, Member] = {}
@@ -337,10 +343,12 @@ class Coordinator:
     def _offer(self, status: str, member: Member, download: Download) -> RoundOffer:
         fresh = self._fresh_seed() if download.fresh else None
         blocks = None if status == "done" else self._blocks(member)
-        return RoundOffer(status, self.round, A=download.A, B=download.B, head=download.head,
-                          deltas=self._deltas_for(member), rank=download.rank, alpha=download.alpha,
-                          trainable=download.trainable, fresh_seed=fresh, options=download.options,
-                          blocks=blocks, fisher=status == "train" and self.allocation.wants_gradients)
+        offer = RoundOffer(status, self.round, A=download.A, B=download.B, head=download.head,
+                           deltas=self._deltas_for(member), rank=download.rank, alpha=download.alpha,
+                           trainable=download.trainable, fresh_seed=fresh, options=download.options,
+                           blocks=blocks, fisher=status == "train" and self.allocation.wants_gradients)
+        # The final model goes lossless: it is what clients save and evaluate.
+        return self.compression.offer(member.info.client, offer) if status == "train" else offer
 
     def _blocks(self, member: Member) -> frozenset[int] | None:
         """The blocks a client trains in the running round: the allocation's
@@ -366,6 +374,7 @@ class Coordinator:
         member = self.members[client]
         alpha, rank = member.info.alpha, payload.rank
         try:
+            payload = self.compression.rebuild(client, payload)  # whole tensors again (top-k uploads)
             server_half = self._check_upload(member, payload)
         except Refused as exc:
             # The client is told now, and the round stops waiting for it.
@@ -377,6 +386,7 @@ class Coordinator:
             factors[m] = Factors(a, b, alpha)
         member.info.rank = rank  # HetLoRA may have pruned it
         self.uploads[client] = Upload(client, factors, payload.num_samples, rank, self._blocks(member), payload.head)
+        self.compression.forget(client)
         if self.allocation.wants_gradients:
             self.allocation.observe_gradients(client, {**self.server.gradient_scores(client), **payload.fisher})
 

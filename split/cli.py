@@ -19,6 +19,7 @@ from edge import device_demo, emulate_cli, report
 from edge import export as export_command
 from edge import infer as infer_command
 from profiles import cli_profile, plan_command
+from split import adapter_options
 from split.argtypes import (codec_spec, dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cover-all", action="store_true",
                    help="--allocation fedra: the round's clients together train every block when their "
                         "capacities allow")
+    adapter_options.add_arguments(f)
     r = s.add_argument_group("robust aggregation (any --strategy; docs/algorithms.md#robust)")
     r.add_argument("--clip-norm", type=positive_float, default=None,
                    help="scale each client's update (upload minus download) down to at most this L2 norm")
@@ -395,7 +397,7 @@ def _server(args) -> int:
             client_init=args.client_init, init=args.init, reinit_every=args.reinit_every, seed=args.seed,
             max_samples=args.max_samples, max_upload_value=args.max_upload_value,
             robust=RobustConfig(args.clip_norm, args.clip_median, args.robust, args.trim),
-            allocation=args.allocation, cover_all=args.cover_all)
+            allocation=args.allocation, cover_all=args.cover_all, **adapter_options.config(args))
     config = ServerConfig(model=args.model, cut=Cut.parse(args.cut), bind=args.bind, task=args.task,
                           num_labels=args.num_labels, seed=args.seed, dropout=not args.no_dropout,
                           session_timeout=args.session_timeout, pending_timeout=args.pending_timeout,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter_codec import parse_adapter_codec
 from .fingerprint import checkpoint_fingerprint
 from .linkcodecs import LinkCodecs
 from .lora import LoraSpec
@@ -311,10 +312,13 @@ class FederationSettings:
     local_steps: int
     local_epochs: float = 0.0  # > 0: passes over the client's data instead of local_steps
     allocation: str = "fixed"  # "fixed": each client's --blocks; otherwise the server allocates every round
+    adapter_up: str = "fp32"  # codec of the uploads' factors and head (split/adapter_codec.py)
+    adapter_down: str = "fp32"  # codec of the round offers' factors and head
 
     def to_meta(self) -> dict:
         return {"strategy": self.strategy, "rounds": self.rounds, "local_steps": self.local_steps,
-                "local_epochs": self.local_epochs, "allocation": self.allocation}
+                "local_epochs": self.local_epochs, "allocation": self.allocation,
+                "adapter_up": self.adapter_up, "adapter_down": self.adapter_down}
 
     @classmethod
     def from_meta(cls, meta, op: str) -> "FederationSettings":
@@ -323,9 +327,15 @@ class FederationSettings:
         epochs = _field(meta, op, "local_epochs", "float", 0.0)
         if epochs < 0:
             raise ProtocolError(f"{op}: field 'local_epochs' must be >= 0, got {epochs}")
+        codecs = []
+        for key in ("adapter_up", "adapter_down"):
+            try:
+                codecs.append(parse_adapter_codec(_field(meta, op, key, "str", "fp32"), f"{op}: field {key!r}").text)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from None
         return cls(_field(meta, op, "strategy", "str"), _field(meta, op, "rounds", "positive"),
                    _field(meta, op, "local_steps", "positive"), epochs,
-                   _choice(meta, op, "allocation", ALLOCATIONS, "fixed"))
+                   _choice(meta, op, "allocation", ALLOCATIONS, "fixed"), *codecs)
 
 
 @dataclass(frozen=True)
@@ -444,13 +454,14 @@ class RoundOffer:
     options: dict = field(default_factory=dict)
     blocks: frozenset[int] | None = None
     fisher: bool = False
+    codecs: dict = field(default_factory=dict)  # packed tensor name -> CodecSpec it travels in (default raw)
 
     def to_message(self, client: str) -> Message:
         meta = {"status": self.status, "round": self.round, "rank": self.rank, "alpha": self.alpha,
                 "trainable": self.trainable, "fresh_seed": self.fresh_seed, "options": self.options,
                 "blocks": None if self.blocks is None else sorted(self.blocks), "fisher": self.fisher}
         return Message("ok", client, meta=meta,
-                       tensors=pack(A=self.A, B=self.B, head=self.head, delta=self.deltas))
+                       tensors=pack(A=self.A, B=self.B, head=self.head, delta=self.deltas), codecs=self.codecs)
 
     @classmethod
     def from_message(cls, msg: Message) -> "RoundOffer":
@@ -479,7 +490,9 @@ class UploadPayload:
     and its round record (``split.records``). The record is taken as sent
     here and checked by the coordinator (``server.admission.check_record``),
     so a bad one is refused like a bad tensor: the round stops waiting for
-    that client."""
+    that client. With ``delta`` (top-k uploads, split/adapter_codec.py) a
+    factor or head tensor the round's offer carried holds the update against
+    it, not the tensor itself."""
 
     round: int
     num_samples: int
@@ -489,12 +502,16 @@ class UploadPayload:
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[int, float] | None = None
     record: object = field(default_factory=dict)
+    delta: bool = False
+    codecs: dict = field(default_factory=dict)  # packed tensor name -> CodecSpec it travels in (default raw)
 
     def to_message(self) -> Message:
         meta = {"round": self.round, "num_samples": self.num_samples, "rank": self.rank, "record": self.record}
         if self.fisher is not None:
             meta["fisher"] = {str(b): float(v) for b, v in self.fisher.items()}
-        return Message("upload", meta=meta, tensors=pack(A=self.A, B=self.B, head=self.head))
+        if self.delta:
+            meta["delta"] = True
+        return Message("upload", meta=meta, tensors=pack(A=self.A, B=self.B, head=self.head), codecs=self.codecs)
 
     @classmethod
     def from_message(cls, msg: Message) -> "UploadPayload":
@@ -509,4 +526,5 @@ class UploadPayload:
                             "a finite number >= 0")
         return cls(_field(meta, op, "round", "count"), _field(meta, op, "num_samples", "count"),
                    _field(meta, op, "rank", "positive"), groups[FACTOR_A], groups[FACTOR_B], groups[HEAD],
-                   None if fisher is None else {b: float(v) for b, v in fisher.items()}, meta.get("record", {}))
+                   None if fisher is None else {b: float(v) for b, v in fisher.items()}, meta.get("record", {}),
+                   _field(meta, op, "delta", "bool", False))

@@ -47,6 +47,7 @@ RECORD_FIELDS: dict[str, Field] = {
     "bytes_up": Field("int", 0, MAX_BYTES, "B", "frames sent before the upload (polls, steps)"),
     "bytes_down": Field("int", 0, MAX_BYTES, "B", "frames received before the upload (polls, download, steps)"),
     "upload_bytes": Field("int", 0, MAX_BYTES, "B", "the upload's frames as encoded before its record was added"),
+    "download_bytes": Field("int", 0, MAX_BYTES, "B", "the round offer's frames (part of bytes_down)"),
     "eval_s": Field("float", 0.0, MAX_SECONDS, "s", "evaluating the global model (its time is not the steps')"),
     "eval_bytes": Field("int", 0, MAX_BYTES, "B", "frames sent and received to evaluate the global model"),
     "peak_rss": Field("int", 0, MAX_BYTES, "B", "peak resident memory of the client process in the round"),
