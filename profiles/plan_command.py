@@ -27,6 +27,16 @@ def ranks_type(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def weights_type(text: str) -> tuple[str, ...]:
+    """An argparse type: ``float32,8bit,4bit`` (weight choices, preferred first)."""
+    from .planner import weights_list
+
+    try:
+        return weights_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def margin_type(text: str) -> float:
     """An argparse type: a share of the budget kept free, in [0, 1)."""
     value = nonnegative_float(text)
@@ -73,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-labels", type=int_at_least(2), default=2, help="classes of the classification head")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="precision of the clients' frozen weights (their --dtype)")
+    p.add_argument("--weights", type=weights_type, default=("float32",), metavar="W,W,...",
+                   help="how the clients' blocks may hold their linear weights, preferred first: float32 "
+                        "(unquantized, in --dtype), bfloat16, 8bit, 4bit (bitsandbytes: devices whose profile says "
+                        "bitsandbytes = true). A device takes the first choice its memory fits; e.g. "
+                        "float32,8bit,4bit (default: float32)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="write the plan here, for `fedsplit server --plan FILE`")
 
@@ -100,7 +115,8 @@ def run(args, strategy: tuple[bool, bool] | None = None) -> int:
     options = PlanOptions(seq_len=args.seq_len, ranks=args.ranks, server_cut=(cut.front, cut.back),
                           margin=args.margin, batch=args.batch, max_batch=args.max_batch, same_rank=same_rank,
                           all_blocks=all_blocks, min_capacity=args.min_blocks, order=args.order,
-                          offload=args.offload, server_seconds=args.server_seconds, dtype=args.dtype)
+                          offload=args.offload, server_seconds=args.server_seconds, dtype=args.dtype,
+                          weights=args.weights)
     plans = plan_with(shape, profiles, options)
     plan = PlanFile(model, args.seq_len, (cut.front, cut.back), {p.device: p for p in plans}, args.margin,
                     same_rank)

@@ -48,17 +48,26 @@ that is feasible; cuts with as many client blocks are tried front-heavy first
 planned independently given ``T*``, so their order does not matter; a profile
 listed twice is an error.
 
+Quantized weights. With ``weights`` listing more than one choice (say
+float32, 8bit, 4bit: the order is the preference), a device whose profile says
+bitsandbytes works takes the first choice at which its floor fits at the
+nominal batch (or, if none does, at batch 1); a device without bitsandbytes
+keeps to the unquantized choices. Memory decides alone: the step time does not
+count the dequantization (about 10-20% more compute on a CPU, measured in
+bench/client_memory.py), and 4 bits cost some accuracy.
+
 A device that cannot fit the smallest plan (the server's cut, rank ``r_min``,
-``min_capacity`` blocks, batch 1) is an error naming it, the memory that plan
-needs and its budget.
+``min_capacity`` blocks, batch 1, its most compressed weights) is an error
+naming it, the memory that plan needs and its budget.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .cost import ModelShape, Plan, block_memory, predict_memory, predict_step_time, step_bytes
+from .quantized import QUANTIZED, WEIGHTS
 from .schema import GIB, DeviceProfile
 
 ORDERS = ("top", "bottom")
@@ -95,6 +104,12 @@ class ClientPlan:
     train_memory_bytes: int
     capacity: int
     dtype: str = "float32"  # the frozen weights' dtype the predictions assume
+    weights: str = "float32"  # how the client's blocks hold their linear weights (cost.Plan.weights)
+
+    def __post_init__(self):
+        # Unquantized weights are held in the plan's dtype, as in cost.Plan.
+        if self.weights not in QUANTIZED:
+            object.__setattr__(self, "weights", self.dtype)
 
     @property
     def train_memory(self) -> int:
@@ -108,7 +123,12 @@ class ClientPlan:
     def plan(self) -> Plan:
         """The cost model's view of this plan."""
         return Plan(k1=self.k1, k2=self.k2, rank=self.rank, batch=self.batch, seq_len=self.seq_len,
-                    trainable=frozenset(self.trainable), dtype=self.dtype)
+                    trainable=frozenset(self.trainable), dtype=self.dtype, weights=self.weights)
+
+    @property
+    def quantize(self) -> str:
+        """The client's ``--quantize`` for these weights: "8bit", "4bit" or "none"."""
+        return self.weights if self.weights in QUANTIZED else "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +151,7 @@ class PlanOptions:
     offload: bool = False
     server_seconds: float = 0.0  # the server's share of a step, added to every device's step time
     dtype: str = "float32"  # the client's frozen weights (and the throughput figure that applies)
+    weights: tuple[str, ...] = ("float32",)  # the blocks' linear weights to choose from, preferred first
 
     def check(self, num_layers: int) -> None:
         """Raise a PlanningError naming the first option out of range."""
@@ -153,6 +174,24 @@ class PlanOptions:
             raise PlanningError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if not (math.isfinite(self.server_seconds) and self.server_seconds >= 0):
             raise PlanningError(f"server_seconds must be a finite number >= 0, got {self.server_seconds}")
+        if (not self.weights or len(set(self.weights)) != len(self.weights)
+                or any(w not in WEIGHTS for w in self.weights)):
+            raise PlanningError(f"weights must list distinct choices of {', '.join(WEIGHTS)}, got "
+                                f"{list(self.weights)}")
+        for w in self.weights:
+            if w not in QUANTIZED and w != "float32" and w != self.dtype:
+                raise PlanningError(f"weights {w}: unquantized weights are held in the clients' dtype "
+                                    f"({self.dtype}); list float32 (unquantized) or set the dtype")
+
+
+def weights_list(text: str) -> tuple[str, ...]:
+    """Weight choices from ``"float32,8bit,4bit"``, in order of preference; a clear ValueError otherwise."""
+    choices = tuple(w.strip() for w in text.split(","))
+    bad = [w for w in choices if w not in WEIGHTS]
+    if bad or not choices or len(set(choices)) != len(choices):
+        raise ValueError(f"weights {text!r}: list distinct choices of {', '.join(WEIGHTS)}, preferred first "
+                         "(e.g. float32,8bit,4bit)")
+    return choices
 
 
 def rank_ladder(text: str) -> tuple[int, ...]:
@@ -213,7 +252,8 @@ def assess(shape: ModelShape, profile: DeviceProfile, plan: Plan, server_seconds
     trainable = sorted(plan.trainable)
     return ClientPlan(profile.name, plan.k1, plan.k2, plan.rank, trainable, plan.batch, plan.seq_len,
                       int(memory.total), profile.memory_bytes, int(up), int(down), float(time.total),
-                      sum(int(block_memory(shape, plan, b)) for b in trainable), len(trainable), plan.dtype)
+                      sum(int(block_memory(shape, plan, b)) for b in trainable), len(trainable), plan.dtype,
+                      plan.weights)
 
 
 def usable_bytes(profile: DeviceProfile, margin: float) -> int:
@@ -236,12 +276,34 @@ class _Device:
     def __init__(self, shape: ModelShape, profile: DeviceProfile, options: PlanOptions):
         self.shape, self.profile, self.options = shape, profile, options
         self.usable = usable_bytes(profile, options.margin)
+        # bitsandbytes must work on the device for quantized weights.
+        self.choices = [w for w in options.weights if w not in QUANTIZED or profile.bitsandbytes]
+        if not self.choices:
+            raise PlanningError(f"device {profile.name!r}: its profile says bitsandbytes does not work there, and "
+                                f"the weights to choose from ({', '.join(options.weights)}) are all quantized; "
+                                "add float32 to them")
+        self.weights = self.choices[0]
 
-    def memory(self, plan: Plan) -> int:
-        return int(predict_memory(self.shape, plan).total)
+    def own(self, plan: Plan) -> Plan:
+        """``plan`` with this device's weights."""
+        return replace(plan, weights=self.weights)
+
+    def choose_weights(self, floors: list[Plan]) -> None:
+        """The first weight choice at which the first of ``floors`` fits, else
+        the next; the most compressed if none fits (the smallest-plan check
+        then names the device)."""
+        for floor in floors:
+            for w in self.choices:
+                if self.memory(replace(floor, weights=w), own=False) <= self.usable:
+                    self.weights = w
+                    return
+        self.weights = self.choices[-1]
+
+    def memory(self, plan: Plan, own: bool = True) -> int:
+        return int(predict_memory(self.shape, self.own(plan) if own else plan).total)
 
     def time(self, plan: Plan) -> float:
-        return float(predict_step_time(self.shape, plan, self.profile, self.options.server_seconds).total)
+        return float(predict_step_time(self.shape, self.own(plan), self.profile, self.options.server_seconds).total)
 
     def fits(self, plan: Plan) -> bool:
         return self.memory(plan) <= self.usable
@@ -254,12 +316,13 @@ def plan_clients(shape: ModelShape, profiles: list[DeviceProfile], *, seq_len: i
                  ranks: tuple[int, ...] = DEFAULT_RANKS, server_cut: tuple[int, int] = (1, 1),
                  margin: float = 0.15, batch: int = 16, max_batch: int = 64, same_rank: bool = False,
                  all_blocks: bool = False, min_capacity: int = 1, order: str = "top", offload: bool = False,
-                 server_seconds: float = 0.0, dtype: str = "float32") -> list[ClientPlan]:
+                 server_seconds: float = 0.0, dtype: str = "float32",
+                 weights: tuple[str, ...] = ("float32",)) -> list[ClientPlan]:
     """One plan per profile, in the order given (module docstring: objective
     and tie-breaks). Raises PlanningError for options out of range, a profile
     listed twice, or devices that cannot fit the smallest plan."""
     options = PlanOptions(seq_len, tuple(sorted(ranks)), tuple(server_cut), margin, batch, max_batch, same_rank,
-                          all_blocks, min_capacity, order, offload, server_seconds, dtype)
+                          all_blocks, min_capacity, order, offload, server_seconds, dtype, tuple(weights))
     return plan_with(shape, profiles, options)
 
 
@@ -290,6 +353,8 @@ def plan_with(shape: ModelShape, profiles: list[DeviceProfile], options: PlanOpt
         return Plan(k1=cut[0], k2=cut[1], rank=rank, batch=batch, seq_len=options.seq_len, trainable=blocks,
                     dtype=options.dtype)
 
+    for d in devices:  # 0. Each device's weights: the first choice at which its floor fits.
+        d.choose_weights([plan(ranks[0], floor_blocks, options.batch), plan(ranks[0], floor_blocks, 1)])
     _check_smallest(devices, plan(ranks[0], floor_blocks, 1), options)
     batches = batch_ladder(options.batch, options.max_batch)
     nominal = [b for b in batches if b <= options.batch]
@@ -321,7 +386,7 @@ def plan_with(shape: ModelShape, profiles: list[DeviceProfile], options: PlanOpt
         if options.offload:
             cut = next(c for c in client_cuts(layers, (k1, k2)) if c == (k1, k2) or d.feasible(
                 plan(r, blocks, b, c), pace))
-        out.append(assess(shape, d.profile, plan(r, blocks, b, cut), options.server_seconds))
+        out.append(assess(shape, d.profile, d.own(plan(r, blocks, b, cut)), options.server_seconds))
     return out
 
 
@@ -346,7 +411,7 @@ def _check_smallest(devices: list[_Device], smallest: Plan, options: PlanOptions
         return
     what = (f"cut {smallest.k1},{smallest.k2}, rank {smallest.rank}, {len(smallest.trainable)} trainable "
             f"block{'s' if len(smallest.trainable) > 1 else ''}, batch 1, sequence {smallest.seq_len}")
-    lines = [f"device {d.profile.name!r} cannot fit even the smallest plan ({what}): it needs "
+    lines = [f"device {d.profile.name!r} cannot fit even the smallest plan ({what}, {d.weights} weights): it needs "
              f"{d.memory(smallest) / GIB:.2f} GiB, its budget of {d.profile.memory_gb:g} GiB leaves "
              f"{d.usable / GIB:.2f} GiB after the {options.margin:.0%} margin" for d in short]
     raise PlanningError("; ".join(lines) + ". Give the device a larger memory budget, a shorter --seq-len or a "

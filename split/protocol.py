@@ -302,10 +302,12 @@ class FederationSettings:
     local_steps: int
     local_epochs: float = 0.0  # > 0: passes over the client's data instead of local_steps
     allocation: str = "fixed"  # "fixed": each client's --blocks; otherwise the server allocates every round
+    frozen_updates: bool = False  # rounds may send updates to the frozen weights (D: tensors)
 
     def to_meta(self) -> dict:
         return {"strategy": self.strategy, "rounds": self.rounds, "local_steps": self.local_steps,
-                "local_epochs": self.local_epochs, "allocation": self.allocation}
+                "local_epochs": self.local_epochs, "allocation": self.allocation,
+                "frozen_updates": self.frozen_updates}
 
     @classmethod
     def from_meta(cls, meta, op: str) -> "FederationSettings":
@@ -316,7 +318,8 @@ class FederationSettings:
             raise ProtocolError(f"{op}: field 'local_epochs' must be >= 0, got {epochs}")
         return cls(_field(meta, op, "strategy", "str"), _field(meta, op, "rounds", "positive"),
                    _field(meta, op, "local_steps", "positive"), epochs,
-                   _choice(meta, op, "allocation", ALLOCATIONS, "fixed"))
+                   _choice(meta, op, "allocation", ALLOCATIONS, "fixed"),
+                   _field(meta, op, "frozen_updates", "bool", False))
 
 
 @dataclass(frozen=True)
