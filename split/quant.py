@@ -16,9 +16,10 @@ blocks. What stays in full precision, and why:
 - LoRA factors: float32, as everywhere in fedsplit.
 
 Each linear layer is quantized as soon as the checkpoint reader has loaded
-its tensors (``Quantizer`` is ``build_segment``'s ``on_loaded`` hook), so a
-side never holds all its blocks in full precision at once: its peak is the
-quantized blocks plus one layer. GPT-2's ``Conv1D`` (weights stored in x out)
+its tensors (``Quantizer`` is ``build_segment``'s ``on_loaded`` hook), a few
+rows at a time, so a side never holds all its blocks in full precision at
+once: while loading, it holds the quantized layers, one layer in full
+precision and a few megabytes of quantization temporaries. GPT-2's ``Conv1D`` (weights stored in x out)
 becomes a bitsandbytes linear layer of the transposed weight; peft then
 attaches its bitsandbytes LoRA layers (``peft.tuners.lora.bnb``) to them, so
 the adapter is the same standard adapter as on the unquantized model (its
@@ -60,6 +61,7 @@ MODES = ("none", "8bit", "4bit")
 INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (bitsandbytes' and transformers' default)
 NF4_BLOCK = 64  # weights per NF4 block, each with its own absmax scale
 DOUBLE_QUANT = True  # the block scales in 8 bits (QLoRA's double quantization)
+CHUNK_ELEMENTS = 1 << 22  # weights quantized at a time: bounds the quantization's temporaries
 DEVICE_KINDS = ("cpu", "cuda")
 INSTALL = "pip install 'fedsplit[quant]' (bitsandbytes >= 0.48)"
 
@@ -193,13 +195,67 @@ def check_nf4_width(d_in: int, device: torch.device, what: str) -> None:
     _CHECKED_WIDTHS.add(key)
 
 
+def _row_chunks(rows: int, width: int, align: int = 1):
+    """(start, stop) row ranges of about ``CHUNK_ELEMENTS`` elements each,
+    every chunk but the last a whole number of ``align``-element blocks."""
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    unit = align // math.gcd(width, align)  # rows per whole number of blocks
+    step = max(unit, step // unit * unit)
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _int8_params(bnb, weight: torch.Tensor, device: torch.device):
+    """``weight`` (d_out x d_in) as bitsandbytes 8-bit parameters on ``device``:
+    int8 rows and their float32 absmax scales, quantized a few rows at a time
+    (the rows are independent), so the temporaries stay small."""
+    d_out, d_in = weight.shape
+    cb = torch.empty(d_out, d_in, dtype=torch.int8, device=device)
+    scb = torch.empty(d_out, dtype=torch.float32, device=device)
+    for start, stop in _row_chunks(d_out, d_in):
+        chunk = weight[start:stop].to(device=device, dtype=torch.float16)
+        cb[start:stop], scb[start:stop], _ = bnb.functional.int8_vectorwise_quant(chunk)
+    return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+
+
+def _nf4_params(bnb, weight: torch.Tensor, device: torch.device, layer: nn.Module):
+    """``weight`` (d_out x d_in) as bitsandbytes NF4 parameters on ``device``,
+    as ``bitsandbytes.functional.quantize_4bit`` makes them (blocks of
+    ``NF4_BLOCK`` in row-major order, the block scales double-quantized), but
+    quantized a few rows at a time: its temporaries are several times the
+    tensor it quantizes, which for a whole layer would set the side's peak."""
+    d_out, d_in = weight.shape
+    n = d_out * d_in
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
+    absmax = torch.empty(math.ceil(n / NF4_BLOCK), dtype=torch.float32, device=device)
+    for start, stop in _row_chunks(d_out, d_in, align=NF4_BLOCK):
+        chunk = weight[start:stop].to(device).contiguous()
+        out, state = bnb.functional.quantize_4bit(chunk, blocksize=NF4_BLOCK, quant_type="nf4",
+                                                  compress_statistics=False)
+        first, count = start * d_in, (stop - start) * d_in
+        packed[first // 2:first // 2 + out.shape[0]] = out
+        absmax[first // NF4_BLOCK:first // NF4_BLOCK + state.absmax.numel()] = state.absmax
+    code = bnb.functional.get_4bit_type("nf4", device=device)
+    shape = torch.Size((d_out, d_in))
+    if DOUBLE_QUANT:
+        offset = absmax.mean()
+        scales, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
+        state = bnb.functional.QuantState(absmax=scales, shape=shape, dtype=weight.dtype, blocksize=NF4_BLOCK,
+                                          code=code, quant_type="nf4", offset=offset, state2=state2)
+    else:
+        state = bnb.functional.QuantState(absmax=absmax, shape=shape, dtype=weight.dtype, blocksize=NF4_BLOCK,
+                                          code=code, quant_type="nf4")
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK,
+                             compress_statistics=DOUBLE_QUANT, quant_type="nf4", module=layer, bnb_quantized=True)
+
+
 def quantize_linear(module: nn.Module, mode: str, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
     """A bitsandbytes layer computing what ``module`` (an ``nn.Linear``, or a
     GPT-2 ``Conv1D`` with its weight stored in x out) computes, its weight
     quantized on ``device``; frozen (nothing in it trains)."""
     bnb = load_bitsandbytes()
+    device = torch.device(device)
     if isinstance(module, Conv1D):
-        weight = module.weight.detach().t().contiguous()  # (in, out) -> nn.Linear's (out, in)
+        weight = module.weight.detach().t()  # (in, out) -> nn.Linear's (out, in), a view: chunks are copied
     elif isinstance(module, nn.Linear):
         weight = module.weight.detach()
     else:
@@ -210,12 +266,11 @@ def quantize_linear(module: nn.Module, mode: str, device: torch.device, compute_
     if mode == "8bit":
         layer = bnb.nn.Linear8bitLt(d_in, d_out, bias=has_bias, has_fp16_weights=False,
                                     threshold=INT8_THRESHOLD, device="meta")
-        layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+        layer.weight = _int8_params(bnb, weight, device)
     elif mode == "4bit":
         layer = bnb.nn.Linear4bit(d_in, d_out, bias=has_bias, compute_dtype=compute_dtype,
                                   compress_statistics=DOUBLE_QUANT, quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, blocksize=NF4_BLOCK,
-                                         compress_statistics=DOUBLE_QUANT, quant_type="nf4", module=layer)
+        layer.weight = _nf4_params(bnb, weight, device, layer)
         # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for inference
         # at the first forward without gradients, into a layout whose matmul has
         # no backward; a client evaluates between training steps, so it must not.
@@ -223,9 +278,8 @@ def quantize_linear(module: nn.Module, mode: str, device: torch.device, compute_
     else:
         raise QuantizeError(f"quantize_linear: mode must be 8bit or 4bit, got {mode!r}")
     if has_bias:
-        layer.bias = nn.Parameter(bias.detach().to("cpu"), requires_grad=False)
-    # Moving a bitsandbytes parameter to a device is what quantizes it.
-    return layer.to(device)
+        layer.bias = nn.Parameter(bias.detach().to(device), requires_grad=False)
+    return layer
 
 
 def is_quantized(module: nn.Module) -> bool:
