@@ -35,6 +35,7 @@ from split.linkcodecs import LinkCodecs, Sender
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
 from split.partition import CLIENT, Cut, build_segment, load_config, resolve_model_path
 from split.protocol import Hello, ModelInfo, OptimizerSettings, Welcome
+from split.quant import check_federation, check_mode, quantizer_for
 from split.records import SERVER_SECONDS
 from split.security import PLAIN_WARNING, check_pair, check_plain, load_client_keys
 from split.seeds import seeded_rng
@@ -234,6 +235,7 @@ class ClientConfig:
     attn_implementation: str | None = None
     device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
     dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
+    quantize: str = "none"  # the blocks' frozen linear weights: none, 8bit or 4bit (split/quant.py)
     key: str | None = None  # this client's NAME.key_secret: CurveZMQ on (with server_key)
     server_key: str | None = None  # the server's public NAME.key
     codec_up: str = "fp32"  # codec of the hidden states and gradients this client sends (split/codecs.py)
@@ -253,6 +255,7 @@ class ClientConfig:
         resolve_device(self.device)
         resolve_dtype(self.dtype)
         self.codecs  # noqa: B018 - a bad codec text fails here, naming the option
+        check_mode(self.quantize)
         if not check_pair(("--key", self.key), ("--server-key", self.server_key)):
             check_plain(self.server, "--server", "--key and --server-key")
 
@@ -300,6 +303,9 @@ class SplitClient:
         fam = family_for(model_cfg)
         if cfg.cut is not None:
             cfg.cut.check(model_cfg.num_hidden_layers)
+        self.device = resolve_device(cfg.device)
+        # Checked before the hello: a device where bitsandbytes cannot run fails before it joins.
+        quantizer = quantizer_for(cfg.quantize, self.device, resolve_dtype(cfg.dtype))
         hello = Hello(ModelInfo.of(path, model_cfg), cfg.lora, cfg.task, cfg.seed, cfg.cut,
                       OptimizerSettings(cfg.lr, cfg.weight_decay),
                       num_labels=cfg.num_labels if cfg.task == "classification" else None, codecs=cfg.codecs)
@@ -307,10 +313,13 @@ class SplitClient:
         welcome = self._hello(hello, retry=False)
         self.cut = cfg.cut or welcome.server_cut
         self._hello_payload = dataclasses.replace(hello, cut=self.cut)  # said again, with the cut now fixed
-        self.device = resolve_device(cfg.device)
+        if quantizer is not None:
+            check_federation(welcome.federation)
         self.segment = build_segment(path, CLIENT, self.cut, task=cfg.task, num_labels=cfg.num_labels,
                                      seed=cfg.seed, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
-                                     attn_implementation=cfg.attn_implementation)
+                                     attn_implementation=cfg.attn_implementation, on_loaded=quantizer)
+        if quantizer is not None:
+            quantizer.finish(self.segment.model)
         self.family = fam
         self.link = BackboneLink(self.conn, fam.rotary, Sender(cfg.codecs.up), self.cut.two_part)
         self.heads = [] if self.cut.two_part else fam.trained_heads(cfg.task)

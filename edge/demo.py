@@ -58,6 +58,7 @@ class FederationRun:
     run_dir: str | None = None  # the run folder: server/ and clientK/ records, and every process's log
     codec_up: str = "fp32"  # every client's --codec-up and --codec-down (split/codecs.py)
     codec_down: str = "fp32"
+    client_args: tuple[str, ...] = ()  # more options for every client (e.g. --quantize 4bit)
 
 
 def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
@@ -96,6 +97,7 @@ def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
                 cmd += ["--tokenizer", run.tokenizer]
             if run.run_dir:
                 cmd += ["--run-dir", str(logs / f"client{k}")]
+            cmd += run.client_args
             clients.append(subprocess.Popen(fedsplit_command(*cmd), env=child_env(), stdout=subprocess.DEVNULL,
                                             stderr=open(logs / f"client{k}.log", "w")))
         try:
@@ -121,11 +123,13 @@ def run_federated_demo(args) -> int:
                         ranks=args.ranks or [args.rank], lr=args.lr, head_lr=args.head_lr, model=args.model,
                         tokenizer=args.tokenizer, cut=args.cut, checkpoint_dir=args.out,
                         personal=args.personal, run_dir=str(Path(args.out) / "runs" / time.strftime("%Y%m%d-%H%M%S")),
-                        codec_up=args.codec_up, codec_down=args.codec_down)
+                        codec_up=args.codec_up, codec_down=args.codec_down,
+                        client_args=("--quantize", args.quantize))
+    weights = "" if args.quantize == "none" else f", client blocks' weights in {args.quantize}"
     console.print(f"[bold]fedsplit demo[/]: {run.clients} clients, {run.strategy}, {run.rounds} rounds of "
                   f"{run.local_steps} local steps, Dirichlet({run.alpha}) split of the built-in task, "
                   f"ranks {[run.ranks[k % len(run.ranks)] for k in range(run.clients)]}, "
-                  f"codecs up {run.codec_up}, down {run.codec_down}")
+                  f"codecs up {run.codec_up}, down {run.codec_down}{weights}")
     dataset = load_dataset(None)
     labels = [s.label for s in dataset.train]
     console.print(label_table(labels, client_shares(labels, run.clients, "dirichlet", run.alpha, run.seed)))
@@ -177,7 +181,8 @@ def run_split_demo(args) -> int:
         client_args = ["client", "--server", f"tcp://127.0.0.1:{port}", "--data", "builtin",
                        "--epochs", str(args.epochs), "--rank", str(args.rank), "--lr", str(args.lr),
                        "--head-lr", str(args.head_lr), "--out", args.out, "--summary-json", str(summary_path),
-                       "--connect-timeout", "180", "--codec-up", args.codec_up, "--codec-down", args.codec_down]
+                       "--connect-timeout", "180", "--codec-up", args.codec_up, "--codec-down", args.codec_down,
+                       "--quantize", args.quantize]
         if args.steps:
             client_args += ["--steps", str(args.steps)]
         if args.model:

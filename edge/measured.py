@@ -28,7 +28,7 @@ def plan_args(plan: Plan) -> list[str]:
     """The worker's command-line arguments for ``plan``."""
     return ["--cut", f"{plan.k1},{plan.k2}", "--rank", str(plan.rank), "--batch", str(plan.batch),
             "--seq-len", str(plan.seq_len), "--trainable", ",".join(map(str, sorted(plan.trainable))),
-            "--dtype", plan.dtype]
+            "--dtype", plan.dtype, "--quantize", plan.weights if plan.quantized else "none"]
 
 
 def measure_plan(endpoint: str, model: str | None, plan: Plan, steps: int = 3, threads: int = 1,
@@ -85,7 +85,7 @@ def worker(args) -> dict:
 
     vocab = load_config(resolve_model_path(args.model), "classification", args.num_labels, True).vocab_size
     config = ClientConfig(server=args.server, model=args.model, cut=Cut.parse(args.cut), num_labels=args.num_labels,
-                          lora=LoraSpec(args.rank, 2.0 * args.rank), dtype=args.dtype,
+                          lora=LoraSpec(args.rank, 2.0 * args.rank), dtype=args.dtype, quantize=args.quantize,
                           client_id=f"cost-model-{os.getpid()}", timeout=300.0)
     client = SplitClient(config)
     loaded = peak_rss()
@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--trainable", default="")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", default="none")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--num-labels", type=int, default=2)

@@ -5,9 +5,9 @@ The client names its device profile (a built-in name such as ``pi5``, or a
 .toml file; the plan is keyed by the profile's ``name``) in a "plan" request;
 the server answers with that device's entry of its plan (``fedsplit server
 --plan``). The entry's cut, rank, batch size, sequence length and trainable
-blocks then stand for ``--cut``, ``--rank``, ``--batch-size``,
-``--max-length``, ``--blocks``, ``--dtype``, ``--codec-up`` and
-``--codec-down``. An option also given on the command line
+blocks, dtype, weights and codecs then stand for ``--cut``, ``--rank``,
+``--batch-size``, ``--max-length``, ``--blocks``, ``--dtype``, ``--quantize``,
+``--codec-up`` and ``--codec-down``. An option also given on the command line
 must say the same as the plan: a conflict is an error naming both, never a
 silent override. The reply is checked like any input from the network.
 """
@@ -27,7 +27,8 @@ from split.transport import Connection, HandshakeFailed, ServerError
 
 # argparse dest -> the option that sets it, for what a plan decides.
 PLANNED = {"cut": "--cut", "rank": "--rank", "batch_size": "--batch-size", "max_length": "--max-length",
-           "blocks": "--blocks", "dtype": "--dtype", "codec_up": "--codec-up", "codec_down": "--codec-down"}
+           "blocks": "--blocks", "dtype": "--dtype", "codec_up": "--codec-up", "codec_down": "--codec-down",
+           "quantize": "--quantize"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class PlannedOptions:
     dtype: str
     codec_up: str  # canonical codec texts (split.codecs)
     codec_down: str
+    quantize: str = "none"
 
     def value(self, dest: str):
         return getattr(self, dest)
@@ -62,7 +64,7 @@ def planned_options(plan: ClientPlan, num_layers: int) -> PlannedOptions:
                          f"has blocks 0..{num_layers - 1}: are both started with the same --model?")
     blocks = None if plan.trainable == list(range(num_layers)) else list(plan.trainable)
     return PlannedOptions(cut, plan.rank, plan.batch, plan.seq_len, blocks, plan.dtype, plan.codec_up,
-                          plan.codec_down)
+                          plan.codec_down, plan.quantize)
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str], dests) -> set[str]:
@@ -131,12 +133,13 @@ def apply_profile(args: argparse.Namespace, argv: list[str]) -> ClientPlan:
     given = given_options(args.client_parser, argv, PLANNED)
     check_conflicts(planned, {dest: getattr(args, dest) for dest in given}, device, config.num_hidden_layers)
     args.cut = str(planned.cut)
-    args.rank, args.batch_size, args.max_length, args.blocks, args.dtype = (
-        planned.rank, planned.batch_size, planned.max_length, planned.blocks, planned.dtype)
+    args.rank, args.batch_size, args.max_length, args.blocks, args.dtype, args.quantize = (
+        planned.rank, planned.batch_size, planned.max_length, planned.blocks, planned.dtype, planned.quantize)
     args.codec_up, args.codec_down = planned.codec_up, planned.codec_down
+    weights = "" if planned.quantize == "none" else f", blocks' linear weights {planned.quantize}"
     print(f"fedsplit client: plan for {device!r}: cut {planned.cut}, rank {planned.rank}, batch "
-          f"{planned.batch_size}, max length {planned.max_length}, {planned.dtype}, codecs up {planned.codec_up} "
-          f"down {planned.codec_down}, blocks {_shown('blocks', planned.blocks)} (predicted peak "
+          f"{planned.batch_size}, max length {planned.max_length}, {planned.dtype}{weights}, codecs up "
+          f"{planned.codec_up} down {planned.codec_down}, blocks {_shown('blocks', planned.blocks)} (predicted peak "
           f"{plan.predicted_peak_bytes / 2**30:.2f} GiB of {plan.budget_bytes / 2**30:.2f} GiB, "
           f"{plan.predicted_step_s:.3f} s a step)", flush=True)
     return plan

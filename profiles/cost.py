@@ -6,7 +6,10 @@ sequence length. The client then holds (``edge/client.py``):
 
 - the runtime: interpreter and libraries (``profiles/runtime.py``, measured);
 - its frozen weights in their dtype: embeddings, its blocks, and in a U-shaped
-  split the final norm, pooler and head;
+  split the final norm, pooler and head; with quantized weights (``weights``
+  "8bit" or "4bit") its blocks' linear layers in bitsandbytes' layout, the
+  inputs 8-bit layers keep for backward, and one dequantized layer alive for
+  a moment (``profiles/quantized.py``);
 - LoRA factors (fp32) on every one of its blocks, and a trained
   classification head twice (peft's ``modules_to_save`` keeps the original
   beside the trained copy);
@@ -41,6 +44,7 @@ from split.codecs import RAW, CodecSpec, encoded_nbytes, parse_codec
 from split.records import SERVER_SECONDS
 
 from . import activations as act
+from . import quantized as quant
 from .runtime import runtime_baseline
 from .shape import ModelShape
 
@@ -69,7 +73,10 @@ class Plan:
     ``server_dtype``: what the server's replies carry. ``codec_up`` /
     ``codec_down``: the wire codecs (``split.codecs``, as their text) of the
     hidden states and gradients the client sends and of the server's replies;
-    stored in their canonical text."""
+    stored in their canonical text. ``weights``: how the
+    client's blocks hold their linear weights: "8bit" or "4bit" (bitsandbytes,
+    ``--quantize``), or unquantized in ``dtype`` ("float32", the default, stands
+    for that whatever ``dtype`` is; after construction ``weights`` names it)."""
 
     k1: int
     k2: int
@@ -81,6 +88,7 @@ class Plan:
     server_dtype: str = "float32"
     codec_up: str = "fp32"
     codec_down: str = "fp32"
+    weights: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "trainable", frozenset(self.trainable))
@@ -103,6 +111,18 @@ class Plan:
         for name in ("dtype", "server_dtype"):
             if getattr(self, name) not in DTYPE_BYTES:
                 raise ValueError(f"plan: {name} must be one of {', '.join(DTYPE_BYTES)}, got {getattr(self, name)!r}")
+        if self.weights not in quant.WEIGHTS:
+            raise ValueError(f"plan: weights must be one of {', '.join(quant.WEIGHTS)}, got {self.weights!r}")
+        if self.weights not in quant.QUANTIZED:
+            if self.weights != "float32" and self.weights != self.dtype:
+                raise ValueError(f"plan: unquantized weights are held in the plan's dtype ({self.dtype}), "
+                                 f"not {self.weights}")
+            object.__setattr__(self, "weights", self.dtype)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the client's blocks hold their linear weights in 8 or 4 bits."""
+        return self.weights in quant.QUANTIZED
 
 
 @dataclass(frozen=True)
@@ -164,6 +184,14 @@ def _lora_training_bytes(shape: ModelShape, plan: Plan) -> int:
     return shape.lora_params(plan.rank) * FP32 * (1 + ADAM_STATES)
 
 
+def _int8_input_bytes(shape: ModelShape, plan: Plan, lowest: bool, trained: bool) -> int:
+    """Bytes the 8-bit layers of one block on the gradient path keep for backward (0 unless 8-bit)."""
+    if plan.weights != "8bit":
+        return 0
+    per_token = quant.int8_inputs_per_token(shape.hidden, shape.intermediate, lowest, trained, _half(plan))
+    return plan.batch * plan.seq_len * per_token * _elem(plan)
+
+
 def _activations(shape: ModelShape, plan: Plan) -> int:
     bottom, top = client_blocks(shape, plan)
     total = 0
@@ -171,8 +199,10 @@ def _activations(shape: ModelShape, plan: Plan) -> int:
     if lowest is not None:
         for b in range(lowest, plan.k1):
             total += _block_activation_bytes(shape, plan, lowest=b == lowest)
+            total += _int8_input_bytes(shape, plan, b == lowest, b in plan.trainable)
     for b in top:
         total += _block_activation_bytes(shape, plan, lowest=False)
+        total += _int8_input_bytes(shape, plan, False, b in plan.trainable)
     total += sum(_lora_activation_bytes(shape, plan) for b in (*bottom, *top) if b in plan.trainable)
     if lowest is not None or plan.k2:
         total += act.rotary_bytes(shape, plan.seq_len, _elem(plan))
@@ -209,8 +239,31 @@ def _transient(shape: ModelShape, plan: Plan) -> int:
         return 0
     tokens = plan.batch * plan.seq_len
     block = tokens * act.backward_transient_bytes_per_token(shape, plan.seq_len, _elem(plan), _half(plan))
+    if plan.quantized:
+        bottom, top = client_blocks(shape, plan)
+        block += max(quant.dequantized_bytes(_linears(shape, b), _elem(plan)) for b in (*bottom, *top))
     head = tokens * shape.vocab * FP32 if plan.k2 and shape.task == "causal-lm" else 0
     return max(block, head)
+
+
+def _linears(shape: ModelShape, block: int) -> tuple[tuple[int, int], ...]:
+    """(d_out, d_in) of block ``block``'s linear layers; a shape without them cannot price quantized weights."""
+    if not shape.block_linears:
+        raise ValueError("this model shape lists no linear layers per block (ModelShape.block_linears): build it "
+                         "with ModelShape.from_config to price quantized weights")
+    return shape.block_linears[block]
+
+
+def _weight_bytes(shape: ModelShape, plan: Plan, frozen: int, blocks: list[int]) -> int:
+    """Bytes of the frozen weights: ``frozen`` parameters in the plan's dtype,
+    the blocks' linear weights in their quantized layout when quantized."""
+    total = frozen * _elem(plan)
+    if plan.quantized:
+        for b in blocks:
+            linears = _linears(shape, b)
+            total += quant.block_quantized_bytes(linears, plan.weights)
+            total -= quant.block_linear_params(linears) * _elem(plan)
+    return total
 
 
 # ---------------------------------------------------------------- memory
@@ -236,7 +289,7 @@ def predict_memory(shape: ModelShape, plan: Plan, *, runtime: int | None = None)
     tokens = plan.batch * plan.seq_len
     parts = {
         "runtime": runtime_baseline() if runtime is None else runtime,
-        "weights": frozen * elem,
+        "weights": _weight_bytes(shape, plan, frozen, blocks),
         "head": head,
         "lora": len(blocks) * shape.lora_params(plan.rank) * FP32,
         "optimizer": ADAM_STATES * (trained_head + sum(shape.lora_params(plan.rank) * FP32 for _ in trained_blocks)),
@@ -266,14 +319,17 @@ def block_memory(shape: ModelShape, plan: Plan, block: int) -> int:
     than its share (``predict_memory`` counts that exactly)."""
     bottom, top = client_blocks(shape, plan)
     if block in top:
-        return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan)
+        # A trained LoRA keeps the q/k/v input an 8-bit layer would otherwise keep.
+        int8 = _int8_input_bytes(shape, plan, False, True) - _int8_input_bytes(shape, plan, False, False)
+        return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan) + int8
     if block not in bottom:
         return 0
-    own = _block_activation_bytes(shape, plan, lowest=True)
+    own = _block_activation_bytes(shape, plan, lowest=True) + _int8_input_bytes(shape, plan, True, True)
     # The next block's input norm keeps this block's output once gradients flow through it.
     above = 0
     if block + 1 < plan.k1:
         above = _block_activation_bytes(shape, plan, lowest=False) - _block_activation_bytes(shape, plan, lowest=True)
+        above += _int8_input_bytes(shape, plan, False, True) - _int8_input_bytes(shape, plan, True, True)
     retained = _retained_block(shape, plan, RETAINED)
     return _lora_training_bytes(shape, plan) + _lora_activation_bytes(shape, plan) + own + above + retained
 

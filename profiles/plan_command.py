@@ -37,6 +37,16 @@ def codecs_type(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def weights_type(text: str) -> tuple[str, ...]:
+    """An argparse type: ``float32,8bit,4bit`` (weight choices, preferred first)."""
+    from .planner import weights_list
+
+    try:
+        return weights_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def margin_type(text: str) -> float:
     """An argparse type: a share of the budget kept free, in [0, 1)."""
     value = nonnegative_float(text)
@@ -86,6 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codecs", type=codecs_type, default=("fp32",), metavar="CODEC,CODEC,...",
                    help="wire codecs a device may get, each direction: the most precise one whose predicted step "
                         "time is within 10%% of the fastest (docs/planner.md). Default fp32 alone (lossless)")
+    p.add_argument("--weights", type=weights_type, default=("float32",), metavar="W,W,...",
+                   help="how the clients' blocks may hold their linear weights, preferred first: float32 "
+                        "(unquantized, in --dtype), bfloat16, 8bit, 4bit (bitsandbytes: devices whose profile says "
+                        "bitsandbytes = true). A device takes the first choice its memory fits; e.g. "
+                        "float32,8bit,4bit (default: float32)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="write the plan here, for `fedsplit server --plan FILE`")
 
@@ -114,7 +129,7 @@ def run(args, strategy: tuple[bool, bool] | None = None) -> int:
                           margin=args.margin, batch=args.batch, max_batch=args.max_batch, same_rank=same_rank,
                           all_blocks=all_blocks, min_capacity=args.min_blocks, order=args.order,
                           offload=args.offload, server_seconds=args.server_seconds, dtype=args.dtype,
-                          codecs=args.codecs)
+                          codecs=args.codecs, weights=args.weights)
     plans = plan_with(shape, profiles, options)
     plan = PlanFile(model, args.seq_len, (cut.front, cut.back), {p.device: p for p in plans}, args.margin,
                     same_rank)

@@ -28,6 +28,7 @@ from split.protocol import ProtocolError
 from split.wire import Message
 
 from .planner import ClientPlan
+from .quantized import QUANTIZED
 
 VERSION = 1
 MAX_NAME = 200  # a profile name (profiles/schema.py allows as many characters)
@@ -147,8 +148,9 @@ def device_name(value, where: str) -> str:
 
 ENTRY_FIELDS = ("k1", "k2", "rank", "trainable", "batch", "seq_len", "predicted_peak_bytes", "budget_bytes",
                 "bytes_up", "bytes_down", "predicted_step_s", "train_memory_bytes", "capacity", "dtype", "codec_up",
-                "codec_down")
+                "codec_down", "weights")
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTS = (*DTYPES, *QUANTIZED)
 
 
 def client_plan(device: str, data, where: str) -> ClientPlan:
@@ -172,7 +174,7 @@ def client_plan(device: str, data, where: str) -> ClientPlan:
                       _int(data, "bytes_up", where, 0), _int(data, "bytes_down", where, 0),
                       _float(data, "predicted_step_s", where, 0.0), _int(data, "train_memory_bytes", where, 0),
                       _int(data, "capacity", where, 1), _dtype(data, where), _codec(data, "codec_up", where),
-                      _codec(data, "codec_down", where))
+                      _codec(data, "codec_down", where), _weights(data, where))
     if plan.capacity != len(trainable):
         raise PlanFileError(f"{where}: field 'capacity' is {plan.capacity} but 'trainable' lists {len(trainable)} "
                             "blocks; capacity is the number of trainable blocks")
@@ -197,6 +199,14 @@ def _codec(data: dict, key: str, where: str) -> str:
         return parse_codec(value).text
     except ValueError as exc:
         raise PlanFileError(f"{where}: field {key!r}: {exc}") from None
+def _weights(data: dict, where: str) -> str:
+    """An entry's weights: unquantized in its dtype (also when the entry
+    predates the field), or 8bit or 4bit."""
+    value = data.get("weights", data.get("dtype"))
+    if value not in WEIGHTS or (value not in QUANTIZED and value != data.get("dtype")):
+        raise PlanFileError(f"{where}: field 'weights' must be the entry's dtype ({_show(data.get('dtype'))}) or "
+                            f"one of {', '.join(QUANTIZED)}, got {_show(value)}")
+    return value
 
 
 def parse_plan(text: str, source: str) -> PlanFile:

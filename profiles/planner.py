@@ -56,19 +56,27 @@ that is feasible; cuts with as many client blocks are tried front-heavy first
 planned independently given ``T*``, so their order does not matter; a profile
 listed twice is an error.
 
+Quantized weights. With ``weights`` listing more than one choice (say
+float32, 8bit, 4bit: the order is the preference), a device whose profile says
+bitsandbytes works takes the first choice at which its floor fits at the
+nominal batch (or, if none does, at batch 1); a device without bitsandbytes
+keeps to the unquantized choices. Memory decides alone: the step time does not
+count the dequantization (about 10-20% more compute on a CPU, measured in
+bench/client_memory.py), and 4 bits cost some accuracy.
+
 A device that cannot fit the smallest plan (the server's cut, rank ``r_min``,
-``min_capacity`` blocks, batch 1) is an error naming it, the memory that plan
-needs and its budget.
+``min_capacity`` blocks, batch 1, its most compressed weights) is an error
+naming it, the memory that plan needs and its budget.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .codec_choice import choose_codecs, parse_codec_list
 from .cost import ModelShape, Plan, block_memory, predict_memory, predict_step_time, step_bytes
+from .quantized import QUANTIZED, WEIGHTS
 from .schema import GIB, DeviceProfile
 
 ORDERS = ("top", "bottom")
@@ -107,6 +115,12 @@ class ClientPlan:
     dtype: str = "float32"  # the frozen weights' dtype the predictions assume
     codec_up: str = "fp32"  # the wire codec of what the client sends (split.codecs text)
     codec_down: str = "fp32"  # the wire codec of the server's replies
+    weights: str = "float32"  # how the client's blocks hold their linear weights (cost.Plan.weights)
+
+    def __post_init__(self):
+        # Unquantized weights are held in the plan's dtype, as in cost.Plan.
+        if self.weights not in QUANTIZED:
+            object.__setattr__(self, "weights", self.dtype)
 
     @property
     def train_memory(self) -> int:
@@ -121,7 +135,12 @@ class ClientPlan:
         """The cost model's view of this plan."""
         return Plan(k1=self.k1, k2=self.k2, rank=self.rank, batch=self.batch, seq_len=self.seq_len,
                     trainable=frozenset(self.trainable), dtype=self.dtype, codec_up=self.codec_up,
-                    codec_down=self.codec_down)
+                    codec_down=self.codec_down, weights=self.weights)
+
+    @property
+    def quantize(self) -> str:
+        """The client's ``--quantize`` for these weights: "8bit", "4bit" or "none"."""
+        return self.weights if self.weights in QUANTIZED else "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +164,7 @@ class PlanOptions:
     server_seconds: float = 0.0  # the server's share of a step, added to every device's step time
     dtype: str = "float32"  # the client's frozen weights (and the throughput figure that applies)
     codecs: tuple[str, ...] = ("fp32",)  # wire codecs a device may get (split.codecs texts)
+    weights: tuple[str, ...] = ("float32",)  # the blocks' linear weights to choose from, preferred first
 
     def check(self, num_layers: int) -> None:
         """Raise a PlanningError naming the first option out of range."""
@@ -171,6 +191,24 @@ class PlanOptions:
             parse_codec_list(",".join(self.codecs))
         except ValueError as exc:
             raise PlanningError(str(exc)) from None
+        if (not self.weights or len(set(self.weights)) != len(self.weights)
+                or any(w not in WEIGHTS for w in self.weights)):
+            raise PlanningError(f"weights must list distinct choices of {', '.join(WEIGHTS)}, got "
+                                f"{list(self.weights)}")
+        for w in self.weights:
+            if w not in QUANTIZED and w != "float32" and w != self.dtype:
+                raise PlanningError(f"weights {w}: unquantized weights are held in the clients' dtype "
+                                    f"({self.dtype}); list float32 (unquantized) or set the dtype")
+
+
+def weights_list(text: str) -> tuple[str, ...]:
+    """Weight choices from ``"float32,8bit,4bit"``, in order of preference; a clear ValueError otherwise."""
+    choices = tuple(w.strip() for w in text.split(","))
+    bad = [w for w in choices if w not in WEIGHTS]
+    if bad or not choices or len(set(choices)) != len(choices):
+        raise ValueError(f"weights {text!r}: list distinct choices of {', '.join(WEIGHTS)}, preferred first "
+                         "(e.g. float32,8bit,4bit)")
+    return choices
 
 
 def rank_ladder(text: str) -> tuple[int, ...]:
@@ -232,7 +270,7 @@ def assess(shape: ModelShape, profile: DeviceProfile, plan: Plan, server_seconds
     return ClientPlan(profile.name, plan.k1, plan.k2, plan.rank, trainable, plan.batch, plan.seq_len,
                       int(memory.total), profile.memory_bytes, int(up), int(down), float(time.total),
                       sum(int(block_memory(shape, plan, b)) for b in trainable), len(trainable), plan.dtype,
-                      plan.codec_up, plan.codec_down)
+                      plan.codec_up, plan.codec_down, plan.weights)
 
 
 def usable_bytes(profile: DeviceProfile, margin: float) -> int:
@@ -257,26 +295,44 @@ class _Device:
         self.shape, self.profile, self.options = shape, profile, options
         self.usable = usable_bytes(profile, options.margin)
         self.codecs = ("fp32", "fp32")  # (up, down): chosen by choose_codecs
+        # bitsandbytes must work on the device for quantized weights.
+        self.choices = [w for w in options.weights if w not in QUANTIZED or profile.bitsandbytes]
+        if not self.choices:
+            raise PlanningError(f"device {profile.name!r}: its profile says bitsandbytes does not work there, and "
+                                f"the weights to choose from ({', '.join(options.weights)}) are all quantized; "
+                                "add float32 to them")
+        self.weights = self.choices[0]
 
-    def coded(self, plan: Plan) -> Plan:
-        """``plan`` with this device's codecs."""
-        return dataclasses.replace(plan, codec_up=self.codecs[0], codec_down=self.codecs[1])
+    def own(self, plan: Plan) -> Plan:
+        """``plan`` with this device's weights and codecs."""
+        return replace(plan, weights=self.weights, codec_up=self.codecs[0], codec_down=self.codecs[1])
 
     def choose_codecs(self, reference: Plan) -> None:
         """Pick this device's codecs on ``reference`` (module docstring)."""
         allowed = parse_codec_list(",".join(self.options.codecs))
 
         def time(up, down) -> float:
-            return self._time(dataclasses.replace(reference, codec_up=up.text, codec_down=down.text))
+            return self._time(replace(reference, weights=self.weights, codec_up=up.text, codec_down=down.text))
 
         up, down = choose_codecs(time, allowed)
         self.codecs = (up.text, down.text)
 
-    def memory(self, plan: Plan) -> int:
-        return int(predict_memory(self.shape, self.coded(plan)).total)
+    def choose_weights(self, floors: list[Plan]) -> None:
+        """The first weight choice at which the first of ``floors`` fits, else
+        the next; the most compressed if none fits (the smallest-plan check
+        then names the device)."""
+        for floor in floors:
+            for w in self.choices:
+                if self.memory(replace(floor, weights=w), own=False) <= self.usable:
+                    self.weights = w
+                    return
+        self.weights = self.choices[-1]
+
+    def memory(self, plan: Plan, own: bool = True) -> int:
+        return int(predict_memory(self.shape, self.own(plan) if own else plan).total)
 
     def time(self, plan: Plan) -> float:
-        return self._time(self.coded(plan))
+        return self._time(self.own(plan))
 
     def _time(self, plan: Plan) -> float:
         return float(predict_step_time(self.shape, plan, self.profile, self.options.server_seconds).total)
@@ -293,12 +349,13 @@ def plan_clients(shape: ModelShape, profiles: list[DeviceProfile], *, seq_len: i
                  margin: float = 0.15, batch: int = 16, max_batch: int = 64, same_rank: bool = False,
                  all_blocks: bool = False, min_capacity: int = 1, order: str = "top", offload: bool = False,
                  server_seconds: float = 0.0, dtype: str = "float32",
-                 codecs: tuple[str, ...] = ("fp32",)) -> list[ClientPlan]:
+                 codecs: tuple[str, ...] = ("fp32",), weights: tuple[str, ...] = ("float32",)) -> list[ClientPlan]:
     """One plan per profile, in the order given (module docstring: objective
     and tie-breaks). Raises PlanningError for options out of range, a profile
     listed twice, or devices that cannot fit the smallest plan."""
     options = PlanOptions(seq_len, tuple(sorted(ranks)), tuple(server_cut), margin, batch, max_batch, same_rank,
-                          all_blocks, min_capacity, order, offload, server_seconds, dtype, tuple(codecs))
+                          all_blocks, min_capacity, order, offload, server_seconds, dtype, tuple(codecs),
+                          tuple(weights))
     return plan_with(shape, profiles, options)
 
 
@@ -329,8 +386,8 @@ def plan_with(shape: ModelShape, profiles: list[DeviceProfile], options: PlanOpt
         return Plan(k1=cut[0], k2=cut[1], rank=rank, batch=batch, seq_len=options.seq_len, trainable=blocks,
                     dtype=options.dtype)
 
-    # 0. Codecs, on the reference plan the rank score uses.
-    for d in devices:
+    for d in devices:  # 0. Each device's weights (the first choice at which its floor fits), then its codecs.
+        d.choose_weights([plan(ranks[0], floor_blocks, options.batch), plan(ranks[0], floor_blocks, 1)])
         d.choose_codecs(plan(ranks[0], floor_blocks, options.batch))
     _check_smallest(devices, plan(ranks[0], floor_blocks, 1), options)
     batches = batch_ladder(options.batch, options.max_batch)
@@ -363,7 +420,7 @@ def plan_with(shape: ModelShape, profiles: list[DeviceProfile], options: PlanOpt
         if options.offload:
             cut = next(c for c in client_cuts(layers, (k1, k2)) if c == (k1, k2) or d.feasible(
                 plan(r, blocks, b, c), pace))
-        out.append(assess(shape, d.profile, d.coded(plan(r, blocks, b, cut)), options.server_seconds))
+        out.append(assess(shape, d.profile, d.own(plan(r, blocks, b, cut)), options.server_seconds))
     return out
 
 
@@ -388,7 +445,7 @@ def _check_smallest(devices: list[_Device], smallest: Plan, options: PlanOptions
         return
     what = (f"cut {smallest.k1},{smallest.k2}, rank {smallest.rank}, {len(smallest.trainable)} trainable "
             f"block{'s' if len(smallest.trainable) > 1 else ''}, batch 1, sequence {smallest.seq_len}")
-    lines = [f"device {d.profile.name!r} cannot fit even the smallest plan ({what}): it needs "
+    lines = [f"device {d.profile.name!r} cannot fit even the smallest plan ({what}, {d.weights} weights): it needs "
              f"{d.memory(smallest) / GIB:.2f} GiB, its budget of {d.profile.memory_gb:g} GiB leaves "
              f"{d.usable / GIB:.2f} GiB after the {options.margin:.0%} margin" for d in short]
     raise PlanningError("; ".join(lines) + ". Give the device a larger memory budget, a shorter --seq-len or a "

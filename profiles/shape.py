@@ -57,6 +57,8 @@ class ModelShape:
     attention_dropout: float
     hidden_dropout: float
     rotary: bool
+    # per block, (d_out, d_in) of each linear layer: what --quantize holds in 8 or 4 bits
+    block_linears: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     @classmethod
     def from_config(cls, config, num_labels: int = 2, task: str = "classification") -> "ModelShape":
@@ -112,6 +114,7 @@ class ModelShape:
             attention_dropout=_dropout(text, ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")),
             hidden_dropout=_dropout(text, ("hidden_dropout_prob", "resid_pdrop", "hidden_dropout")),
             rotary=fam.rotary,
+            block_linears=tuple(_linears(model.get_submodule(f"{blocks_path}.{i}")) for i in range(num_layers)),
         )
 
     @property
@@ -127,6 +130,21 @@ class ModelShape:
     def lora_params(self, rank: int) -> int:
         """LoRA parameters of one block at ``rank``: r x (d_in + d_out) per target."""
         return sum(rank * (d_out + d_in) for _, d_out, d_in in self.lora_targets)
+
+
+def _linears(block) -> tuple[tuple[int, int], ...]:
+    """(d_out, d_in) of each linear layer of ``block`` (GPT-2's Conv1D stores its weight in x out)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    out = []
+    for module in block.modules():
+        if isinstance(module, Conv1D):
+            d_in, d_out = module.weight.shape
+            out.append((d_out, d_in))
+        elif isinstance(module, nn.Linear):
+            out.append((module.out_features, module.in_features))
+    return tuple(out)
 
 
 def _tied_head(model, config, head_paths) -> bool:

@@ -35,7 +35,7 @@ from . import admission
 from .adapter_compression import AdapterCompression, check_adapter_codecs
 from .admission import MAX_SAMPLES, MAX_VALUE, ModelLayout, Refused
 from .allocation import ALLOCATIONS, Allocator, Resources, below_cut, check_fisher
-from .strategies import get_strategy
+from .strategies import get_strategy, strategy_class
 from .strategies.base import ClientInfo, Download, Factors, GlobalModel, StrategyError, Upload, methods_with
 from .strategies.robust import RobustConfig, robust
 
@@ -104,7 +104,18 @@ class FederationConfig:
     def settings(self) -> FederationSettings:
         """What a client needs to know of these rounds."""
         return FederationSettings(self.strategy, self.rounds, self.local_steps, self.local_epochs, self.allocation,
-                                  self.adapter_up.text, self.adapter_down.text)
+                                  self.adapter_up.text, self.adapter_down.text,
+                                  self.frozen_updates() is not None)
+
+    def frozen_updates(self) -> str | None:
+        """What in these rounds updates the frozen weights (None: nothing does)."""
+        if strategy_class(self.strategy).frozen_updates:
+            return f"--strategy {self.strategy} folds part of each round's update into the frozen weights"
+        if self.init == "svd":
+            return "--init svd moves the weights' principal part into the adapter"
+        if self.reinit_every:
+            return "--reinit-every merges the global LoRA into the frozen weights"
+        return None
 
 
 class FederationError(ValueError):

@@ -49,6 +49,7 @@ from split.families import block_of
 from split.lora import adapter_state
 from split.partition import SERVER, Cut, build_segment
 from split.protocol import Hello, Join, ModelInfo, UploadPayload, Welcome
+from split.quant import check_mode, quantizer_for, refuse_frozen_updates
 from split.records import SERVER_SECONDS
 from split.security import PLAIN_WARNING, CurveServer, check_pair, check_plain, load_server_keys, peer_key
 from split.wire import Limits, Message, WireError, decode, encode, error, frame_len
@@ -112,6 +113,7 @@ class ServerConfig:
     server_lora: str = "per-client"  # or "shared": one server-side adapter every client trains
     device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
     dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
+    quantize: str = "none"  # the backbone blocks' frozen linear weights: none, 8bit or 4bit (split/quant.py)
     max_rank: int = 256  # largest LoRA rank a hello may ask for (and at most each module's smaller dimension)
     max_tokens: int = 16384  # largest batch x sequence of one forward
     max_sessions: int = 64  # sessions held at once
@@ -130,6 +132,10 @@ class ServerConfig:
             raise ValueError(f"pending_timeout must be a finite number of seconds > 0, got {self.pending_timeout}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        check_mode(self.quantize)
+        folding = None if self.federation is None else self.federation.frozen_updates()
+        if self.quantize != "none" and folding is not None:
+            raise refuse_frozen_updates(f"--quantize {self.quantize} with {folding}")
         if not check_pair(("--secret-key", self.secret_key), ("--allow", self.allow)):
             check_plain(self.bind, "--bind", "--secret-key and --allow")
         if self.resume and self.checkpoint_dir is None:
@@ -170,10 +176,14 @@ class BackboneServer:
         self.runlog = ServerRunLog(config.run_dir, config.resume) if config.federation is not None else None
         self._context: zmq.Context | None = None  # the server's own, when it runs an authenticator
         self.device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+        quantizer = quantizer_for(config.quantize, self.device, dtype)  # before the model loads
         self.segment = seg = build_segment(
             config.model, SERVER, config.cut, task=config.task, num_labels=config.num_labels,
             seed=config.seed, dropout=config.dropout, dtype=dtype, attn_implementation=config.attn_implementation,
+            on_loaded=quantizer,
         )
+        if quantizer is not None:
+            quantizer.finish(seg.model)
         heads = seg.family.trained_heads(seg.task) if seg.cut.two_part else []
         place(seg.model, self.device, heads)
         self.model_info = ModelInfo.of(seg.path, seg.config)

@@ -26,6 +26,7 @@ from split.devices import DTYPES, resolve_device
 from split.console import setup_logging, table_console
 from split.lora import LoraSpec
 from split.partition import Cut
+from split.quant import MODES as QUANTIZE_MODES
 from split.summary import round_table
 from split.wire import Limits
 
@@ -63,6 +64,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where this side computes: cpu, cuda, cuda:N, mps, or auto (CUDA, else MPS, else CPU)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="precision of the frozen weights (LoRA and a trained head stay float32)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                   help="hold the frozen linear weights of this side's blocks in 8 bits (LLM.int8) or 4 bits (NF4) "
+                        "with bitsandbytes; embeddings, norms, the head and LoRA stay in --dtype or float32 "
+                        "(README: quantized frozen weights)")
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed of LoRA initialisation, the new head, data order and every random draw")
     p.add_argument("--no-dropout", action="store_true", help="turn the model's dropout off")
@@ -319,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA learning rate (default 5e-3; 2e-3 with one client)")
     d.add_argument("--head-lr", type=positive_float, default=None,
                    help="head learning rate (default 2e-2; 5e-3 with one client)")
+    d.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                   help="every client holds its blocks' frozen linear weights in 8 or 4 bits (bitsandbytes)")
     d.add_argument("--out", default="fedsplit-demo",
                    help="adapter (one client) or checkpoint folder; with --devices, the run's folder goes in it")
     device_demo.add_arguments(d)
@@ -405,7 +412,7 @@ def _server(args) -> int:
                                         max_header_bytes=int(args.max_header_kb * (1 << 10))),
                           federation=federation, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                           save_every=args.save_every,
-                          server_lora=args.server_lora, device=args.device, dtype=args.dtype,
+                          server_lora=args.server_lora, device=args.device, dtype=args.dtype, quantize=args.quantize,
                           secret_key=args.secret_key, allow=args.allow,
                           max_rank=args.max_rank, max_tokens=args.max_tokens, max_sessions=args.max_sessions,
                           max_pending=args.max_pending, max_pending_mb=args.max_pending_mb,
@@ -420,7 +427,7 @@ def _server(args) -> int:
                 else "plain, loopback only")
         print(f"fedsplit server: blocks {server.segment.cut.front}.."
               f"{server.segment.num_layers - server.segment.cut.back - 1} of {server.segment.num_layers} "
-              f"({server.segment.owned_bytes / 1e6:.1f} MB, {args.dtype} on {server.device}) listening on "
+              f"({server.segment.owned_bytes / 1e6:.1f} MB, {_precision(args)} on {server.device}) listening on "
               f"{endpoint} ({wire})", flush=True)
         if server.plan is not None:
             print(f"fedsplit server: plan {args.plan} for {', '.join(map(repr, server.plan.clients))}", flush=True)
@@ -438,6 +445,13 @@ def _server(args) -> int:
         return 0
     finally:
         server.close()
+
+
+def _precision(args) -> str:
+    """How a side holds its frozen weights, in words."""
+    if args.quantize == "none":
+        return args.dtype
+    return f"{args.dtype}, blocks' linear weights {args.quantize}"
 
 
 def _options(pairs: list[str]) -> dict:
@@ -485,8 +499,8 @@ def _client(args, argv: list[str]) -> int:
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
                           timeout=args.timeout, connect_timeout=args.connect_timeout,
                           reconnect_for=args.reconnect_for,
-                          device=args.device, dtype=args.dtype, key=args.key, server_key=args.server_key,
-                          codec_up=args.codec_up, codec_down=args.codec_down)
+                          device=args.device, dtype=args.dtype, quantize=args.quantize, key=args.key,
+                          server_key=args.server_key, codec_up=args.codec_up, codec_down=args.codec_down)
     options = TrainOptions(data=args.data, test_data=args.test_data, epochs=args.epochs, max_steps=args.steps,
                            batch_size=args.batch_size, max_length=args.max_length, adapter_out=args.out,
                            single_client_out=SINGLE_CLIENT_OUT, tokenizer=args.tokenizer,

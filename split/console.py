@@ -19,6 +19,8 @@ OWN_LOGGERS = ("split", "server", "edge", "profiles", "bench", "__main__")
 SILENCED = (
     # peft still calls a transformers property deprecated in v5.
     (".*is_gradient_checkpointing.*", FutureWarning),
+    # bitsandbytes' 8-bit inference matmul quantizes its input through float16 (--quantize 8bit).
+    ("MatMul8bitLt: inputs will be cast from .* to float16 during quantization", UserWarning),
 )
 
 _stderr: Console | None = None

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from .families import Family
+from .quant import is_quantized, refuse_frozen_updates
 from .seeds import generator
 
 PEFT_PREFIX = "base_model.model."
@@ -229,9 +230,13 @@ def fold_into(weight: torch.Tensor, delta: torch.Tensor, fan_in_fan_out: bool) -
 
 def fold_delta(model: PeftModel, module: str, delta: torch.Tensor) -> None:
     """Add ``delta`` (d_out x d_in) to the frozen weight of a LoRA module of
-    ``model``, in the layer's own orientation."""
+    ``model``, in the layer's own orientation. A quantized weight is refused
+    (``split.quant``: the update would be rounded away)."""
     layer = model.get_submodule(PEFT_PREFIX + module)
-    fold_into(layer.get_base_layer().weight, delta, getattr(layer, "fan_in_fan_out", False))
+    base = layer.get_base_layer()
+    if is_quantized(base):
+        raise refuse_frozen_updates(f"an update to the frozen weight of {module}")
+    fold_into(base.weight, delta, getattr(layer, "fan_in_fan_out", False))
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
@@ -292,13 +293,16 @@ def build_segment(
     dropout: bool = True,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
+    on_loaded: Callable[[nn.Module, str], None] | None = None,
 ) -> Segment:
     """Build one side's segment, reading only the tensors that side owns.
 
     Checkpoint names are mapped to the model's as transformers maps them. A new
     classification head absent from the checkpoint gets a deterministic initial
     value from ``seed`` and its name; any other absent tensor is refused
-    (ValueError naming them).
+    (ValueError naming them). ``on_loaded(model, name)``, if given, is
+    called after each tensor is in place (``split.quant.Quantizer``
+    quantizes a layer as soon as its tensors are loaded).
     """
     if side not in (CLIENT, SERVER):
         raise ValueError(f"side must be {CLIENT!r} or {SERVER!r}, got {side!r}")
@@ -345,6 +349,8 @@ def build_segment(
             continue
         _set_parameter(skeleton, name, value)
         owned += value.numel() * value.element_size()
+        if on_loaded is not None:
+            on_loaded(skeleton, name)
     refuse_missing(path, missing, {n: c for n, c in names.converted.items() if n in missing})
     for target, source in share.items():
         module_path, _, leaf = target.rpartition(".")

@@ -314,11 +314,13 @@ class FederationSettings:
     allocation: str = "fixed"  # "fixed": each client's --blocks; otherwise the server allocates every round
     adapter_up: str = "fp32"  # codec of the uploads' factors and head (split/adapter_codec.py)
     adapter_down: str = "fp32"  # codec of the round offers' factors and head
+    frozen_updates: bool = False  # rounds may send updates to the frozen weights (D: tensors)
 
     def to_meta(self) -> dict:
         return {"strategy": self.strategy, "rounds": self.rounds, "local_steps": self.local_steps,
                 "local_epochs": self.local_epochs, "allocation": self.allocation,
-                "adapter_up": self.adapter_up, "adapter_down": self.adapter_down}
+                "adapter_up": self.adapter_up, "adapter_down": self.adapter_down,
+                "frozen_updates": self.frozen_updates}
 
     @classmethod
     def from_meta(cls, meta, op: str) -> "FederationSettings":
@@ -335,7 +337,8 @@ class FederationSettings:
                 raise ProtocolError(str(exc)) from None
         return cls(_field(meta, op, "strategy", "str"), _field(meta, op, "rounds", "positive"),
                    _field(meta, op, "local_steps", "positive"), epochs,
-                   _choice(meta, op, "allocation", ALLOCATIONS, "fixed"), *codecs)
+                   _choice(meta, op, "allocation", ALLOCATIONS, "fixed"), *codecs,
+                   _field(meta, op, "frozen_updates", "bool", False))
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,18 @@ def strategy_names() -> list[str]:
     return list(REGISTRY)
 
 
-def get_strategy(name: str, **options) -> Strategy:
-    """An instance of the strategy called ``name`` (options go to its constructor)."""
+def strategy_class(name: str) -> type[Strategy]:
+    """The class of the strategy called ``name`` (case, ``-`` and ``_`` ignored)."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in REGISTRY:
         raise StrategyError(f"unknown strategy {name!r}; known: {', '.join(REGISTRY)}")
-    cls = REGISTRY[key]
+    return REGISTRY[key]
+
+
+def get_strategy(name: str, **options) -> Strategy:
+    """An instance of the strategy called ``name`` (options go to its constructor)."""
+    cls = strategy_class(name)
+    key = cls.name
     known = [p for p in inspect.signature(cls).parameters if p != "seed"]
     unknown = sorted(set(options) - set(known) - {"seed"})
     if unknown:
@@ -34,4 +40,5 @@ def get_strategy(name: str, **options) -> Strategy:
     return cls(**options)
 
 
-__all__ = ["REGISTRY", "Strategy", "StrategyError", "get_strategy", "methods_with", "strategy_names"]
+__all__ = ["REGISTRY", "Strategy", "StrategyError", "get_strategy", "methods_with", "strategy_class",
+           "strategy_names"]

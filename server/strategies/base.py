@@ -146,6 +146,7 @@ class Strategy(ABC):
     heterogeneous_ranks: ClassVar[bool] = False  # clients may train different ranks
     block_subsets: ClassVar[bool] = False  # clients may train different block sets
     mixed_alphas: ClassVar[bool] = False  # clients may train with different alphas (each upload keeps its own scale)
+    frozen_updates: ClassVar[bool] = False  # aggregate may return base_deltas (folded into the frozen weights)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -35,6 +35,7 @@ class FedExLoRA(FedIT):
     """
 
     name = "fedex"
+    frozen_updates = True
 
     def aggregate(self, state: dict, uploads: list[Upload], round_index: int) -> RoundResult:
         """Ā, B̄ per module and the residual M - s B̄Ā as the base delta."""

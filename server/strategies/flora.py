@@ -57,6 +57,7 @@ class FLoRA(Strategy):
 
     name = "flora"
     heterogeneous_ranks = True
+    frozen_updates = True
     mixed_alphas = True
 
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
