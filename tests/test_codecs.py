@@ -412,7 +412,7 @@ def hostile_frames(draw):
     return entry, payload, shape, dtype
 
 
-@settings(max_examples=1000, deadline=None, database=None, derandomize=True,
+@settings(max_examples=400, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(hostile_frames())
 def test_any_payload_of_the_right_length_decodes_to_the_header_shape_and_dtype_or_is_refused(case):
@@ -425,7 +425,7 @@ def test_any_payload_of_the_right_length_decodes_to_the_header_shape_and_dtype_o
     assert tuple(out.shape) == shape and out.dtype == dtype
 
 
-@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@settings(max_examples=120, deadline=None, database=None, derandomize=True)
 @given(st.sampled_from(CODEC_TEXTS), st.lists(st.integers(0, 40), max_size=3), st.sampled_from(FLOATS))
 def test_the_frame_size_is_a_pure_function_of_shape_dtype_and_params(text, shape, dtype):
     spec, shape = parse_codec(text), tuple(shape)
