@@ -150,12 +150,20 @@ def memory_table(memory: dict) -> str:
                      f"{r['step_ratio_to_float32']:.2f} |")
     four = next(r for r in rows if r["weights"] == "4bit")
     w = memory["client_weights"]
+    runtime, base = memory["runtime_baseline"], rows[0]["measured"]
+    floor = runtime + w["embedding"]
+    blocks4 = four["parts"]["weights"] - w["embedding"]
     lines += ["", f"4-bit client peak / float32 client peak: {four['ratio_to_float32']:.2f} (target <= {TARGET}: "
               f"{'met' if four['ratio_to_float32'] <= TARGET else 'MISSED'}).",
               f"What the float32 client holds: the token embedding {w['embedding'] / 2**20:.0f} MiB (never "
               f"quantized), its two blocks' linear weights {w['block_linear_params'] * 4 / 2**20:.0f} MiB "
               f"(quantized), their norms {w['block_other'] / 2**20:.2f} MiB; the runtime (interpreter and "
-              f"libraries) {memory['runtime_baseline'] / 2**20:.0f} MiB."]
+              f"libraries) {memory['runtime_baseline'] / 2**20:.0f} MiB.",
+              f"Floor of any client of this plan whatever its blocks hold: runtime + float32 embedding = "
+              f"{floor / 2**20:.0f} MiB = {floor / base:.2f}x the float32 peak; at {TARGET}x, "
+              f"{(TARGET * base - floor) / 2**20:.0f} MiB would be left for the blocks, their 4-bit weights "
+              f"alone take {blocks4 / 2**20:.0f} MiB. Above the runtime, 4-bit takes "
+              f"{(four['measured'] - runtime) / (base - runtime):.2f}x the float32 client's memory."]
     return "\n".join(lines)
 
 

@@ -9,7 +9,9 @@ sequence length. The client then holds (``edge/client.py``):
   split the final norm, pooler and head; with quantized weights (``weights``
   "8bit" or "4bit") its blocks' linear layers in bitsandbytes' layout, the
   inputs 8-bit layers keep for backward, and one dequantized layer alive for
-  a moment (``profiles/quantized.py``);
+  a moment (``profiles/quantized.py``); and where loading peaks above
+  training (quantized weights: one layer in full precision as read, beside
+  every layer already quantized), the difference (``loading``);
 - LoRA factors (fp32) on every one of its blocks, and a trained
   classification head twice (peft's ``modules_to_save`` keeps the original
   beside the trained copy);
@@ -302,7 +304,22 @@ def predict_memory(shape: ModelShape, plan: Plan, *, runtime: int | None = None)
             elem + DTYPE_BYTES[plan.server_dtype] + (elem if plan.server_dtype != plan.dtype else 0)),
         "transient": _transient(shape, plan),
     }
+    parts["loading"] = max(0, _loading(shape, plan, parts) - sum(parts.values()))
     return MemoryEstimate(total=sum(parts.values()), parts=parts)
+
+
+def _loading(shape: ModelShape, plan: Plan, parts: dict[str, int]) -> int:
+    """The peak while a client with quantized weights loads: its runtime and
+    frozen weights, and the largest linear layer as the checkpoint stores it
+    (and cast to the plan's dtype), read before it is quantized (0 unquantized:
+    what loads is kept, so training peaks higher)."""
+    if not plan.quantized:
+        return 0
+    bottom, top = client_blocks(shape, plan)
+    largest = max(quant.dequantized_bytes(_linears(shape, b), 1) for b in (*bottom, *top))
+    stored = DTYPE_BYTES[shape.checkpoint_dtype]
+    read = largest * (stored + (_elem(plan) if shape.checkpoint_dtype != plan.dtype else 0))
+    return parts["runtime"] + parts["weights"] + parts["head"] + read
 
 
 def block_memory(shape: ModelShape, plan: Plan, block: int) -> int:

@@ -59,6 +59,7 @@ class ModelShape:
     rotary: bool
     # per block, (d_out, d_in) of each linear layer: what --quantize holds in 8 or 4 bits
     block_linears: tuple[tuple[tuple[int, int], ...], ...] = ()
+    checkpoint_dtype: str = "float32"  # what the checkpoint stores (the config's dtype; float32 when unsaid)
 
     @classmethod
     def from_config(cls, config, num_labels: int = 2, task: str = "classification") -> "ModelShape":
@@ -115,6 +116,7 @@ class ModelShape:
             hidden_dropout=_dropout(text, ("hidden_dropout_prob", "resid_pdrop", "hidden_dropout")),
             rotary=fam.rotary,
             block_linears=tuple(_linears(model.get_submodule(f"{blocks_path}.{i}")) for i in range(num_layers)),
+            checkpoint_dtype=_stored_dtype(config),
         )
 
     @property
@@ -130,6 +132,13 @@ class ModelShape:
     def lora_params(self, rank: int) -> int:
         """LoRA parameters of one block at ``rank``: r x (d_in + d_out) per target."""
         return sum(rank * (d_out + d_in) for _, d_out, d_in in self.lora_targets)
+
+
+def _stored_dtype(config) -> str:
+    """The dtype the config says its checkpoint stores ("float32" when it says none)."""
+    value = getattr(config, "dtype", None)
+    name = str(value).removeprefix("torch.") if value is not None else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _linears(block) -> tuple[tuple[int, int], ...]:

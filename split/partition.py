@@ -351,6 +351,9 @@ def build_segment(
         owned += value.numel() * value.element_size()
         if on_loaded is not None:
             on_loaded(skeleton, name)
+            # The hook may have swapped the layer out (quantized it): keep no
+            # reference to this tensor while the next one is read.
+            del value
     refuse_missing(path, missing, {n: c for n, c in names.converted.items() if n in missing})
     for target, source in share.items():
         module_path, _, leaf = target.rpartition(".")
