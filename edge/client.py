@@ -30,6 +30,7 @@ from torch import nn
 
 from split.devices import place, resolve_device, resolve_dtype
 from split.families import family_for
+from split.linkcodecs import LinkCodecs, Sender
 from split.lora import LoraSpec, adapter_state, attach_lora, save_adapter
 from split.partition import CLIENT, Cut, build_segment, load_config, resolve_model_path
 from split.protocol import Hello, ModelInfo, OptimizerSettings, Welcome
@@ -99,11 +100,16 @@ class BackboneLink:
 
     ``waited`` and ``served`` add up the seconds the client spent in forward
     and backward requests and the part of them the server says it computed
-    (``edge.metering`` reads them around each step)."""
+    (``edge.metering`` reads them around each step).
 
-    def __init__(self, conn: Connection, rotary: bool):
+    ``up`` sends the forward's hidden state and, in the U-shaped split, the
+    backward's gradient in the client's up codec (split/linkcodecs.py)."""
+
+    def __init__(self, conn: Connection, rotary: bool, up: Sender | None = None, two_part: bool = False):
         self.conn = conn
         self.rotary = rotary
+        self.up = up or Sender()
+        self.two_part = two_part
         self.attention_mask: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.position_ids: torch.Tensor | None = None
@@ -152,7 +158,8 @@ class BackboneLink:
             tensors["position_ids"] = self.position_ids
         if self.labels is not None:
             tensors["labels"] = self.labels
-        reply = self._request(Message("forward", step=step, meta={"train": train}, tensors=tensors))
+        msg = self.up.code(Message("forward", step=step, meta={"train": train}, tensors=tensors), ("hidden",), train)
+        reply = self._request(msg)
         # The reply is in the server's dtype; the client computes in its own.
         if self.labels is None:
             return reply_tensor(reply, "hidden", tuple(hidden.shape)).to(hidden.device, hidden.dtype)
@@ -161,7 +168,10 @@ class BackboneLink:
 
     def remote_backward(self, step: int, grad: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """The gradient at the cut for step ``step``, whose forward sent a hidden state of ``shape``."""
-        reply = self._request(Message("backward", step=step, tensors={"grad": grad.contiguous()}))
+        msg = Message("backward", step=step, tensors={"grad": grad.contiguous()})
+        if not self.two_part:  # the two-part split's grad is the loss's: one number, sent exactly
+            self.up.code(msg, ("grad",))
+        reply = self._request(msg)
         return reply_tensor(reply, "grad", shape)
 
     def through_server(self, hidden: torch.Tensor, training: bool) -> torch.Tensor:
@@ -212,6 +222,12 @@ class ClientConfig:
     dtype: str = "float32"  # frozen weights: float32, bfloat16 or float16
     key: str | None = None  # this client's NAME.key_secret: CurveZMQ on (with server_key)
     server_key: str | None = None  # the server's public NAME.key
+    codec_up: str = "fp32"  # codec of the hidden states and gradients this client sends (split/codecs.py)
+    codec_down: str = "fp32"  # codec the server answers this client in
+
+    @property
+    def codecs(self) -> LinkCodecs:
+        return LinkCodecs.parse(self.codec_up, self.codec_down)
 
     def __post_init__(self):
         for name in ("lr", "head_lr", "timeout", "connect_timeout"):
@@ -222,6 +238,7 @@ class ClientConfig:
             raise ValueError(f"reconnect_for must be a finite number of seconds >= 0, got {self.reconnect_for}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        self.codecs  # noqa: B018 - a bad codec text fails here, naming the option
         if not check_pair(("--key", self.key), ("--server-key", self.server_key)):
             check_plain(self.server, "--server", "--key and --server-key")
 
@@ -271,7 +288,7 @@ class SplitClient:
             cfg.cut.check(model_cfg.num_hidden_layers)
         hello = Hello(ModelInfo.of(path, model_cfg), cfg.lora, cfg.task, cfg.seed, cfg.cut,
                       OptimizerSettings(cfg.lr, cfg.weight_decay),
-                      num_labels=cfg.num_labels if cfg.task == "classification" else None)
+                      num_labels=cfg.num_labels if cfg.task == "classification" else None, codecs=cfg.codecs)
         # A wrong address fails fast: only a registered client waits for a restarting server.
         welcome = self._hello(hello, retry=False)
         self.cut = cfg.cut or welcome.server_cut
@@ -281,7 +298,7 @@ class SplitClient:
                                      seed=cfg.seed, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
                                      attn_implementation=cfg.attn_implementation)
         self.family = fam
-        self.link = BackboneLink(self.conn, fam.rotary)
+        self.link = BackboneLink(self.conn, fam.rotary, Sender(cfg.codecs.up), self.cut.two_part)
         self.heads = [] if self.cut.two_part else fam.trained_heads(cfg.task)
         place(self.segment.model, self.device, self.heads)
         if not self.cut.two_part:

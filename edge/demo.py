@@ -56,6 +56,8 @@ class FederationRun:
     seed: int = 0
     personal: bool = False
     run_dir: str | None = None  # the run folder: server/ and clientK/ records, and every process's log
+    codec_up: str = "fp32"  # every client's --codec-up and --codec-down (split/codecs.py)
+    codec_down: str = "fp32"
 
 
 def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
@@ -82,7 +84,8 @@ def run_federation(run: FederationRun, num_labels: int) -> list[dict]:
                    "--client-index", str(k), "--partition", "dirichlet", "--partition-alpha", str(run.alpha),
                    "--rank", str(ranks[k]), "--lr", str(run.lr), "--head-lr", str(run.head_lr), "--seed",
                    str(run.seed), "--summary-json", str(Path(tmp) / f"client{k}.json"), "--id", f"client{k}",
-                   "--connect-timeout", "300", "--no-progress"]
+                   "--connect-timeout", "300", "--no-progress", "--codec-up", run.codec_up,
+                   "--codec-down", run.codec_down]
             if k == 0:
                 cmd.append("--eval-rounds")
             if run.personal:
@@ -117,10 +120,12 @@ def run_federated_demo(args) -> int:
                         local_steps=args.local_steps, alpha=args.alpha,
                         ranks=args.ranks or [args.rank], lr=args.lr, head_lr=args.head_lr, model=args.model,
                         tokenizer=args.tokenizer, cut=args.cut, checkpoint_dir=args.out,
-                        personal=args.personal, run_dir=str(Path(args.out) / "runs" / time.strftime("%Y%m%d-%H%M%S")))
+                        personal=args.personal, run_dir=str(Path(args.out) / "runs" / time.strftime("%Y%m%d-%H%M%S")),
+                        codec_up=args.codec_up, codec_down=args.codec_down)
     console.print(f"[bold]fedsplit demo[/]: {run.clients} clients, {run.strategy}, {run.rounds} rounds of "
                   f"{run.local_steps} local steps, Dirichlet({run.alpha}) split of the built-in task, "
-                  f"ranks {[run.ranks[k % len(run.ranks)] for k in range(run.clients)]}")
+                  f"ranks {[run.ranks[k % len(run.ranks)] for k in range(run.clients)]}, "
+                  f"codecs up {run.codec_up}, down {run.codec_down}")
     dataset = load_dataset(None)
     labels = [s.label for s in dataset.train]
     console.print(label_table(labels, client_shares(labels, run.clients, "dirichlet", run.alpha, run.seed)))
@@ -172,7 +177,7 @@ def run_split_demo(args) -> int:
         client_args = ["client", "--server", f"tcp://127.0.0.1:{port}", "--data", "builtin",
                        "--epochs", str(args.epochs), "--rank", str(args.rank), "--lr", str(args.lr),
                        "--head-lr", str(args.head_lr), "--out", args.out, "--summary-json", str(summary_path),
-                       "--connect-timeout", "180"]
+                       "--connect-timeout", "180", "--codec-up", args.codec_up, "--codec-down", args.codec_down]
         if args.steps:
             client_args += ["--steps", str(args.steps)]
         if args.model:

@@ -328,7 +328,8 @@ def summary_table(rows: list[dict], title: str):
 
 # Demo options for client processes the device demo does not start (dest -> option).
 NOT_WITH_DEVICES = {"clients": "--clients", "ranks": "--ranks", "rank": "--rank", "personal": "--personal",
-                    "epochs": "--epochs", "steps": "--steps", "cut": "--cut"}
+                    "epochs": "--epochs", "steps": "--steps", "cut": "--cut", "codec_up": "--codec-up",
+                    "codec_down": "--codec-down"}
 
 
 def check_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -44,6 +44,7 @@ from typing import Callable
 import zmq
 
 from split.devices import place, resolve_device, resolve_dtype
+from split.linkcodecs import Sender
 from split.families import block_of
 from split.lora import adapter_state
 from split.partition import SERVER, Cut, build_segment
@@ -353,7 +354,7 @@ class BackboneServer:
                 job = self.scheduler.take(poll_s)
                 if job is not None:
                     # Encoded here: a reply's tensors may sit on an accelerator this thread is using.
-                    self._replies.append((job.routing_id, encode(self._run(job))))
+                    self._replies.append((job.routing_id, _encode_reply(self._run(job))))
                     _wake(wake)
                 elif self.scheduler.closed:
                     return
@@ -518,6 +519,7 @@ class BackboneServer:
             record = None  # someone else's adapter: this hello opens a fresh session
         session = self.sessions.open(msg.client, routing_id, cut, hello.lora, hello.seed, hello.optimizer, peer,
                                      token=token if record is not None else None)
+        session.down = Sender(hello.codecs.down)  # this client's replies go in its down codec
         restored = self._restore(session, record)
         fed = self.config.federation
         welcome = Welcome(seg.num_layers, seg.cut, self.config.session_timeout,
@@ -579,15 +581,18 @@ class BackboneServer:
             # a restored adapter then never holds a step the client redoes.
             self.store.save(self.sessions, session)
         started = time.perf_counter()
-        tensors = self.compute.forward(session, msg.step, msg.tensors, bool(msg.meta.get("train", True)))
-        return Message("ok", msg.client, msg.step, meta={SERVER_SECONDS: time.perf_counter() - started},
-                       tensors=tensors)
+        train = bool(msg.meta.get("train", True))
+        tensors = self.compute.forward(session, msg.step, msg.tensors, train)
+        reply = Message("ok", msg.client, msg.step, meta={SERVER_SECONDS: time.perf_counter() - started},
+                        tensors=tensors)
+        return session.down.code(reply, ("hidden",), train)  # a two-part reply's logits and loss go raw
 
     def _backward(self, session: Session, msg: Message) -> Message:
         started = time.perf_counter()
         grad = self.compute.backward(session, msg.step, msg.tensors.get("grad"))
-        return Message("ok", msg.client, msg.step, meta={SERVER_SECONDS: time.perf_counter() - started},
-                       tensors={"grad": grad})
+        reply = Message("ok", msg.client, msg.step, meta={SERVER_SECONDS: time.perf_counter() - started},
+                        tensors={"grad": grad})
+        return session.down.code(reply, ("grad",))
 
     def _adapter(self, session: Session, msg: Message) -> Message:
         return Message("ok", msg.client, msg.step, tensors=adapter_state(self.sessions.model, session.adapter))
@@ -722,6 +727,18 @@ class _GcPause:
 
 
 gc_paused = _GcPause()
+
+
+def _encode_reply(reply: Message) -> list:
+    """A reply's frames; a reply its codec cannot encode (a lossy codec given
+    NaN hidden states, say) becomes an error reply naming why."""
+    try:
+        return encode(reply)
+    except WireError as exc:
+        log.warning("client %s: the reply to step %d could not be encoded: %s", reply.client, reply.step, exc)
+        failed = error(reply.client, reply.step, f"the server could not encode its reply: {exc}", "failed")
+        failed.meta["rid"] = reply.meta.get("rid")
+        return encode(failed)
 
 
 def _malformed(routing_id: bytes, exc: WireError) -> Message:

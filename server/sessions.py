@@ -26,6 +26,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from transformers.pytorch_utils import Conv1D
 
 from split.gradients import BlockGradients, lora_blocks
+from split.linkcodecs import Sender
 from split.lora import (LoraSpec, attach_lora, fold_delta, get_factors, init_lora, lora_layers, pad_rows,
                         set_factors, set_trainable)
 from split.partition import Cut, Segment
@@ -185,6 +186,7 @@ class Session:
     hello: tuple = ()  # (SHA-256 of the token the opening hello presented, its rid): spots a resent hello
     welcome: Message | None = None  # the answer to that hello, sent again to its resend
     gradients: BlockGradients | None = None  # squared gradients per block this round (--allocation fisher)
+    down: Sender = field(default_factory=Sender)  # the client's down codec and its residuals (split/linkcodecs.py)
 
     def __post_init__(self):
         if not isinstance(self.graphs, Graphs):

@@ -100,3 +100,13 @@ def _int_list(text: str, parse, example: str) -> list[int]:
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as {example}, got {text!r} "
                                          f"({exc})") from None
+
+
+def codec_spec(text: str) -> str:
+    """A codec spec ("int8", "topk:density=0.1"; split/codecs.py), as its canonical text."""
+    from .codecs import parse_codec
+
+    try:
+        return parse_codec(text).text
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

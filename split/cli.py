@@ -18,7 +18,7 @@ import torch
 from edge import device_demo, emulate_cli, report
 from profiles import cli_profile, plan_command
 from split import adapter_options
-from split.argtypes import (dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
+from split.argtypes import (codec_spec, dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
                             positive_float, positive_int, positive_int_list, trim_share)
 from split.devices import DTYPES, resolve_device
 from split.console import setup_logging, table_console
@@ -77,6 +77,14 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--device {text!r}: ").removeprefix(
             f"--device {text}: ")) from None
     return text
+
+
+def _add_codec_args(p) -> None:
+    p.add_argument("--codec-up", type=codec_spec, default="fp32", metavar="SPEC",
+                   help="codec of the hidden states and gradients the client sends: fp32 (lossless), fp16, bf16, "
+                        "int8[:outliers=N], nf4[:block=B], topk:density=D (docs/compression.md)")
+    p.add_argument("--codec-down", type=codec_spec, default="fp32", metavar="SPEC",
+                   help="codec the server answers the client in (same choices as --codec-up)")
 
 
 def _lora_spec(args) -> LoraSpec:
@@ -231,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--test-data", default=None,
                    help="JSONL/CSV test file (default: a stratified 20%% of --data is held out)")
     c.add_argument("--cut", default=None, help="K1,K2 (default: the server's)")
+    _add_codec_args(c)
     c.add_argument("--epochs", type=positive_float, default=1.0,
                    help="passes over the training data (single client; see --steps)")
     c.add_argument("--steps", type=positive_int, default=None, help="stop after this many steps (overrides --epochs)")
@@ -300,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=positive_int, default=None, help="single-client demo only")
     d.add_argument("--cut", default="1,1", help="K1,K2: the server hosts blocks [K1, L-K2)")
     d.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of every client")
+    _add_codec_args(d)
     d.add_argument("--lr", type=positive_float, default=None,
                    help="LoRA learning rate (default 5e-3; 2e-3 with one client)")
     d.add_argument("--head-lr", type=positive_float, default=None,
@@ -461,7 +471,8 @@ def _client(args, argv: list[str]) -> int:
                           seed=args.seed, dropout=not args.no_dropout, client_id=args.id,
                           timeout=args.timeout, connect_timeout=args.connect_timeout,
                           reconnect_for=args.reconnect_for,
-                          device=args.device, dtype=args.dtype, key=args.key, server_key=args.server_key)
+                          device=args.device, dtype=args.dtype, key=args.key, server_key=args.server_key,
+                          codec_up=args.codec_up, codec_down=args.codec_down)
     options = TrainOptions(data=args.data, test_data=args.test_data, epochs=args.epochs, max_steps=args.steps,
                            batch_size=args.batch_size, max_length=args.max_length, adapter_out=args.out,
                            single_client_out=SINGLE_CLIENT_OUT, tokenizer=args.tokenizer,

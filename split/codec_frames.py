@@ -135,10 +135,9 @@ def _check_indices(indices: torch.Tensor, bound: int, what: str) -> None:
 def fp16_exponent(x: torch.Tensor) -> int:
     """The scale exponent e of an fp16 frame: 2**-e brings the largest finite
     magnitude of ``x`` into [2**14, 2**15); 0 when there is none."""
-    finite = x[torch.isfinite(x)]
-    if not finite.numel():
+    if not x.numel():
         return 0
-    largest = finite.abs().max().double()
+    largest = x.detach().abs().float().nan_to_num(0.0, 0.0, 0.0).max()
     if float(largest) == 0.0:
         return 0
     _, exponent = torch.frexp(largest)  # largest = m * 2**exponent, m in [0.5, 1)
@@ -153,7 +152,11 @@ def fp16_nbytes(count: int) -> int:
 def fp16_parts(x: torch.Tensor) -> list[torch.Tensor]:
     """The parts of an fp16 frame of ``x`` (any shape; flattened)."""
     e = fp16_exponent(x)
-    values = (x.detach().reshape(-1).double() * 2.0 ** -e).to(torch.float16)
+    flat = x.detach().reshape(-1)
+    # Scaling by a power of two is exact: in float32 when 2**-e is a normal
+    # float32 (all but the most extreme tensors), else in float64.
+    flat = flat.float() if -126 <= -e <= 127 else flat.double()
+    values = (flat * 2.0 ** -e).to(torch.float16)
     return [values, torch.tensor([e], dtype=torch.int16)]
 
 
@@ -165,6 +168,29 @@ def fp16_read(reader: _Reader, count: int) -> torch.Tensor:
     if not low <= e <= high:
         raise ValueError(f"the fp16 scale exponent {e} is outside {low}..{high}")
     return values.double() * 2.0 ** e
+
+
+def nf4_codes(normalized: torch.Tensor) -> torch.Tensor:
+    """The NF4 code of each value in [-1, 1]: the nearest level, a value on a
+    midpoint taking the lower one (the number of boundaries below it; 15
+    comparisons run faster than torch.bucketize's binary search)."""
+    codes = torch.zeros(normalized.shape, dtype=torch.long)
+    for boundary in NF4_BOUNDARIES.tolist():
+        codes += normalized > boundary
+    return codes
+
+
+def largest_entries(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the ``k`` entries of largest magnitude, ascending; ties
+    at the cut go to the lower index, so the choice is a function of the values
+    alone (torch.topk's order among equal values is not specified)."""
+    if k >= flat.numel():
+        return torch.arange(flat.numel())
+    magnitude = flat.abs()
+    cut = torch.topk(magnitude, k, sorted=False).values.min()
+    above = torch.nonzero(magnitude > cut).reshape(-1)
+    at_cut = torch.nonzero(magnitude == cut).reshape(-1)[:k - above.numel()]
+    return torch.cat([above, at_cut]).sort().values
 
 
 # ------------------------------------------------------------ the codecs
@@ -257,7 +283,7 @@ class Int8Codec:
         _require_finite(x, self.name)
         n = outlier_count(width, spec.param("outliers"))
         channels, kept = self._channels(x, n)
-        inner = x[:, kept]
+        inner = x[:, kept] if n else x
         absmax = inner.abs().amax(dim=1) if inner.shape[1] else torch.zeros(rows)
         scales = absmax / INT8_LEVELS
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
@@ -287,17 +313,24 @@ class Int8Codec:
         reader = _Reader(buffer)
         scales = reader.take(torch.float32, rows)
         _check_scales(scales, "int8 row scales")
-        out = torch.empty(rows, width, dtype=torch.float64)
-        kept = torch.ones(width, dtype=torch.bool)
+        channels = outliers = None
         if n:
             channels = reader.take(torch.int32, n).long()
             _check_indices(channels, width, "int8 outlier channels")
-            kept[channels] = False
-            out[:, channels] = fp16_read(reader, rows * n).reshape(rows, n)
+            outliers = fp16_read(reader, rows * n).reshape(rows, n)
         codes = reader.take(torch.int8, rows * (width - n))
         if codes.numel() and int(codes.min()) < -INT8_LEVELS:
             raise ValueError(f"int8 codes must lie in -{INT8_LEVELS}..{INT8_LEVELS}")
-        out[:, kept] = codes.reshape(rows, width - n).double() * scales.double()[:, None]
+        # code x scale is exact in float64 and rounded once to float32, which
+        # is what a float32 product gives: no need for float64 here.
+        inner = codes.reshape(rows, width - n).float() * scales[:, None]
+        if not n:
+            return inner.reshape(shape).to(dtype)
+        out = torch.empty(rows, width, dtype=torch.float32)
+        kept = torch.ones(width, dtype=torch.bool)
+        kept[channels] = False
+        out[:, kept] = inner
+        out[:, channels] = outliers.float()
         return out.reshape(shape).to(dtype)
 
 
@@ -329,7 +362,7 @@ class Nf4Codec:
         padded = padded.reshape(blocks, block)
         absmax = padded.abs().amax(dim=1) if blocks else torch.zeros(0)
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        codes = torch.bucketize(padded / safe[:, None], NF4_BOUNDARIES).reshape(-1)[:count]
+        codes = nf4_codes((padded / safe[:, None]).reshape(-1))[:count]
         if count % 2:
             codes = torch.cat([codes, torch.zeros(1, dtype=codes.dtype)])
         packed = (codes[0::2] << 4 | codes[1::2]).to(torch.uint8)
@@ -344,8 +377,8 @@ class Nf4Codec:
         if count % 2 and int(packed[-1]) & 0x0F:
             raise ValueError("nf4: the padding nibble after an odd count of values must be 0")
         codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:count]
-        scale = absmax.double().repeat_interleave(block)[:count]
-        return (NF4_LEVELS.double()[codes] * scale).reshape(shape).to(dtype)
+        scale = absmax.repeat_interleave(block)[:count]
+        return (NF4_LEVELS[codes] * scale).reshape(shape).to(dtype)
 
 
 class TopkCodec:
@@ -369,8 +402,7 @@ class TopkCodec:
         _require_finite(flat, self.name)
         if flat.numel() > MAX_INDEX:
             raise ValueError(f"topk indexes at most {MAX_INDEX} entries with int32, not {flat.numel()}")
-        k = topk_count(flat.numel(), spec.param("density"))
-        chosen = torch.sort(flat.abs(), descending=True, stable=True).indices[:k].sort().values
+        chosen = largest_entries(flat, topk_count(flat.numel(), spec.param("density")))
         return _join([chosen.to(torch.int32)] + fp16_parts(flat[chosen]))
 
     def decode(self, buffer, shape, dtype, spec) -> torch.Tensor:

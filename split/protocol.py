@@ -23,6 +23,7 @@ import torch
 
 from .adapter_codec import parse_adapter_codec
 from .fingerprint import checkpoint_fingerprint
+from .linkcodecs import LinkCodecs
 from .lora import LoraSpec
 from .partition import Cut
 from .wire import Message, WireError
@@ -248,8 +249,9 @@ class OptimizerSettings:
 @dataclass(frozen=True)
 class Hello:
     """A client's registration: its model, cut (None: the server's), LoRA,
-    seed, task, server-side optimizer and, for classification, its number of
-    labels (a two-part server's head must have as many)."""
+    seed, task, server-side optimizer, for classification its number of
+    labels (a two-part server's head must have as many), and the codecs of its
+    traffic (split/linkcodecs.py: the server answers in its down codec)."""
 
     model: ModelInfo
     lora: LoraSpec
@@ -258,10 +260,12 @@ class Hello:
     cut: Cut | None = None
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     num_labels: int | None = None
+    codecs: LinkCodecs = field(default_factory=LinkCodecs)
 
     def to_message(self) -> Message:
         meta = {"model": self.model.to_meta(), "lora": self.lora.to_dict(), "task": self.task, "seed": self.seed,
-                "optim": {"lr": self.optimizer.lr, "weight_decay": self.optimizer.weight_decay}}
+                "optim": {"lr": self.optimizer.lr, "weight_decay": self.optimizer.weight_decay},
+                "codecs": self.codecs.to_meta()}
         if self.cut is not None:
             meta["cut"] = [self.cut.front, self.cut.back]
         if self.num_labels is not None:
@@ -288,10 +292,15 @@ class Hello:
         except ValueError as exc:
             raise ProtocolError(f"hello: {exc}") from None
         cut = meta.get("cut")
+        codecs = meta.get("codecs")
+        try:
+            codecs = LinkCodecs() if codecs is None else LinkCodecs.from_meta(codecs)
+        except ValueError as exc:
+            raise ProtocolError(f"hello: {exc}") from None
         return cls(model=ModelInfo.from_meta(_field(meta, op, "model", "map")), lora=spec,
                    task=_field(meta, op, "task", "str"), seed=_field(meta, op, "seed", "int", 0),
                    cut=None if cut is None else _cut(cut, op), optimizer=settings,
-                   num_labels=_field(meta, op, "num_labels", "positive", None))
+                   num_labels=_field(meta, op, "num_labels", "positive", None), codecs=codecs)
 
 
 @dataclass(frozen=True)

@@ -74,16 +74,16 @@ class Message:
     step: int = 0
     meta: dict = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    # How its tensors travel, set by whoever built the message (a round offer,
-    # an upload): name -> CodecSpec; ``encode``'s own ``codecs`` add to it.
+    # The codec each named tensor travels in (the rest raw), set when the
+    # message is built: a resend or a cached reply encodes the same way.
     codecs: dict[str, CodecSpec] = field(default_factory=dict)
 
 
 def encode(msg: Message, codecs: Mapping[str, CodecSpec] | None = None) -> list:
     """Frames for ``msg``: a msgpack header, then one buffer per tensor (zero-copy
-    for the lossless codec). The tensors named in ``codecs``, else in
-    ``msg.codecs``, go in that codec, every other one raw; a name ``msg``
-    lacks is ignored. Encoding is a pure
+    for the lossless codec). The tensors named in ``codecs`` (by default the
+    message's own ``codecs``) go in that codec, every other one raw; a name
+    ``msg`` lacks is ignored. Encoding is a pure
     function of the message: error feedback is applied when a message is
     built, never here, so a message resent or replayed from a cache is the same
     bytes and updates no residual twice."""
@@ -91,7 +91,7 @@ def encode(msg: Message, codecs: Mapping[str, CodecSpec] | None = None) -> list:
     for name, tensor in msg.tensors.items():
         if tensor.dtype not in DTYPE_NAMES:
             raise WireError(f"tensor {name}: dtype {tensor.dtype} cannot be sent")
-        spec = (codecs or {}).get(name) or msg.codecs.get(name, RAW)
+        spec = (msg.codecs if codecs is None else codecs).get(name, RAW)
         try:
             buf = encode_tensor(tensor, spec)
         except ValueError as exc:
