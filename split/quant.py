@@ -231,7 +231,7 @@ def _nf4_params(bnb, weight: torch.Tensor, device: torch.device, layer: nn.Modul
         chunk = weight[start:stop].to(device).contiguous()
         out, state = bnb.functional.quantize_4bit(chunk, blocksize=NF4_BLOCK, quant_type="nf4",
                                                   compress_statistics=False)
-        first, count = start * d_in, (stop - start) * d_in
+        first = start * d_in
         packed[first // 2:first // 2 + out.shape[0]] = out
         absmax[first // NF4_BLOCK:first // NF4_BLOCK + state.absmax.numel()] = state.absmax
     code = bnb.functional.get_4bit_type("nf4", device=device)
