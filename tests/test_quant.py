@@ -190,10 +190,10 @@ def test_eight_bit_inputs_kept_for_backward_match_the_count(wide_models, monkeyp
 
 
 def test_a_loopback_run_with_four_bit_client_weights_trains_and_saves_a_standard_adapter(tmp_path, capsys):
-    """`fedsplit client --quantize 4bit` through a server: the loss on a fixed
-    batch goes down, and the saved adapter (GPT-2: Conv1D layers, so
-    fan_in_fan_out) loads with PeftModel.from_pretrained on the unquantized
-    model, holding exactly the LoRA tensors both sides trained."""
+    """`fedsplit client --quantize 4bit` through a server whose backbone is in
+    8 bits: the loss on a fixed batch goes down, and the saved adapter (GPT-2:
+    Conv1D layers, so fan_in_fan_out) loads with PeftModel.from_pretrained on
+    the unquantized model, holding exactly the LoRA tensors both sides trained."""
     from edge.client import ClientConfig, SplitClient
     from split.cli import main
 
@@ -205,7 +205,9 @@ def test_a_loopback_run_with_four_bit_client_weights_trains_and_saves_a_standard
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} is here today", "label": "abc"[i % 3]}) + "\n"
                             for i, w in enumerate(["red", "blue", "green", "apple", "pear", "plum"] * 4)))
-    with threaded_server(gpt2, "1,1", dropout=False) as (endpoint, _):
+    with threaded_server(gpt2, "1,1", dropout=False, quantize="8bit") as (endpoint, server):
+        hosted = sum(len(ModelShape.from_config(server.segment.config, 3).block_linears[b]) for b in (1, 2))
+        assert sum(quant.is_quantized(m) for m in server.segment.model.modules()) == hosted
         out = tmp_path / "adapter"
         assert main(["client", "--server", endpoint, "--model", str(gpt2), "--data", str(data), "--steps", "2",
                      "--no-progress", "--no-dropout", "--quantize", "4bit", "--out", str(out), "--id", "q"]) == 0
