@@ -260,6 +260,21 @@ class ClientConfig:
             check_plain(self.server, "--server", "--key and --server-key")
 
 
+def leave(conn: Connection, heartbeat, say_bye: bool = True) -> None:
+    """Stop ``heartbeat`` (None: none runs), say bye to the server (freeing
+    this client's state there) unless ``say_bye`` is False, and close ``conn``."""
+    if heartbeat is not None:
+        heartbeat.stop()
+    if say_bye:
+        try:
+            conn.request(Message("bye"), timeout=5.0, retry=False)
+        except SessionLost:
+            log.info("the server had already freed this client's session")
+        except (ServerUnavailable, ServerError) as exc:
+            log.warning("could not say bye to the server: %s", exc)
+    conn.close()
+
+
 class SplitClient:
     """One client of a backbone server: its segment, its LoRA, its optimizer.
 
@@ -473,16 +488,7 @@ class SplitClient:
 
     def close(self, say_bye: bool = True) -> None:
         """Leave the server (freeing this client's state there) and close the socket."""
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-        if say_bye:
-            try:
-                self.conn.request(Message("bye"), timeout=5.0, retry=False)
-            except SessionLost:
-                log.info("the server had already freed this client's session")
-            except (ServerUnavailable, ServerError) as exc:
-                log.warning("could not say bye to the server: %s", exc)
-        self.conn.close()
+        leave(self.conn, self.heartbeat, say_bye)
 
     def __enter__(self):
         return self

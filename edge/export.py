@@ -222,11 +222,9 @@ HELP = "write a client's front and back segments (LoRA merged) as ONNX files for
 
 def add_parser(sub, formatter_class=None) -> None:
     """Register ``fedsplit export``."""
-    from split.argtypes import int_at_least
+    from split.argtypes import add_command, int_at_least
 
-    p = sub.add_parser("export", help=HELP, description=HELP[0].upper() + HELP[1:] + ".",
-                       epilog=f"example:\n  {EXAMPLE}", **({"formatter_class": formatter_class}
-                                                            if formatter_class else {}))
+    p = add_command(sub, "export", HELP, EXAMPLE, formatter_class)
     p.add_argument("--model", default=None,
                    help="the base model folder or hub id the adapter was trained on (default: the built-in "
                         "all-MiniLM-L6-v2)")

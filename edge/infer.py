@@ -28,10 +28,10 @@ from split.adapter_folder import tensors_digest
 from split.onnx_manifest import TOKENIZER, Manifest, read_manifest
 from split.protocol import Hello
 from split.security import PLAIN_WARNING, check_pair, check_plain, load_client_keys
-from split.transport import Connection, ServerError, ServerUnavailable, SessionLost
+from split.transport import Connection
 from split.wire import Message
 
-from .client import BackboneLink, ServerRefused, register
+from .client import BackboneLink, ServerRefused, leave, register
 from .data import DataError, Sample, load_inputs, pad_batch
 from .heartbeat import Heartbeat
 from .onnx_runtime import OnnxSegments, batch_arrays
@@ -112,14 +112,8 @@ class RemoteBackbone:
         return out.numpy()
 
     def close(self, say_bye: bool = True) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-        if say_bye:
-            try:
-                self.conn.request(Message("bye"), timeout=5.0, retry=False)
-            except (SessionLost, ServerUnavailable, ServerError) as exc:
-                log.info("could not say bye to the server: %s", exc)
-        self.conn.close()
+        """Leave the server and close the socket."""
+        leave(self.conn, self.heartbeat, say_bye)
 
 
 def label_ids(samples: list, labels: tuple[str, ...]) -> list[int] | None:
@@ -213,11 +207,9 @@ HELP = "classify texts with an export's ONNX segments and the server's backbone 
 
 def add_parser(sub, formatter_class=None) -> None:
     """Register ``fedsplit infer``."""
-    from split.argtypes import int_at_least, positive_float, positive_int
+    from split.argtypes import add_command, int_at_least, positive_float, positive_int
 
-    p = sub.add_parser("infer", help=HELP, description=HELP[0].upper() + HELP[1:] + ".",
-                       epilog=f"example:\n  {EXAMPLE}", **({"formatter_class": formatter_class}
-                                                            if formatter_class else {}))
+    p = add_command(sub, "infer", HELP, EXAMPLE, formatter_class)
     p.add_argument("--server", default="tcp://127.0.0.1:5555",
                    help="a `fedsplit server --adapter` serving the export's adapter; one on another machine "
                         "needs --key and --server-key")

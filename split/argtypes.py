@@ -110,3 +110,11 @@ def codec_spec(text: str) -> str:
         return parse_codec(text).text
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_command(sub, name: str, help: str, example: str, formatter_class=None) -> argparse.ArgumentParser:
+    """A subcommand's parser: ``help`` in the command list, the same as a
+    sentence for its description, and ``example`` under it."""
+    extra = {"formatter_class": formatter_class} if formatter_class else {}
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog=f"example:\n  {example}", **extra)

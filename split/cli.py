@@ -20,8 +20,9 @@ from edge import export as export_command
 from edge import infer as infer_command
 from profiles import cli_profile, plan_command
 from split import adapter_options
-from split.argtypes import (codec_spec, dropout_rate, fraction, index_list, int_at_least, nonnegative_float, nonnegative_int,
-                            positive_float, positive_int, positive_int_list, trim_share)
+from split.argtypes import (add_command, codec_spec, dropout_rate, fraction, index_list, int_at_least,
+                            nonnegative_float, nonnegative_int, positive_float, positive_int, positive_int_list,
+                            trim_share)
 from split.devices import DTYPES, resolve_device
 from split.console import setup_logging, table_console
 from split.lora import LoraSpec
@@ -50,8 +51,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _subparser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
-                          epilog=f"example:\n  {example}", formatter_class=HelpFormatter)
+    return add_command(sub, name, help, example, HelpFormatter)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
