@@ -22,6 +22,7 @@ evaluates it with its own weights.
 
     python bench/client_memory.py                    # both parts, about 30 minutes on 2 busy cores
     python bench/client_memory.py --only memory      # the memory part
+    python bench/client_memory.py --only accuracy --runs DIR --resume   # reuse runs kept in DIR
 
 Writes bench/results/client_memory.json and client_memory.md.
 """
@@ -32,6 +33,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from profiles.quantized import block_linear_params  # noqa: E402
 from profiles.runtime import runtime_baseline  # noqa: E402
 from split.launch import running_server  # noqa: E402
 from split.partition import load_config  # noqa: E402
+from federation_runs import cached_federation  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 OUT = ROOT / "bench" / "results"
 TARGET = 0.4  # 4-bit client peak over the float32 one
@@ -114,22 +117,22 @@ def run_memory(work: Path, threads: int) -> dict:
             "client_weights": weights_split(shape, PLANS["float32"]), "rows": rows}
 
 
-def run_accuracy(seeds: tuple[int, ...]) -> dict:
-    """The federated demo with float32 and 4-bit client weights, per seed."""
+def run_accuracy(seeds: tuple[int, ...], work: Path, resume: bool) -> dict:
+    """The federated demo with float32 and 4-bit client weights, per seed
+    (kept in ``work``: ``bench/federation_runs.py``)."""
     from edge.data import load_dataset
-    from edge.demo import FederationRun, run_federation
+    from edge.demo import FederationRun
 
     labels = len(load_dataset(None).labels)
     runs = {mode: [] for mode in MODES}
     for seed in seeds:
         for mode in MODES:
-            started = time.perf_counter()
-            summaries = run_federation(FederationRun(seed=seed, client_args=("--quantize", mode)), labels)
-            accuracy = summaries[0]["final_accuracy"]
-            runs[mode].append({"seed": seed, "final_accuracy": accuracy,
-                               "seconds": time.perf_counter() - started})
-            print(f"seed {seed} --quantize {mode:4s}: final accuracy {accuracy:.3f} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            # float32 is the demo's own run: the same settings as bench/compression.py's fp32 codec
+            args = () if mode == "none" else ("--quantize", mode)
+            r = cached_federation(FederationRun(seed=seed, client_args=args), labels, work, resume)
+            runs[mode].append({"seed": seed, "final_accuracy": r["final_accuracy"], "seconds": r["wall_s"]})
+            print(f"seed {seed} --quantize {mode:4s}: final accuracy {r['final_accuracy']:.3f} "
+                  f"({r['wall_s']:.0f} s)", flush=True)
     out = {"seeds": list(seeds), "runs": runs}
     for mode in MODES:
         values = [r["final_accuracy"] for r in runs[mode]]
@@ -186,6 +189,9 @@ def main() -> int:
                         help="folder for the Llama-shaped model (about 3 GB; kept for the next run)")
     parser.add_argument("--out", default=str(OUT), help="folder for client_memory.json and client_memory.md")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads of each client process")
+    parser.add_argument("--runs", default=None, help="folder keeping each federated run (default: a temporary "
+                        "folder); the same folder as bench/compression.py's --work shares the float32 runs")
+    parser.add_argument("--resume", action="store_true", help="reuse the runs already in --runs")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +200,8 @@ def main() -> int:
     if args.only in (None, "memory"):
         results["memory"] = run_memory(Path(args.work), args.threads)
     if args.only in (None, "accuracy"):
-        results["accuracy"] = run_accuracy(SEEDS)
+        runs = Path(args.runs or tempfile.mkdtemp(prefix="fedsplit-client-memory-"))
+        results["accuracy"] = run_accuracy(SEEDS, runs, args.resume)
     path.write_text(json.dumps(results, indent=2))
     parts = ["# Client memory and accuracy with quantized frozen weights\n",
              "Written by `python bench/client_memory.py` (see its docstring for the setup).\n"]

@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.client import ClientConfig, SplitClient  # noqa: E402
 from edge.data import Batches, load_dataset  # noqa: E402
-from edge.demo import FederationRun, run_federation  # noqa: E402
+from edge.demo import FederationRun  # noqa: E402
 from edge.emulate import EmulatedDevice, host_speed  # noqa: E402
 from edge.metering import StepMeter  # noqa: E402
 from edge.tokenizer import load_tokenizer  # noqa: E402
@@ -75,6 +75,7 @@ from split.codecs import parse_codec, roundtrip  # noqa: E402
 from split.launch import running_server  # noqa: E402
 from split.lora import LoraSpec  # noqa: E402
 from split.partition import Cut, load_config, resolve_model_path  # noqa: E402
+from federation_runs import cached_federation  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 CODECS = ("fp32", "fp16", "bf16", "int8", "int8:outliers=4", "nf4", "topk:density=0.1")
@@ -234,25 +235,11 @@ def link_steps(codecs, steps: int, warmup: int, device: str = "pi5") -> tuple[di
 
 
 def federated(codec: str, seed: int, work: Path, resume: bool, rounds: int, local_steps: int) -> dict:
-    """The demo's federation with ``codec`` both ways; its result is kept in
-    ``work`` (and read back with ``resume``)."""
-    name = f"{codec.replace(':', '_').replace('=', '')}-seed{seed}-r{rounds}x{local_steps}"
-    done = work / f"{name}.json"
-    if resume and done.is_file():
-        return json.loads(done.read_text())
+    """The demo's federation with ``codec`` both ways, kept in ``work``
+    (``bench/federation_runs.py``; read back with ``resume``)."""
     run = FederationRun(strategy="fedit", clients=4, rounds=rounds, local_steps=local_steps, alpha=0.5, ranks=[8],
-                        lr=5e-3,
-                        head_lr=2e-2, seed=seed, run_dir=str(work / name),
-                        codec_up=codec, codec_down=codec)
-    started = time.perf_counter()
-    summaries = run_federation(run, num_labels())
-    first = summaries[0]
-    result = {"codec": codec, "seed": seed, "final_accuracy": first["final_accuracy"],
-              "round_accuracy": [r["accuracy"] for r in first["rounds"]],
-              "client_bytes": sum(s["bytes_sent"] + s["bytes_received"] for s in summaries),
-              "wall_s": time.perf_counter() - started}
-    done.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+                        lr=5e-3, head_lr=2e-2, seed=seed, codec_up=codec, codec_down=codec)
+    return {"codec": codec, "seed": seed, **cached_federation(run, num_labels(), work, resume)}
 
 
 def accuracy_table(runs: list[dict], codecs) -> dict[str, dict]:
