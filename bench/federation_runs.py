@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -37,7 +39,9 @@ def run_name(run: FederationRun) -> str:
     """A readable name that changes with any outcome-deciding setting."""
     s = settings(run)
     digest = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{run.strategy}-seed{run.seed}-r{run.rounds}x{run.local_steps}-{digest}"
+    codecs = run.codec_up if run.codec_up == run.codec_down else f"{run.codec_up}+{run.codec_down}"
+    words = [run.strategy, codecs, *run.client_args, f"seed{run.seed}", f"r{run.rounds}x{run.local_steps}", digest]
+    return "-".join(re.sub(r"[^A-Za-z0-9.+]+", "", w) for w in words if re.sub(r"[^A-Za-z0-9.+]+", "", w))
 
 
 def cached_federation(run: FederationRun, num_labels: int, work: Path, resume: bool) -> dict:
@@ -51,8 +55,12 @@ def cached_federation(run: FederationRun, num_labels: int, work: Path, resume: b
         if kept.get("settings") != settings(run):  # a name collision would silently swap results
             raise RuntimeError(f"{done} holds a run with other settings; move it away")
         return kept
+    folder = work / name
+    if folder.exists():  # an interrupted run's records: its processes refuse a folder that holds another run
+        print(f"removing the records of an unfinished run: {folder}", flush=True)
+        shutil.rmtree(folder)
     started = time.perf_counter()
-    summaries = run_federation(replace(run, run_dir=str(work / name)), num_labels)
+    summaries = run_federation(replace(run, run_dir=str(folder)), num_labels)
     first = summaries[0]
     result = {"settings": settings(run), "final_accuracy": first["final_accuracy"],
               "round_accuracy": [r["accuracy"] for r in first["rounds"]],
