@@ -33,7 +33,7 @@ left out and adds it to the next step's tensor).
    task), once per codec and seed; the final test accuracy against the
    lossless run of the same seed (paired differences: mean and spread).
 
-Targets (issue 10): fp16 at most 0.51x the bytes and within 0.3 accuracy
+Targets: fp16 at most 0.51x the bytes and within 0.3 accuracy
 points; int8 at most 0.26x and within 1 point; top-k at 10% with error
 feedback within 2 points; int8's step time on the link at most 0.4x fp32's.
 
@@ -83,7 +83,7 @@ SEEDED = ("fp32", "int8", "topk:density=0.1")
 UPLINK_MBPS, DOWNLINK_MBPS, RTT_MS = 20.0, 50.0, 20.0
 BATCH, MAX_LENGTH = 16, 64
 CUT = Cut(1, 1)
-# The issue's targets: bytes ratio (total), accuracy drop in points, step-time ratio on the link.
+# The targets: bytes ratio (total), accuracy drop in points, step-time ratio on the link.
 TARGETS = {"fp16": {"bytes": 0.51, "points": 0.3}, "int8": {"bytes": 0.26, "points": 1.0, "step": 0.4},
            "topk:density=0.1": {"points": 2.0}}
 
@@ -161,13 +161,13 @@ def reconstruction(tensors: dict[str, torch.Tensor], codecs) -> dict[str, dict[s
 
 
 def link_profile(device: str):
-    """``device``'s compute (a built-in profile or a .toml file) on the issue's edge link."""
+    """``device``'s compute (a built-in profile or a .toml file) on the benchmark's edge link."""
     base = resolve_profile(device)
     return dataclasses.replace(
         base, name=f"{base.name} compute on a {UPLINK_MBPS:g}/{DOWNLINK_MBPS:g} Mbit/s link",
         uplink_mbps=UPLINK_MBPS, downlink_mbps=DOWNLINK_MBPS, rtt_ms=RTT_MS, memory_gb=64.0,
-        sources={**base.sources, "memory_gb": "not limited here", "uplink_mbps": "issue 10's edge link",
-                 "downlink_mbps": "issue 10's edge link", "rtt_ms": "issue 10's edge link"})
+        sources={**base.sources, "memory_gb": "not limited here", "uplink_mbps": "the benchmark's edge link",
+                 "downlink_mbps": "the benchmark's edge link", "rtt_ms": "the benchmark's edge link"})
 
 
 def link_steps(codecs, steps: int, warmup: int, device: str = "pi5") -> tuple[dict[str, dict], dict]:
@@ -263,7 +263,7 @@ def accuracy_table(runs: list[dict], codecs) -> dict[str, dict]:
 
 
 def targets(link: dict, accuracy: dict) -> list[dict]:
-    """Each of the issue's targets: what it asks, what was measured, met or not."""
+    """Each target: what it asks, what was measured, met or not."""
     base = link["fp32"]
     rows = []
     for codec, want in TARGETS.items():
@@ -331,7 +331,7 @@ def markdown(result: dict) -> str:
     for codec, r in rec.items():
         lines.append(f"| {codec} | " + " | ".join(f"{r[n]['rel_l2']:.2e}; {r[n]['max_rel']:.2e}" for n in names)
                      + " |")
-    lines += ["", "Targets (issue 10):", "", "| codec | what | target | measured | met |", "|---|---|---|---|---|"]
+    lines += ["", "Targets:", "", "| codec | what | target | measured | met |", "|---|---|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['codec']} | {t['what']} | {t['target']} | {t['measured']} | "
                      f"{'yes' if t['met'] else '**missed**'} |")
