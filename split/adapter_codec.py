@@ -42,6 +42,9 @@ def parse_adapter_codec(text: str, what: str = "adapter codec") -> CodecSpec:
     if spec.name not in ADAPTER_CODECS:
         raise ValueError(f"{what}: adapters travel as {USAGE}, not {spec.text} (that codec is for hidden states "
                          "and gradients: --codec-up/--codec-down)")
+    if spec.name == "topk" and spec.params != (("density", spec.param("density")),):
+        raise ValueError(f"{what}: adapters take topk:density=D only ({spec.text}); their uploads always keep "
+                         "an error-feedback residual")
     return spec
 
 

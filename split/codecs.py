@@ -88,7 +88,9 @@ PARAMS: dict[str, dict[str, Param]] = {
     "bf16": {},
     "int8": {"outliers": Param(int, 0, 0, 256, meaning="channels of largest magnitude sent apart in fp16")},
     "nf4": {"block": Param(int, 64, 2, 4096, meaning="elements per absmax scale")},
-    "topk": {"density": Param(float, None, 0.0, 1.0, low_open=True, meaning="fraction of the entries sent")},
+    "topk": {"density": Param(float, None, 0.0, 1.0, low_open=True, meaning="fraction of the entries sent"),
+             "ef": Param(int, 1, 0, 1, meaning="1: the sender adds what it left out to the next step's tensor "
+                                               "(error feedback); 0: what is left out is dropped")},
 }
 WIRE_NAMES = {"fp32": "raw"}  # the lossless codec keeps the header name it always had
 SPEC_NAMES = {WIRE_NAMES.get(name, name): name for name in PARAMS}
@@ -233,9 +235,9 @@ def roundtrip(tensor: torch.Tensor, spec: CodecSpec) -> torch.Tensor:
 
 def uses_error_feedback(spec: CodecSpec) -> bool:
     """Whether the sender keeps an error-feedback residual for ``spec``: top-k
-    does (without one, the entries just below the cut would never be sent);
-    the quantizers' errors are unbiased enough to leave alone."""
-    return spec.name == "topk"
+    does unless ``ef=0`` (without one, the entries just below the cut would
+    never be sent); the quantizers' errors are unbiased enough to leave alone."""
+    return spec.name == "topk" and spec.param("ef") == 1
 
 
 class ErrorFeedback:

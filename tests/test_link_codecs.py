@@ -156,6 +156,10 @@ def test_a_sender_codes_only_the_named_tensors_and_is_a_no_op_when_lossless():
     sender.code(msg, ("hidden", "grad"))
     assert msg.codecs == {"hidden": spec}
     assert sender.feedback.residual("hidden").tolist() == [0.0, 0.0, 1.0, 1.0]
+    plain = Sender(parse_codec("topk:density=0.5,ef=0"))  # without error feedback: each step sent on its own
+    again = Message("forward", tensors={"hidden": torch.tensor([1.0, 2.0, 3.0, 4.0])})
+    plain.code(again, ("hidden",))
+    assert again.tensors["hidden"].tolist() == [1.0, 2.0, 3.0, 4.0] and plain.feedback.residual("hidden") is None
 
 
 # ------------------------------------------------------------ bad codecs, by name
