@@ -6,17 +6,20 @@ absmax scale per output row; outlier threshold 6.0), ``--quantize 4bit`` as a
 ``Linear4bit`` in NF4 (4-bit NormalFloat in blocks of 64 weights, the blocks'
 absmax scales themselves quantized to 8 bits: QLoRA's double quantization),
 computing in the segment's dtype (float32, or the ``--dtype`` asked for).
-The client quantizes its front and back blocks, the server its backbone
-blocks. What stays in full precision, and why:
+The client quantizes its front and back blocks and, where it is a frozen
+lookup, its token embedding (``split/quant_embedding.py``: bitsandbytes'
+``Embedding8bit``/``Embedding4bit``); the server its backbone blocks. What
+stays in full precision, and why:
 
-- embeddings: a lookup reads a few rows, and bitsandbytes has no 4-bit
-  embedding that peft and transformers both handle;
+- a token embedding tied to a language-model head the client computes, or
+  one that computes more than a lookup (``split/quant_embedding.py``), and
+  position and token-type embeddings (a few hundred rows);
 - norms, biases, the pooler and the task head: small, and a trained head must
   be full precision for its optimizer;
 - LoRA factors: float32, as everywhere in fedsplit.
 
-Each linear layer is quantized as soon as the checkpoint reader has loaded
-its tensors (``Quantizer`` is ``build_segment``'s ``on_loaded`` hook), a few
+Each linear layer (and the token embedding) is quantized as soon as the
+checkpoint reader has loaded its tensors (``Quantizer`` is ``build_segment``'s ``on_loaded`` hook), a few
 rows at a time, so a side never holds all its blocks in full precision at
 once: while loading, it holds the quantized layers, one layer in full
 precision and a few megabytes of quantization temporaries. GPT-2's ``Conv1D`` (weights stored in x out)
@@ -304,8 +307,9 @@ class Quantizer:
 
     An instance is ``split.partition.build_segment``'s ``on_loaded`` hook:
     called with the model and each parameter's name once its tensor is in, it
-    swaps the layer owning it for its quantized twin as soon as the layer has
-    no tensor left to load. ``finish`` then quantizes anything the hook did not
+    swaps the layer owning it (a block's linear layer, or the token embedding)
+    for its quantized twin as soon as the layer has no tensor left to load.
+    ``finish`` then quantizes anything the hook did not
     see and marks the model for peft, whose LoRA layers for bitsandbytes are
     chosen by these marks. Construction checks that bitsandbytes runs here."""
 
