@@ -9,9 +9,11 @@ sequence length. The client then holds (``edge/client.py``):
   split the final norm, pooler and head; with quantized weights (``weights``
   "8bit" or "4bit") its blocks' linear layers in bitsandbytes' layout, the
   inputs 8-bit layers keep for backward, and one dequantized layer alive for
-  a moment (``profiles/quantized.py``); and where loading peaks above
-  training (quantized weights: one layer in full precision as read, beside
-  every layer already quantized), the difference (``loading``);
+  a moment (``profiles/quantized.py``), and the token embedding quantized
+  too where it is a frozen lookup (``embedding_quantized``); and where loading
+  peaks above training (quantized weights: one layer in full precision as
+  read, beside every layer already quantized, or the whole token embedding as
+  read, first), the difference (``loading``);
 - LoRA factors (fp32) on every one of its blocks, and a trained
   classification head twice (peft's ``modules_to_save`` keeps the original
   beside the trained copy);
@@ -256,10 +258,21 @@ def _linears(shape: ModelShape, block: int) -> tuple[tuple[int, int], ...]:
     return shape.block_linears[block]
 
 
+def embedding_quantized(shape: ModelShape, plan: Plan) -> bool:
+    """Whether the plan's client holds its token embedding quantized: with
+    quantized weights, where it is a plain lookup not tied to a head the
+    client computes (``split/quant_embedding.py``)."""
+    return (plan.quantized and shape.embedding_lookup and shape.token_embedding[0] > 0
+            and not (shape.tied_head and plan.k2 > 0))
+
+
 def _weight_bytes(shape: ModelShape, plan: Plan, frozen: int, blocks: list[int]) -> int:
     """Bytes of the frozen weights: ``frozen`` parameters in the plan's dtype,
     the blocks' linear weights in their quantized layout when quantized."""
     total = frozen * _elem(plan)
+    if embedding_quantized(shape, plan):
+        rows, width = shape.token_embedding
+        total += quant.quantized_embedding_bytes(rows, width, plan.weights) - rows * width * _elem(plan)
     if plan.quantized:
         for b in blocks:
             linears = _linears(shape, b)
@@ -318,8 +331,15 @@ def _loading(shape: ModelShape, plan: Plan, parts: dict[str, int]) -> int:
     bottom, top = client_blocks(shape, plan)
     largest = max(quant.dequantized_bytes(_linears(shape, b), 1) for b in (*bottom, *top))
     stored = DTYPE_BYTES[shape.checkpoint_dtype]
-    read = largest * (stored + (_elem(plan) if shape.checkpoint_dtype != plan.dtype else 0))
-    return parts["runtime"] + parts["weights"] + parts["head"] + read
+    per_element = stored + (_elem(plan) if shape.checkpoint_dtype != plan.dtype else 0)
+    blocks = parts["runtime"] + parts["weights"] + parts["head"] + largest * per_element
+    if not embedding_quantized(shape, plan):
+        return blocks
+    # The token embedding loads first (before every block): read whole, then quantized.
+    rows, width = shape.token_embedding
+    embedding = parts["runtime"] + rows * width * per_element + quant.quantized_embedding_bytes(
+        rows, width, plan.weights)
+    return max(blocks, embedding)
 
 
 def block_memory(shape: ModelShape, plan: Plan, block: int) -> int:

@@ -15,6 +15,11 @@ bitsandbytes' layouts and its CPU autograd functions, as fedsplit uses them:
   one uint8 scale per block of 64 weights, one float32 scale per 256 of those
   and the two codebooks (256 float32 and 16 float32 values) and an offset.
   Its matmul keeps nothing but the packed weight.
+- The token embedding, where ``--quantize`` holds it quantized (a frozen
+  lookup: not tied to a head the client computes): int8 rows with a float32
+  absmax per row, or NF4 with float32 block scales (bitsandbytes' embedding
+  has no double quantization). It is read whole, as the checkpoint stores
+  it, before it is quantized: the first moment of the loading peak.
 - Both dequantize a layer's weight into the compute dtype for every matrix
   product, forward and backward: the largest layer's dequantized copy is alive
   for a moment beside the gradients of the block running backward.
@@ -51,6 +56,19 @@ def quantized_linear_bytes(d_out: int, d_in: int, weights: str) -> int:
             return math.ceil(n / 2) + FP32 * blocks + FP32 * NF4_CODE
         nested = math.ceil(blocks / NESTED_BLOCK)
         return math.ceil(n / 2) + blocks + FP32 * nested + FP32 * INT8_CODE + FP32 * NF4_CODE + FP32
+    raise ValueError(f"weights {weights!r} are not quantized: use one of {', '.join(QUANTIZED)}")
+
+
+def quantized_embedding_bytes(rows: int, width: int, weights: str) -> int:
+    """Bytes bitsandbytes holds for a rows x width token embedding in
+    ``weights`` ("8bit" or "4bit"; ``split/quant_embedding.py``): int8 rows and
+    a float32 absmax per row, or NF4 with float32 block scales (no double
+    quantization) and the 16-value codebook."""
+    n = rows * width
+    if weights == "8bit":
+        return n + FP32 * rows
+    if weights == "4bit":
+        return math.ceil(n / 2) + FP32 * math.ceil(n / NF4_BLOCK) + FP32 * NF4_CODE
     raise ValueError(f"weights {weights!r} are not quantized: use one of {', '.join(QUANTIZED)}")
 
 

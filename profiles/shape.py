@@ -14,6 +14,8 @@ import copy
 import logging
 from dataclasses import dataclass
 
+from torch import nn
+
 from split.families import family_for, join
 from split.partition import new_heads
 
@@ -60,6 +62,11 @@ class ModelShape:
     # per block, (d_out, d_in) of each linear layer: what --quantize holds in 8 or 4 bits
     block_linears: tuple[tuple[tuple[int, int], ...], ...] = ()
     checkpoint_dtype: str = "float32"  # what the checkpoint stores (the config's dtype; float32 when unsaid)
+    # the token embedding (rows, width), part of embedding_params; --quantize holds it in 8 or 4 bits where it is
+    # a plain lookup (embedding_lookup) not tied to a head the client computes (split/quant_embedding.py)
+    token_embedding: tuple[int, int] = (0, 0)
+    embedding_lookup: bool = False
+    tied_head: bool = False  # the head shares the token embedding's tensor
 
     @classmethod
     def from_config(cls, config, num_labels: int = 2, task: str = "classification") -> "ModelShape":
@@ -93,6 +100,8 @@ class ModelShape:
         embeddings = count(*(join(fam.prefix, e) for e in (*fam.embeddings, *fam.embed_extras)))
         heads = text.num_attention_heads
         hidden = text.hidden_size
+        token = model.get_input_embeddings()
+        tied = _tied_head(model, config, head_paths)
         return cls(
             family=fam.name,
             architecture=ARCHITECTURES[config.model_type],
@@ -109,7 +118,7 @@ class ModelShape:
             block_params=block_params,
             norm_params=count(join(fam.prefix, fam.norm)) if fam.norm else 0,
             pooler_params=count(*(join(fam.prefix, p) for p in fam.base_head)),
-            head_params=0 if _tied_head(model, config, head_paths) else count(*head_paths),
+            head_params=0 if tied else count(*head_paths),
             head_trained=bool(new_heads(fam, task)),
             lora_targets=_lora_targets(model, f"{blocks_path}.0", fam),
             attention_dropout=_dropout(text, ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout")),
@@ -117,6 +126,9 @@ class ModelShape:
             rotary=fam.rotary,
             block_linears=tuple(_linears(model.get_submodule(f"{blocks_path}.{i}")) for i in range(num_layers)),
             checkpoint_dtype=_stored_dtype(config),
+            token_embedding=tuple(token.weight.shape),
+            embedding_lookup=type(token) is nn.Embedding,
+            tied_head=tied,
         )
 
     @property

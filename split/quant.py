@@ -6,17 +6,20 @@ absmax scale per output row; outlier threshold 6.0), ``--quantize 4bit`` as a
 ``Linear4bit`` in NF4 (4-bit NormalFloat in blocks of 64 weights, the blocks'
 absmax scales themselves quantized to 8 bits: QLoRA's double quantization),
 computing in the segment's dtype (float32, or the ``--dtype`` asked for).
-The client quantizes its front and back blocks, the server its backbone
-blocks. What stays in full precision, and why:
+The client quantizes its front and back blocks and, where it is a frozen
+lookup, its token embedding (``split/quant_embedding.py``: bitsandbytes'
+``Embedding8bit``/``Embedding4bit``); the server its backbone blocks. What
+stays in full precision, and why:
 
-- embeddings: a lookup reads a few rows, and bitsandbytes has no 4-bit
-  embedding that peft and transformers both handle;
+- a token embedding tied to a language-model head the client computes, or
+  one that computes more than a lookup (``split/quant_embedding.py``), and
+  position and token-type embeddings (a few hundred rows);
 - norms, biases, the pooler and the task head: small, and a trained head must
   be full precision for its optimizer;
 - LoRA factors: float32, as everywhere in fedsplit.
 
-Each linear layer is quantized as soon as the checkpoint reader has loaded
-its tensors (``Quantizer`` is ``build_segment``'s ``on_loaded`` hook), a few
+Each linear layer (and the token embedding) is quantized as soon as the
+checkpoint reader has loaded its tensors (``Quantizer`` is ``build_segment``'s ``on_loaded`` hook), a few
 rows at a time, so a side never holds all its blocks in full precision at
 once: while loading, it holds the quantized layers, one layer in full
 precision and a few megabytes of quantization temporaries. GPT-2's ``Conv1D`` (weights stored in x out)
@@ -217,10 +220,12 @@ def _int8_params(bnb, weight: torch.Tensor, device: torch.device):
     return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
 
 
-def _nf4_params(bnb, weight: torch.Tensor, device: torch.device, layer: nn.Module):
+def _nf4_params(bnb, weight: torch.Tensor, device: torch.device, layer: nn.Module,
+                double_quant: bool = DOUBLE_QUANT):
     """``weight`` (d_out x d_in) as bitsandbytes NF4 parameters on ``device``,
     as ``bitsandbytes.functional.quantize_4bit`` makes them (blocks of
-    ``NF4_BLOCK`` in row-major order, the block scales double-quantized), but
+    ``NF4_BLOCK`` in row-major order, the block scales double-quantized
+    unless ``double_quant`` is false), but
     quantized a few rows at a time: its temporaries are several times the
     tensor it quantizes, which for a whole layer would set the side's peak."""
     d_out, d_in = weight.shape
@@ -236,7 +241,7 @@ def _nf4_params(bnb, weight: torch.Tensor, device: torch.device, layer: nn.Modul
         absmax[first // NF4_BLOCK:first // NF4_BLOCK + state.absmax.numel()] = state.absmax
     code = bnb.functional.get_4bit_type("nf4", device=device)
     shape = torch.Size((d_out, d_in))
-    if DOUBLE_QUANT:
+    if double_quant:
         offset = absmax.mean()
         scales, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
         state = bnb.functional.QuantState(absmax=scales, shape=shape, dtype=weight.dtype, blocksize=NF4_BLOCK,
@@ -245,7 +250,7 @@ def _nf4_params(bnb, weight: torch.Tensor, device: torch.device, layer: nn.Modul
         state = bnb.functional.QuantState(absmax=absmax, shape=shape, dtype=weight.dtype, blocksize=NF4_BLOCK,
                                           code=code, quant_type="nf4")
     return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK,
-                             compress_statistics=DOUBLE_QUANT, quant_type="nf4", module=layer, bnb_quantized=True)
+                             compress_statistics=double_quant, quant_type="nf4", module=layer, bnb_quantized=True)
 
 
 def quantize_linear(module: nn.Module, mode: str, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
@@ -302,8 +307,9 @@ class Quantizer:
 
     An instance is ``split.partition.build_segment``'s ``on_loaded`` hook:
     called with the model and each parameter's name once its tensor is in, it
-    swaps the layer owning it for its quantized twin as soon as the layer has
-    no tensor left to load. ``finish`` then quantizes anything the hook did not
+    swaps the layer owning it (a block's linear layer, or the token embedding)
+    for its quantized twin as soon as the layer has no tensor left to load.
+    ``finish`` then quantizes anything the hook did not
     see and marks the model for peft, whose LoRA layers for bitsandbytes are
     chosen by these marks. Construction checks that bitsandbytes runs here."""
 
@@ -314,6 +320,9 @@ class Quantizer:
         check_runs(mode, self.device, compute_dtype)
         self.count = 0
         self._blocks: str | None = None
+        self._embedding: str | None = None  # the token embedding's path ("" where this side holds none)
+        # (path, rows, width, why it stays in full precision or None) once the token embedding is loaded
+        self.embedding: tuple[str, int, int, str | None] | None = None
 
     def _blocks_path(self, model: nn.Module) -> str:
         if self._blocks is None:
@@ -330,6 +339,54 @@ class Quantizer:
             return None
         return module
 
+    def _embedding_path(self, model: nn.Module) -> str | None:
+        if self._embedding is None:
+            from .quant_embedding import token_embedding_path
+
+            self._embedding = token_embedding_path(model) or ""
+        return self._embedding or None
+
+    def _embedding_step(self, model: nn.Module) -> None:
+        """Quantize the loaded token embedding, or note why it stays in full
+        precision (``split.quant_embedding``)."""
+        from .quant_embedding import check_embedding_width, is_quantized_embedding, keep_reason, quantize_embedding
+
+        path = self._embedding_path(model)
+        module = model.get_submodule(path)
+        if self.embedding is not None or is_quantized_embedding(module):
+            return
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.device.type == "meta":
+            return
+        rows, width = weight.shape
+        reason = keep_reason(model, path)
+        if reason is None:
+            check_embedding_width(width, self.mode, self.device, path)
+            set_module(model, path, quantize_embedding(module, self.mode, self.device, self.compute_dtype))
+        self.embedding = (path, rows, width, reason)
+
+    def describe(self) -> list[str]:
+        """What this side holds quantized and what it keeps in full precision, and why (one line each)."""
+        held = {"8bit": "8 bits (int8, a float32 absmax per row)",
+                "4bit": f"4 bits (NF4, blocks of {NF4_BLOCK})"}[self.mode]
+        lines = [f"--quantize {self.mode}: {self.count} linear layers of this side's blocks in {held}"
+                 + (", block scales in 8 bits" if self.mode == "4bit" and DOUBLE_QUANT else "")]
+        if self.embedding is not None:
+            path, rows, width, reason = self.embedding
+            if reason is None:
+                scales = ", block scales float32" if self.mode == "4bit" else ""
+                lines.append(f"--quantize {self.mode}: the token embedding {path} ({rows} x {width}) in {held}{scales}")
+            else:
+                lines.append(f"--quantize {self.mode}: the token embedding {path} ({rows} x {width}) stays "
+                             f"{self.compute_dtype_name}: {reason}")
+        lines.append(f"--quantize {self.mode}: in {self.compute_dtype_name}: position and token-type embeddings "
+                     "(small), norms, biases, the head, LoRA factors (float32)")
+        return lines
+
+    @property
+    def compute_dtype_name(self) -> str:
+        return str(self.compute_dtype).removeprefix("torch.")
+
     def _swap(self, model: nn.Module, path: str, module: nn.Module) -> None:
         if self.mode == "4bit":
             d_in = module.weight.shape[0] if isinstance(module, Conv1D) else module.in_features
@@ -339,6 +396,9 @@ class Quantizer:
 
     def __call__(self, model: nn.Module, name: str) -> None:
         path = name.rpartition(".")[0]
+        if self._embedding_path(model) == path:
+            self._embedding_step(model)
+            return
         module = self._target(model, path)
         if module is None or any(p.device.type == "meta" for p in module.parameters(recurse=False)):
             return  # not a block's linear layer, or its bias is still to come
@@ -348,6 +408,8 @@ class Quantizer:
         """Quantize what is left of the blocks' loaded linear layers and mark
         ``model`` for peft; returns it. A side without a linear layer to
         quantize is refused."""
+        if self._embedding_path(model) is not None:
+            self._embedding_step(model)
         for path, module in list(model.named_modules()):
             target = self._target(model, path) if path else None
             if target is not None and all(p.device.type != "meta" for p in target.parameters(recurse=False)):
@@ -357,7 +419,8 @@ class Quantizer:
         # peft picks its bitsandbytes LoRA layers by these flags (peft.tuners.lora.model).
         model.is_loaded_in_8bit = self.mode == "8bit"
         model.is_loaded_in_4bit = self.mode == "4bit"
-        log.info("%d linear layers of this side's blocks quantized to %s", self.count, self.mode)
+        for line in self.describe():
+            log.info("%s", line)
         return model
 
 

@@ -18,7 +18,8 @@ from conftest import VOCAB, minilm_path, random_batch, save_tiny, threaded_serve
 from profiles.cost import ModelShape, Plan, predict_memory
 from profiles.planfile import PlanFileError, client_plan
 from profiles.planner import PlanningError, plan_clients
-from profiles.quantized import block_linear_params, int8_inputs_per_token, quantized_linear_bytes
+from profiles.quantized import (block_linear_params, int8_inputs_per_token, quantized_embedding_bytes,
+                                quantized_linear_bytes)
 from profiles.schema import builtin_profiles
 from split import quant
 from split.lora import LoraSpec, attach_lora, fold_delta, lora_layers
@@ -119,11 +120,12 @@ def test_quantized_segment_computes_close_to_float_and_trains_only_lora_and_head
         assert torch.equal(h_again, h) and torch.allclose(g_again, g, rtol=1e-5, atol=1e-7), mode
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_quantized_bytes_are_what_the_cost_model_counts(wide_models, family):
     """The tensors a quantized side holds (scales and codebooks included) are
-    smaller than the float ones by exactly what profiles/quantized.py counts,
-    and predict_memory's weights (with the head) are those bytes."""
+    smaller than the float ones by exactly what profiles/quantized.py counts
+    for the blocks' linear layers and the token embedding, and
+    predict_memory's weights (with the head) are those bytes."""
     folder = wide_models(family)
     shape = ModelShape.from_config(load_config(folder, "classification", 3, True), 3)
     blocks = (0, shape.num_layers - 1)
@@ -134,8 +136,11 @@ def test_quantized_bytes_are_what_the_cost_model_counts(wide_models, family):
         held = tensor_bytes(segment(folder, mode)[0].model)
         if mode != "none":
             linears = [lin for b in blocks for lin in shape.block_linears[b]]
+            rows, width = shape.token_embedding
+            assert shape.embedding_lookup and not shape.tied_head
             expected = ref_bytes - 4 * block_linear_params(tuple(linears)) + sum(
-                quantized_linear_bytes(o, i, mode) for o, i in linears)
+                quantized_linear_bytes(o, i, mode) for o, i in linears) - 4 * rows * width + quantized_embedding_bytes(
+                rows, width, mode)
             assert held == expected < ref_bytes
         parts = predict_memory(shape, Plan(1, 1, 4, 2, 8, frozenset({0}), weights=mode.replace("none", "float32")),
                                runtime=0).parts
