@@ -70,6 +70,7 @@ from .common import (check_hetero_client, check_hetero_uploads, clone_tree, down
 # Relative squared distance below which a point counts as a chosen centre in the
 # seeding (float64 rounding is ~1e-15; components this close are one component).
 _SAME = 1e-9
+DEFAULT_SKETCH = 128  # coordinates the clustering runs on (RankClustering's ``sketch``)
 
 
 def balanced_points(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,8 @@ def _sq_dist_to(X: torch.Tensor, X32: torch.Tensor, sq: torch.Tensor, c: torch.T
 
 
 def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator,
-                          iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          iterations: int = 10, sketch: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted k-means on points up to sign, deterministic for a generator state.
 
     ``X`` is N x D (float64), ``w`` the N non-negative weights (not all zero).
@@ -114,14 +116,23 @@ def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: t
     that aligns it with its centre, and the k' <= k centres (k' < k when
     fewer than k points are distinct up to sign). Centres are the w-weighted
     means of their sign-aligned members; a centre that loses every member
-    keeps its place."""
+    keeps its place.
+
+    With ``sketch`` (D x p), seeding and Lloyd run on the projected points
+    ``X @ sketch`` (a random projection preserves distances, and so the
+    clustering, up to a tolerance: docs/aggregation-scale.md); the centres
+    returned are still the exact weighted means of the members in X's space."""
     n = X.shape[0]
     if n == 0 or k < 1:
         raise ValueError("sign_invariant_kmeans needs at least one point and one cluster")
+    full = X
+    if sketch is not None:
+        X = (X.float() @ sketch.float()).double()
     sq = (X * X).sum(dim=1)
     X32 = X.float()
     # k-means++ seeding: first centre drawn by weight, the next ones by weight * D^2.
     first = int(torch.multinomial(w, 1, generator=generator))
+    chosen = [first]
     centres = [X[first]]
     D = _sq_dist_to(X, X32, sq, centres[0])
     while len(centres) < min(k, n):
@@ -129,6 +140,7 @@ def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: t
         if not p.sum() > 0:
             break  # every point (with weight) coincides with a centre
         i = int(torch.multinomial(p, 1, generator=generator))
+        chosen.append(i)
         centres.append(X[i])
         D = torch.minimum(D, _sq_dist_to(X, X32, sq, centres[-1]))
     # Lloyd in float32: the argmin needs no more, and it is the costly part.
@@ -144,25 +156,44 @@ def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: t
         assign, sign = new_assign, new_sign
         C32 = _means(X32, w32 * sign, w32, assign, C32)
     sign = sign.to(torch.float64)
-    # The centres returned are the float64 means of the final assignment.
-    return assign, sign, _means(X, w * sign, w, assign, torch.stack(centres))
+    # The centres returned are the float64 means of the final assignment, in the points' own space.
+    return assign, sign, _means(full, w * sign, w, assign, full[chosen])
 
 
 def _means(X: torch.Tensor, signed_w: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
            C: torch.Tensor) -> torch.Tensor:
     """Weighted means of the sign-aligned members; empty clusters keep their centre."""
-    k = C.shape[0]
-    sums = torch.zeros((k, X.shape[1]), dtype=X.dtype).index_add_(0, assign, X * signed_w[:, None])
-    tot = torch.zeros(k, dtype=X.dtype).index_add_(0, assign, w)
+    k, n = C.shape[0], X.shape[0]
+    # A sparse k x N membership matrix: one pass over X, several times faster than index_add_ on rows.
+    M = torch.sparse_coo_tensor(torch.stack([assign, torch.arange(n)]), signed_w.to(X.dtype), (k, n),
+                                check_invariants=False)
+    sums = torch.sparse.mm(M, X)
+    tot = torch.zeros(k, dtype=X.dtype).index_add_(0, assign, w.to(X.dtype))
     return torch.where((tot > 0)[:, None], sums / torch.where(tot > 0, tot, 1)[:, None], C)
+
+
+def sketch_matrix(dims: int, sketch: int, seed: int, round_index: int, module: str) -> torch.Tensor | None:
+    """The seeded Gaussian projection (dims x sketch, entries N(0, 1/sketch)) that
+    clustering runs on, or None when ``sketch`` is 0 or would not at least halve ``dims``."""
+    if sketch == 0 or dims < 2 * sketch:
+        return None
+    gen = generator(seed, "sketch", round_index, module)
+    return torch.randn(dims, sketch, generator=gen) / sketch ** 0.5
 
 
 class RankClustering(Strategy):
     """FedInc-style aggregation: k-means over all clients' rank-1 components,
     one global rank slot per cluster, slots ordered by cluster weight.
 
-    The run's seed drives the k-means++ draws. Option: ``iterations`` (at most
-    this many Lloyd steps; default 10).
+    The run's seed drives the k-means++ draws and the sketch. Options:
+    ``iterations`` (at most this many Lloyd steps; default 10) and ``sketch``
+    (default 128): when the points have at least twice that many coordinates
+    (d_out + d_in), the clustering runs on a seeded Gaussian projection of
+    them to ``sketch`` coordinates, which cuts its cost by about
+    (d_out + d_in) / sketch; 0 clusters the full points. The sketch changes
+    only which cluster a point joins, and only near ties (tested against the
+    full clustering in tests/test_aggregation_scale.py); centroids and slots
+    are computed exactly from the members.
     """
 
     name = "fedinc"
@@ -170,11 +201,14 @@ class RankClustering(Strategy):
     mixed_alphas = True
     block_subsets = True
 
-    def __init__(self, seed: int = 0, iterations: int = 10):
+    def __init__(self, seed: int = 0, iterations: int = 10, sketch: int = DEFAULT_SKETCH):
         super().__init__(seed)
         if int(iterations) < 1:
             raise StrategyError(f"fedinc: iterations must be at least 1, got {iterations}")
+        if int(sketch) < 0:
+            raise StrategyError(f"fedinc: sketch must be 0 (off) or a number of coordinates, got {sketch}")
         self.iterations = int(iterations)
+        self.sketch = int(sketch)
 
     def init_state(self, initial: dict[str, Factors], clients: list[ClientInfo]) -> dict:
         """The initial LoRA at r_max (the largest rank of the run)."""
@@ -215,7 +249,8 @@ class RankClustering(Strategy):
         w = torch.cat([torch.full((u.factors[m].rank,), pk, dtype=torch.float64) for pk, u in zip(p, have)])
         X = balanced_points(b, a)
         gen = generator(self.seed, "kmeans", round_index, m)
-        assign, sign, C = sign_invariant_kmeans(X, w, r_max, gen, self.iterations)
+        assign, sign, C = sign_invariant_kmeans(X, w, r_max, gen, self.iterations,
+                                                sketch_matrix(X.shape[1], self.sketch, self.seed, round_index, m))
         k = C.shape[0]
         tot = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w)
         raw_a = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w * torch.linalg.vector_norm(a, dim=1))
