@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from split.codecs import CodecSpec, parse_codec
+from split.codecs import CodecSpec, parse_codec, split_codec_list
 
 SLACK = 0.10  # a more precise codec may cost this share of the fastest step time
 # Codec families from the most precise to the least; within one, ``_finer`` decides.
@@ -50,9 +50,9 @@ def parse_codec_list(text: str) -> tuple[CodecSpec, ...]:
     """Codecs from ``"fp32,fp16,int8:outliers=4"`` (comma-separated codec
     texts), each checked by ``parse_codec``; a codec listed twice, or an empty
     list, is a ValueError naming it."""
-    items = [item.strip() for item in text.split(",")]
-    if not text.strip() or any(not item for item in items):
+    if not text.strip():
         raise ValueError(f"codecs {text!r}: expected codec texts separated by commas, such as fp32,fp16,int8")
+    items = split_codec_list(text)
     specs = []
     for item in items:
         spec = parse_codec(item)

@@ -14,8 +14,9 @@ Codecs (docs/compression.md has each frame's layout and error bound):
 - ``int8[:outliers=N]``: per-row (per-token) absmax int8 with fp32 scales; the N
   channels of largest magnitude go apart in fp16;
 - ``nf4[:block=B]``: 4-bit NormalFloat in blocks of B with fp32 absmax;
-- ``topk:density=D``: the largest D of the entries (int32 indices, fp16
-  values); the sender keeps the rest as an error-feedback residual.
+- ``topk:density=D[,ef=1]``: the largest D of the entries (int32 indices,
+  fp16 values); with ``ef=1`` the sender keeps the rest as an error-feedback
+  residual for the next step.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ PARAMS: dict[str, dict[str, Param]] = {
     "int8": {"outliers": Param(int, 0, 0, 256, meaning="channels of largest magnitude sent apart in fp16")},
     "nf4": {"block": Param(int, 64, 2, 4096, meaning="elements per absmax scale")},
     "topk": {"density": Param(float, None, 0.0, 1.0, low_open=True, meaning="fraction of the entries sent"),
-             "ef": Param(int, 1, 0, 1, meaning="1: the sender adds what it left out to the next step's tensor "
+             # Off by default: a hidden state's or gradient's residual belongs to other samples than the
+             # next step's, and adding it there wrecked training (docs/compression.md, measured).
+             "ef": Param(int, 0, 0, 1, meaning="1: the sender adds what it left out to the next step's tensor "
                                                "(error feedback); 0: what is left out is dropped")},
 }
 WIRE_NAMES = {"fp32": "raw"}  # the lossless codec keeps the header name it always had
@@ -193,6 +196,26 @@ def parse_codec(text: str) -> CodecSpec:
 RAW = parse_codec("fp32")
 
 
+def split_codec_list(text: str) -> list[str]:
+    """Codec texts from a comma-separated list, a ``key=value`` item belonging
+    to the codec before it: "fp32,topk:density=0.1,ef=0,int8" is fp32,
+    topk:density=0.1,ef=0 and int8. Texts are not checked here (``parse_codec``
+    does); an empty item or a parameter before any codec is a ValueError."""
+    out: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise ValueError(f"codecs {text[:80]!r}: an empty item; expected codec texts separated by commas, "
+                             "such as fp32,fp16,int8")
+        if "=" in item and ":" not in item:
+            if not out or ":" not in out[-1]:
+                raise ValueError(f"codecs {text[:80]!r}: {item[:40]!r} is a parameter with no codec before it "
+                                 "(write name:key=value,key=value)")
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 def spec_for_wire(wire_name: str, params: dict) -> CodecSpec:
     """The spec a header entry names (its codec and params map); ValueError
     naming what is wrong."""
@@ -235,8 +258,8 @@ def roundtrip(tensor: torch.Tensor, spec: CodecSpec) -> torch.Tensor:
 
 def uses_error_feedback(spec: CodecSpec) -> bool:
     """Whether the sender keeps an error-feedback residual for ``spec``: top-k
-    does unless ``ef=0`` (without one, the entries just below the cut would
-    never be sent); the quantizers' errors are unbiased enough to leave alone."""
+    with ``ef=1`` does (without one, the entries just below the cut are never
+    sent); the quantizers' errors are unbiased enough to leave alone."""
     return spec.name == "topk" and spec.param("ef") == 1
 
 

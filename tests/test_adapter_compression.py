@@ -191,7 +191,7 @@ def test_a_delta_coded_upload_is_rebuilt_before_the_strategy_sees_it():
 
 @pytest.mark.parametrize("value, error", [
     ("int8", "not int8"), ("topk:density=2", "out of range"), ("topk", "needs density"), ("zip", "unknown codec"),
-    (5, "must be a string"), ("x" * 100, "at most 64 characters"), ("topk:density=0.1,ef=0", "density=D only")])
+    (5, "must be a string"), ("x" * 100, "at most 64 characters"), ("topk:density=0.1,ef=1", "density=D only")])
 def test_bad_adapter_codecs_are_refused_on_the_wire_by_field(value, error):
     meta = {**settings().to_meta(), "adapter_down": value}
     with pytest.raises(ProtocolError, match=f"'adapter_down'.*{error}"):

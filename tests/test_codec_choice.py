@@ -216,3 +216,12 @@ def test_a_client_with_a_profile_takes_the_plans_codecs(minilm, monkeypatch):
     with pytest.raises(ValueError, match=r"--codec-up int8 conflicts with the server's plan for 'Raspberry Pi 5 "
                                          r"\(8 GB\)', which gives --codec-up int8:outliers=4"):
         planned.apply_profile(args, base[1:] + ["--codec-up", "int8"])
+
+
+def test_a_codec_list_keeps_a_codecs_later_parameters_with_it():
+    assert [s.text for s in parse_codec_list("fp32, topk:density=0.1,ef=1,int8:outliers=2")] == [
+        "fp32", "topk:density=0.1,ef=1", "int8:outliers=2"]
+    for bad, error in [("ef=1,fp32", "no codec before it"), ("fp32,,int8", "an empty item"),
+                       ("fp16,ef=1", "no codec before it")]:
+        with pytest.raises(ValueError, match=error):
+            parse_codec_list(bad)

@@ -38,9 +38,10 @@ def test_specs_are_canonical_and_their_text_parses_back():
     assert parse_codec("nf4").param("block") == 64
     for text in ["fp32", "fp16", "bf16", "int8", "int8:outliers=4", "nf4:block=128", "topk:density=0.25"]:
         assert parse_codec(parse_codec(text).text) == parse_codec(text)
-    assert uses_error_feedback(parse_codec("topk:density=0.5")) and not uses_error_feedback(parse_codec("int8"))
-    assert not uses_error_feedback(parse_codec("topk:density=0.5,ef=0"))
-    assert parse_codec("topk:density=0.5,ef=1").text == "topk:density=0.5"  # the default is left out
+    assert uses_error_feedback(parse_codec("topk:density=0.5,ef=1")) and not uses_error_feedback(parse_codec("int8"))
+    assert not uses_error_feedback(parse_codec("topk:density=0.5"))
+    assert parse_codec("topk:density=0.5,ef=0").text == "topk:density=0.5"  # the default is left out
+    assert parse_codec("topk:density=0.5,ef=1").text == "topk:density=0.5,ef=1"
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -122,7 +122,7 @@ def test_a_resent_forward_is_answered_with_the_same_bytes_and_moves_the_residual
     path = tiny_models("bert")
     server = BackboneServer(ServerConfig(model=str(path), cut=Cut(1, 1), num_labels=3, dropout=False))
     try:
-        welcome = server.handle(b"conn", _hello(path, "c", LinkCodecs.parse("fp32", "topk:density=0.25")))
+        welcome = server.handle(b"conn", _hello(path, "c", LinkCodecs.parse("fp32", "topk:density=0.25,ef=1")))
         assert welcome.op == "ok", welcome.meta
         token = welcome.meta["token"]
         request = encode(Message("forward", "c", 0, meta={"token": token, "train": True, "rid": 1},
@@ -136,13 +136,13 @@ def test_a_resent_forward_is_answered_with_the_same_bytes_and_moves_the_residual
         assert torch.equal(session.down.feedback.residual("hidden"), residual)
         # What went out is the top quarter of output + residual, and the residual is the rest.
         sent = first.tensors["hidden"]
-        assert torch.equal(decode(encode(first)).tensors["hidden"], roundtrip(sent, parse_codec("topk:density=0.25")))
+        assert torch.equal(decode(encode(first)).tensors["hidden"], roundtrip(sent, parse_codec("topk:density=0.25,ef=1")))
         assert int((decode(encode(first)).tensors["hidden"] != 0).sum()) == 2 * 6 * 32 // 4
         # An evaluation forward is coded, but neither takes nor leaves a residual.
         evaluation = encode(Message("forward", "c", 1, meta={"token": token, "train": False, "rid": 2},
                                     tensors={"hidden": torch.randn(2, 6, 32),
                                              "attention_mask": torch.ones(2, 6, dtype=torch.uint8)}))
-        assert server.handle(b"conn", evaluation).codecs == {"hidden": parse_codec("topk:density=0.25")}
+        assert server.handle(b"conn", evaluation).codecs == {"hidden": parse_codec("topk:density=0.25,ef=1")}
         assert torch.equal(session.down.feedback.residual("hidden"), residual)
     finally:
         server.close()
@@ -151,12 +151,12 @@ def test_a_resent_forward_is_answered_with_the_same_bytes_and_moves_the_residual
 def test_a_sender_codes_only_the_named_tensors_and_is_a_no_op_when_lossless():
     msg = Message("forward", tensors={"hidden": torch.ones(4), "attention_mask": torch.ones(4, dtype=torch.uint8)})
     assert Sender().code(msg, ("hidden",)).codecs == {}
-    spec = parse_codec("topk:density=0.5")
+    spec = parse_codec("topk:density=0.5,ef=1")
     sender = Sender(spec)
     sender.code(msg, ("hidden", "grad"))
     assert msg.codecs == {"hidden": spec}
     assert sender.feedback.residual("hidden").tolist() == [0.0, 0.0, 1.0, 1.0]
-    plain = Sender(parse_codec("topk:density=0.5,ef=0"))  # without error feedback: each step sent on its own
+    plain = Sender(parse_codec("topk:density=0.5"))  # without error feedback (the default): each step sent on its own
     again = Message("forward", tensors={"hidden": torch.tensor([1.0, 2.0, 3.0, 4.0])})
     plain.code(again, ("hidden",))
     assert again.tensors["hidden"].tolist() == [1.0, 2.0, 3.0, 4.0] and plain.feedback.residual("hidden") is None
