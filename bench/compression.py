@@ -336,7 +336,10 @@ def markdown(result: dict) -> str:
     for t in result["targets"]:
         lines.append(f"| {t['codec']} | {t['what']} | {t['target']} | {t['measured']} | "
                      f"{'yes' if t['met'] else '**missed**'} |")
-    lines += ["", f"Whole run: {result['wall_s'] / 60:.0f} min. `{result['command']}`", ""]
+    runs_min = sum(r["wall_s"] for r in result["runs"]) / 60
+    lines += ["", f"This invocation: {result['wall_s'] / 60:.0f} min; the {len(result['runs'])} federated runs took "
+                  f"{runs_min:.0f} min in all when they ran (a run kept in `--work` is read back with `--resume`). "
+                  f"`{result['command']}`", ""]
     return "\n".join(lines)
 
 
