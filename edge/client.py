@@ -313,9 +313,23 @@ class SplitClient:
 
     def _join(self) -> None:
         cfg = self.config
-        path = resolve_model_path(cfg.model)
+        hello, quantizer = self._prepare()
+        # A wrong address fails fast: only a registered client waits for a restarting server.
+        welcome = self._hello(hello, retry=False)
+        self.cut = cfg.cut or welcome.server_cut
+        self._hello_payload = dataclasses.replace(hello, cut=self.cut)  # said again, with the cut now fixed
+        if quantizer is not None:
+            check_federation(welcome.federation)
+        self._build(quantizer)
+        self.heartbeat = Heartbeat(self.conn, welcome.session_timeout / HEARTBEAT_SHARE)
+
+    def _prepare(self) -> tuple[Hello, object]:
+        """The hello this client says and its weights' quantizer (None: none),
+        checked before anything is loaded or sent."""
+        cfg = self.config
+        self._path = path = resolve_model_path(cfg.model)
         model_cfg = load_config(path, cfg.task, cfg.num_labels, cfg.dropout)
-        fam = family_for(model_cfg)
+        self.family = family_for(model_cfg)
         if cfg.cut is not None:
             cfg.cut.check(model_cfg.num_hidden_layers)
         self.device = resolve_device(cfg.device)
@@ -324,18 +338,17 @@ class SplitClient:
         hello = Hello(ModelInfo.of(path, model_cfg), cfg.lora, cfg.task, cfg.seed, cfg.cut,
                       OptimizerSettings(cfg.lr, cfg.weight_decay),
                       num_labels=cfg.num_labels if cfg.task == "classification" else None, codecs=cfg.codecs)
-        # A wrong address fails fast: only a registered client waits for a restarting server.
-        welcome = self._hello(hello, retry=False)
-        self.cut = cfg.cut or welcome.server_cut
-        self._hello_payload = dataclasses.replace(hello, cut=self.cut)  # said again, with the cut now fixed
-        if quantizer is not None:
-            check_federation(welcome.federation)
-        self.segment = build_segment(path, CLIENT, self.cut, task=cfg.task, num_labels=cfg.num_labels,
+        return hello, quantizer
+
+    def _build(self, quantizer) -> None:
+        """Load the client segment of ``self.cut`` with its LoRA, head and
+        optimizer, its first server block replaced by the link to the server."""
+        cfg, fam = self.config, self.family
+        self.segment = build_segment(self._path, CLIENT, self.cut, task=cfg.task, num_labels=cfg.num_labels,
                                      seed=cfg.seed, dropout=cfg.dropout, dtype=resolve_dtype(cfg.dtype),
                                      attn_implementation=cfg.attn_implementation, on_loaded=quantizer)
         if quantizer is not None:
             quantizer.finish(self.segment.model)
-        self.family = fam
         self.link = BackboneLink(self.conn, fam.rotary, Sender(cfg.codecs.up), self.cut.two_part)
         self.heads = [] if self.cut.two_part else fam.trained_heads(cfg.task)
         place(self.segment.model, self.device, self.heads)
@@ -351,7 +364,6 @@ class SplitClient:
             groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps = 0
-        self.heartbeat = Heartbeat(self.conn, welcome.session_timeout / HEARTBEAT_SHARE)
 
     def _hello(self, hello: Hello, retry: bool) -> Welcome:
         """Register with the server (with this connection's token, if it has

@@ -37,6 +37,7 @@ import math
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -153,6 +154,22 @@ class ServerConfig:
 
 
 @dataclass
+class Call:
+    """A function for the compute thread (``BackboneServer.submit``)."""
+
+    fn: Callable[[], object]
+    future: Future
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.fn())
+        except BaseException as exc:  # noqa: BLE001 - the caller gets it from the future
+            self.future.set_exception(exc)
+
+
+@dataclass
 class Job:
     """A request for the compute thread: decoded (``msg``; ``session`` for a
     session op, looked up when it arrived) or, for a large header, the raw
@@ -226,6 +243,8 @@ class BackboneServer:
         self.socket = None
         self._replies: deque[tuple[bytes, list]] = deque()  # (routing id, encoded reply) from the compute thread
         self._worker_error: BaseException | None = None
+        # False: a driver outside the server (server/flower_strategy.py) starts and closes the rounds.
+        self.round_clock = True
         log.debug("server segment: blocks %s of %d, %.1f MB of %.1f MB", self.sessions.hosted, seg.num_layers,
                  seg.owned_bytes / 1e6, seg.checkpoint_bytes / 1e6)
 
@@ -369,7 +388,9 @@ class BackboneServer:
         try:
             while True:
                 job = self.scheduler.take(poll_s)
-                if job is not None:
+                if isinstance(job, Call):
+                    job.run()
+                elif job is not None:
                     # Encoded here: a reply's tensors may sit on an accelerator this thread is using.
                     self._replies.append((job.routing_id, _encode_reply(self._run(job))))
                     _wake(wake)
@@ -381,10 +402,19 @@ class BackboneServer:
             self._worker_error = exc
             _wake(wake)
 
+    def submit(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn()`` on the compute thread, in a turn of its own between
+        requests; the future holds its result. What owns the model (the
+        coordinator, the sessions) is then touched by one thread only."""
+        call = Call(fn, Future())
+        if not self.scheduler.put(Call, call):
+            raise RuntimeError("a call to the compute thread is already waiting; wait for its result first")
+        return call.future
+
     def tick(self) -> None:
         """Expire silent sessions, advance the rounds, checkpoint a closed round."""
         self.sessions.expire(busy=self.scheduler.busy)
-        if self.coordinator is None:
+        if self.coordinator is None or not self.round_clock:
             return
         try:
             closed = self.coordinator.tick()

@@ -1,0 +1,1 @@
+"""fedsplit as a Flower app: the ServerApp and ClientApp components."""
