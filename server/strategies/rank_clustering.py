@@ -67,6 +67,7 @@ from .base import ClientInfo, Download, Factors, GlobalModel, RoundResult, Strat
 from .common import (acc_dtype, check_hetero_client, check_hetero_uploads, clone_tree, download_slots, export_slots,
                      hetero_initial_state, merge_head, slot_shapes, uploads_by_module, weights)
 from .component_points import member_means, point_scales, sketched_points
+from .products import matmul
 
 # Relative squared distance below which a point counts as a chosen centre in the
 # seeding (float64 rounding is ~1e-15; components this close are one component).
@@ -149,8 +150,9 @@ def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: t
     w32 = w.float()
     assign = sign = None
     for _ in range(max(1, iterations)):
-        G = X32 @ C32.T  # N x k'
-        new_assign = ((C32 * C32).sum(dim=1)[None, :] - 2 * G.abs()).argmin(dim=1)
+        G = matmul(X32, C32.T)  # N x k'
+        # ||c||^2 - 2 |x.c|, in place: with many points these N x k' passes cost more than the product.
+        new_assign = G.abs().mul_(-2).add_((C32 * C32).sum(dim=1)[None, :]).argmin(dim=1)
         new_sign = torch.where(G.gather(1, new_assign[:, None]).squeeze(1) < 0, -1.0, 1.0)
         if assign is not None and torch.equal(new_assign, assign) and torch.equal(new_sign, sign):
             break  # stable: C32 already holds the means of this assignment
