@@ -197,3 +197,13 @@ def test_sketched_rank_clustering_matches_clustering_the_full_points():
                                          sketch_matrix(2 * d, 64, 3, 0, m))
     ref = sum(torch.outer(C[c, :d], C[c, d:]) for c in assign.unique().tolist())
     assert rel_err(got, ref) < 1e-5
+
+
+def test_without_the_onednn_op_products_go_through_matmul(monkeypatch):
+    from server.strategies import products
+    a, b = torch.randn(7, 5), torch.randn(5, 3)
+    with_op = products.matmul(a, b)
+    monkeypatch.setattr(products, "_LINEAR", None)
+    assert not products.use_onednn(a, b)
+    assert torch.equal(products.matmul(a, b), a @ b)
+    assert torch.allclose(with_op, a @ b, atol=1e-5)

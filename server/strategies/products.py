@@ -29,10 +29,23 @@ CHUNK = 2048
 
 
 def _onednn_linear():
-    """torch's oneDNN linear op (``x @ w.T``), or None when this build lacks it."""
+    """torch's oneDNN linear op (``x @ w.T``), or None when this build lacks
+    it. The op is torch-internal: it is used only after it has given ``@``'s
+    product on a small probe, so a torch whose op differs falls back to ``@``."""
     if not torch.backends.mkldnn.is_available():
         return None
-    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None:
+        return None
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    w = torch.arange(20, dtype=torch.float32).reshape(5, 4) / 11
+    try:
+        out = op(a, w, None, "none", [], "")
+    except Exception:  # noqa: BLE001 - any failure of an internal op means: not this build's
+        return None
+    if not (isinstance(out, torch.Tensor) and out.shape == (3, 5) and torch.allclose(out, a @ w.T, atol=1e-5)):
+        return None
+    return op
 
 
 _LINEAR = _onednn_linear()
