@@ -13,8 +13,10 @@ the ratio is that time over the target (0.5 s for 100 clients, 5 s for
 
     python3 bench/aggregation.py                       # 100 and 1,000 clients
     python3 bench/aggregation.py --clients 10          # a quick check
+    python3 bench/aggregation.py --threads 1 --name aggregation-1thread
 
-Writes bench/results/aggregation.json and aggregation.md (unless ``--no-write``).
+Writes bench/results/<name>.json and <name>.md (``--name``, default
+aggregation; nothing with ``--no-write``).
 """
 
 from __future__ import annotations
@@ -148,11 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strategies", default="", help="comma-separated subset of the registry (default: all)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: torch's own choice, one per core, as a server runs)")
+    ap.add_argument("--name", default="aggregation",
+                    help="stem of the results files in bench/results (default aggregation)")
     ap.add_argument("--no-write", action="store_true", help="print the table only; leave bench/results alone")
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        ap.error(f"--name is a file stem inside bench/results such as aggregation-1thread, got {args.name!r}")
     if args.threads < 0:
         ap.error(f"--threads must be 0 (torch's choice) or a thread count, got {args.threads}")
     if args.threads:
@@ -184,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if not args.no_write:
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "aggregation.json").write_text(json.dumps(result, indent=1) + "\n")
-        (OUT / "aggregation.md").write_text(
+        (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (OUT / f"{args.name}.md").write_text(
             f"One `aggregate` call, median of {args.repeats}, {result['threads']} torch threads on "
             f"{result['cpus']} CPUs (1-minute load average {load_before:.1f} before, "
             f"{result['load_average_after']:.1f} after); the ratio columns are time / target.\n\n{md}\n")

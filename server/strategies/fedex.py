@@ -16,16 +16,17 @@ from __future__ import annotations
 import torch
 
 from .base import Factors, RoundResult, Upload
-from .common import FACTOR_NAMES, check_uploads, clone_tree, merge_head, stacked, weighted_mean, weights
+from .common import FACTOR_NAMES, check_uploads, clone_tree, merge_head, weighted_mean, weights
 from .fedit import FedIT
+from .products import factor_sum
 
 
 def residual(ws: list[float], factors: list[Factors], A_bar: torch.Tensor, B_bar: torch.Tensor,
              scale: float) -> torch.Tensor:
     """``sum w_k s_k B_k A_k - scale * B̄ Ā`` (d_out x d_in), in at least float32."""
     dtype = torch.promote_types(A_bar.dtype, torch.float32)
-    L, R = stacked(ws, factors, dtype)
-    return L @ R - scale * (B_bar.to(dtype) @ A_bar.to(dtype))
+    M = factor_sum([w * f.scale for w, f in zip(ws, factors)], factors, dtype)
+    return M.addmm_(B_bar.to(dtype), A_bar.to(dtype), alpha=-scale)
 
 
 class FedExLoRA(FedIT):

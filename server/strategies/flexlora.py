@@ -33,6 +33,7 @@ from split.seeds import generator
 from .base import TRAIN_BOTH, ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError, Upload
 from .common import (acc_dtype, check_hetero_uploads, client_modules, clone_tree, initial_alpha, initial_shapes,
                      merge_head, module_uploads, stacked)
+from .products import factor_sum, matmul, matmul_bt
 
 ROUTES = ("auto", "factors", "gram", "svd", "randomized")
 # Randomized route: extra sampled directions and power iterations (Halko, Martinsson
@@ -86,24 +87,37 @@ def truncated_svd(L: torch.Tensor, R: torch.Tensor, k: int, route: str = "auto"
     - ``auto`` picks ``factors`` when it applies (exact), otherwise
       ``randomized`` when k is well below min(m, n), otherwise ``svd``.
     """
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     m, N = L.shape
     n = R.shape[1]
-    t = min(k, N, m, n)
-    if route == "auto":
-        if 2 * N <= min(m, n):
-            route = "factors"
-        elif 2 * (k + OVERSAMPLE) <= min(m, n):
-            route = "randomized"
-        else:
-            route = "svd"
+    route = pick_route(route, m, N, n, k)
     if route == "factors":
+        t = min(k, N, m, n)
         Ql, Rl = torch.linalg.qr(L)      # m x N, N x N
         Qr, Rr = torch.linalg.qr(R.T)    # n x N, N x N
         u, s, vh = torch.linalg.svd(Rl @ Rr.T)
         return Ql @ u[:, :t], s[:t], vh[:t] @ Qr.T
-    W = L @ R
+    return dense_truncated_svd(matmul(L, R), min(k, N), route)
+
+
+def pick_route(route: str, m: int, N: int, n: int, k: int) -> str:
+    """The route ``truncated_svd`` takes for an m x n product of stacked rank N
+    and ``k`` triplets: ``route`` itself unless it is ``auto``."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if route != "auto":
+        return route
+    if 2 * N <= min(m, n):
+        return "factors"
+    if 2 * (k + OVERSAMPLE) <= min(m, n):
+        return "randomized"
+    return "svd"
+
+
+def dense_truncated_svd(W: torch.Tensor, k: int, route: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular triplets of a dense ``W`` by the ``randomized``,
+    ``svd`` or ``gram`` route of ``truncated_svd``; t = min(k, m, n) of them."""
+    m, n = W.shape
+    t = min(k, m, n)
     if route == "randomized":
         # A fixed draw: the sketch only has to be generic, and a fixed one keeps the route deterministic.
         return randomized_svd(W, t, torch.Generator().manual_seed(0))
@@ -130,11 +144,12 @@ def randomized_svd(W: torch.Tensor, k: int, gen: torch.Generator, oversample: in
     m, n = W.shape
     width = min(k + oversample, m, n)
     omega = torch.randn(n, width, generator=gen, dtype=torch.float32).to(dtype=W.dtype, device=W.device)
-    Q = torch.linalg.qr(W @ omega)[0]
+    Wt = W.T.contiguous()  # products with Wᵀ run as products with W's rows (matmul_bt)
+    Q = torch.linalg.qr(matmul_bt(W, omega.T))[0]
     for _ in range(iterations):
-        Q = torch.linalg.qr(W.T @ Q)[0]
-        Q = torch.linalg.qr(W @ Q)[0]
-    u, s, vh = torch.linalg.svd(Q.T @ W, full_matrices=False)  # Rayleigh–Ritz on span(Q)
+        Q = torch.linalg.qr(matmul_bt(Wt, Q.T))[0]
+        Q = torch.linalg.qr(matmul_bt(W, Q.T))[0]
+    u, s, vh = torch.linalg.svd(matmul_bt(Q.T, Wt), full_matrices=False)  # Rayleigh–Ritz on span(Q)
     return Q @ u[:, :k], s[:k], vh[:k]
 
 
@@ -143,8 +158,19 @@ def svd_entry(L: torch.Tensor, R: torch.Tensor, keep: int, gen: torch.Generator,
     """A module's state entry for ΔW = L @ R: ``US`` (d_out x t), ``S``, ``Vh``
     (t x d_in) with t = min(keep, d_in), padded with zero singular values and
     orthonormal completion rows when ΔW has fewer than t singular triplets."""
-    U, S, Vh = truncated_svd(L, R, keep, route)
-    t = min(keep, R.shape[1])
+    return _padded_entry(*truncated_svd(L, R, keep, route), keep, gen)
+
+
+def svd_entry_dense(W: torch.Tensor, stacked_rank: int, keep: int, gen: torch.Generator,
+                    route: str) -> dict[str, torch.Tensor]:
+    """``svd_entry`` from the dense ΔW (of rank at most ``stacked_rank``) by a
+    dense route (``randomized``, ``svd`` or ``gram``)."""
+    return _padded_entry(*dense_truncated_svd(W, min(keep, stacked_rank), route), keep, gen)
+
+
+def _padded_entry(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, keep: int,
+                  gen: torch.Generator) -> dict[str, torch.Tensor]:
+    t = min(keep, Vh.shape[1])
     if S.shape[0] < t:
         missing = t - S.shape[0]
         Vh = torch.cat([Vh, _orthonormal_rows(Vh, missing, gen)], dim=0)
@@ -242,7 +268,15 @@ class FlexLoRA(Strategy):
             if not factors:
                 continue
             dtype = acc_dtype(factors[0].A.dtype)
-            L, R = stacked(ws, factors, dtype)
-            glob[module] = svd_entry(L, R, keep, generator(self.seed, "svd", round_index, module), self.route)
+            gen = generator(self.seed, "svd", round_index, module)
+            d_out, d_in = state["shapes"][module]
+            N = sum(f.rank for f in factors)
+            if pick_route(self.route, d_out, N, d_in, keep) == "factors":
+                L, R = stacked(ws, factors, dtype)
+                glob[module] = svd_entry(L, R, keep, gen, "factors")
+            else:
+                # Dense routes: ΔW_g formed block by block, never the whole stacked pair (products.py).
+                W = factor_sum([w * f.scale for w, f in zip(ws, factors)], factors, dtype)
+                glob[module] = svd_entry_dense(W, N, keep, gen, pick_route(self.route, d_out, N, d_in, keep))
         new = {**state, "ranks": ranks, "keep": keep, "global": glob, "head": merge_head(self, state, uploads)}
         return RoundResult(state=clone_tree(new))

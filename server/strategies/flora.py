@@ -31,6 +31,7 @@ from .base import (TRAIN_BOTH, ClientInfo, Download, Factors, GlobalModel, Round
                    Upload)
 from .common import (acc_dtype, check_hetero_uploads, client_modules, clone_tree, initial_alpha, initial_shapes,
                      merge_head, module_uploads)
+from .products import factor_sum
 
 
 def stack_factors(ws: list[float], factors: list[Factors], dtype: torch.dtype | None = None
@@ -99,8 +100,9 @@ class FLoRA(Strategy):
             ws, factors = module_uploads(uploads, module)
             ranks[module] = sum(f.rank for f in factors)
             if factors:
-                A, B = stack_factors(ws, factors)
-                deltas[module] = B @ A
+                # Σ p_k s_k B_k A_k, the product of the stacked pair, formed block by block (products.py).
+                deltas[module] = factor_sum([w * f.scale for w, f in zip(ws, factors)], factors,
+                                            acc_dtype(factors[0].A.dtype))
         new = {**state,
                "stacked_rank": sum(int(u.rank) for u in uploads),
                "stacked_ranks": ranks,

@@ -29,9 +29,9 @@ import math
 import torch
 
 from .base import ClientInfo, Factors, RoundResult, StrategyError, Upload
-from .common import (FACTOR_NAMES, check_uploads, clone_tree, initial_state, merge_head, stacked, weighted_mean,
-                     weights)
+from .common import FACTOR_NAMES, check_uploads, clone_tree, initial_state, merge_head, weighted_mean, weights
 from .fedit import FedIT
+from .products import factor_sum, matmul
 
 
 def cosine(delta_w: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
@@ -132,11 +132,10 @@ class LoRAFAIR(FedIT):
             A_bar = weighted_mean([f.A for f in factors], p, state["A"][m].to(dtype))
             B_bar = weighted_mean([f.B for f in factors], p, state["B"][m].to(dtype))
             # s ΔW as one stacked product; the cosine is blind to the common scale s.
-            L, R = stacked(p, factors, dtype)
-            delta_w = L @ R
+            delta_w = factor_sum([pk * f.scale for pk, f in zip(p, factors)], factors, dtype)
             bars[m] = (A_bar, B_bar)
             # Only d_out x r quantities are needed from here on: C = ΔW Āᵀ, G = ĀĀᵀ, ||ΔW||.
-            problems[m] = (delta_w @ A_bar.T, A_bar @ A_bar.T, delta_w.norm())
+            problems[m] = (matmul(delta_w, A_bar.T), A_bar @ A_bar.T, delta_w.norm())
         corrections = {m: torch.zeros_like(bars[m][1]) for m in bars}
         groups: dict[tuple, list[str]] = {}
         for m, (C, G, norm_w) in problems.items():

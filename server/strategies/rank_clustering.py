@@ -64,8 +64,10 @@ import torch
 from split.seeds import generator
 
 from .base import ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError, Upload
-from .common import (check_hetero_client, check_hetero_uploads, clone_tree, download_slots, export_slots,
+from .common import (acc_dtype, check_hetero_client, check_hetero_uploads, clone_tree, download_slots, export_slots,
                      hetero_initial_state, merge_head, slot_shapes, uploads_by_module, weights)
+from .component_points import member_means, point_scales, sketched_points
+from .products import matmul
 
 # Relative squared distance below which a point counts as a chosen centre in the
 # seeding (float64 rounding is ~1e-15; components this close are one component).
@@ -148,8 +150,9 @@ def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: t
     w32 = w.float()
     assign = sign = None
     for _ in range(max(1, iterations)):
-        G = X32 @ C32.T  # N x k'
-        new_assign = ((C32 * C32).sum(dim=1)[None, :] - 2 * G.abs()).argmin(dim=1)
+        G = matmul(X32, C32.T)  # N x k'
+        # ||c||^2 - 2 |x.c|, in place: with many points these N x k' passes cost more than the product.
+        new_assign = G.abs().mul_(-2).add_((C32 * C32).sum(dim=1)[None, :]).argmin(dim=1)
         new_sign = torch.where(G.gather(1, new_assign[:, None]).squeeze(1) < 0, -1.0, 1.0)
         if assign is not None and torch.equal(new_assign, assign) and torch.equal(new_sign, sign):
             break  # stable: C32 already holds the means of this assignment
@@ -239,38 +242,51 @@ class RankClustering(Strategy):
     def _module(self, state: dict, m: str, have: list[Upload], round_index: int):
         A_old, B_old = state["A"][m], state["B"][m]
         r_max = state["rank"]
-        d_out = B_old.shape[0]
-        s_g = state["alpha"] / r_max
+        d_out, d_in = B_old.shape[0], A_old.shape[1]
         p = weights(have)
-        # All components of all clients: b columns scaled by each client's s_k.
-        # Clustering runs on the CPU, where the seeded generator lives.
-        b = torch.cat([u.factors[m].B.detach().cpu().double() * u.factors[m].scale for u in have], dim=1)
-        a = torch.cat([u.factors[m].A.detach().cpu().double() for u in have], dim=0)
         w = torch.cat([torch.full((u.factors[m].rank,), pk, dtype=torch.float64) for pk, u in zip(p, have)])
-        X = balanced_points(b, a)
         gen = generator(self.seed, "kmeans", round_index, m)
-        assign, sign, C = sign_invariant_kmeans(X, w, r_max, gen, self.iterations,
-                                                sketch_matrix(X.shape[1], self.sketch, self.seed, round_index, m))
-        k = C.shape[0]
+        sketch = sketch_matrix(d_out + d_in, self.sketch, self.seed, round_index, m)
+        if sketch is None:
+            # All components of all clients: b columns scaled by each client's s_k.
+            # Clustering runs on the CPU, where the seeded generator lives.
+            b = torch.cat([u.factors[m].B.detach().cpu().double() * u.factors[m].scale for u in have], dim=1)
+            a = torch.cat([u.factors[m].A.detach().cpu().double() for u in have], dim=0)
+            assign, sign, C = sign_invariant_kmeans(balanced_points(b, a), w, r_max, gen, self.iterations)
+            k, Cb, Ca = C.shape[0], C[:, :d_out].T, C[:, d_out:]
+        else:
+            # Sketched: the points are never formed in full (component_points.py);
+            # b columns are stacked as rows (N x d_out), each scaled by its client's s_k.
+            dtype = acc_dtype(A_old.dtype)
+            bt = torch.cat([u.factors[m].B.detach().cpu().to(dtype).T for u in have], dim=0)
+            bt.mul_(torch.cat([torch.full((u.factors[m].rank,), u.factors[m].scale, dtype=dtype)
+                               for u in have])[:, None])
+            a = torch.cat([u.factors[m].A.detach().cpu().to(dtype) for u in have], dim=0)
+            scales = point_scales(bt, a)
+            assign, sign, Y_centres = sign_invariant_kmeans(sketched_points(bt, a, scales, sketch), w, r_max, gen,
+                                                            self.iterations)
+            k = Y_centres.shape[0]
+            Cb, Ca = (t.double() for t in member_means(bt, a, scales, w, sign, assign, k))
         tot = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w)
-        raw_a = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w * torch.linalg.vector_norm(a, dim=1))
+        raw_a = torch.zeros(k, dtype=torch.float64).index_add_(
+            0, assign, w * torch.linalg.vector_norm(a, dim=1).double())
         live = (tot > 0).nonzero().squeeze(1).tolist()
-        cent = {c: C[c] for c in live}
-        mag = {c: float(torch.linalg.vector_norm(cent[c][:d_out]) * torch.linalg.vector_norm(cent[c][d_out:]))
-               for c in live}
+        nb_c = torch.linalg.vector_norm(Cb, dim=0).tolist()
+        na_c = torch.linalg.vector_norm(Ca, dim=1).tolist()
+        mag = {c: nb_c[c] * na_c[c] for c in live}
         order = sorted(live, key=lambda c: (-float(tot[c]), -mag[c], c))
 
         A_new = A_old.detach().cpu().to(torch.float64, copy=True)  # unfilled slots keep their A row ...
         B_new = torch.zeros((d_out, r_max), dtype=torch.float64)  # ... and add nothing (B = 0)
+        s_g = state["alpha"] / r_max
         for j, c in enumerate(order):
-            bc, ac = cent[c][:d_out], cent[c][d_out:]
             rho = float(raw_a[c] / tot[c])
-            na = float(torch.linalg.vector_norm(ac))
+            na = na_c[c]
             if mag[c] > 0 and rho > 0:
-                A_new[j] = ac * (rho / na)
-                B_new[:, j] = bc * (na / (rho * s_g))
+                A_new[j] = Ca[c] * (rho / na)
+                B_new[:, j] = Cb[:, c] * (na / (rho * s_g))
             else:
                 # A cluster of zero components: keep a trainable A row from its heaviest member.
                 members = (assign == c).nonzero().squeeze(1)
-                A_new[j] = a[members[w[members].argmax()]]
+                A_new[j] = a[members[w[members].argmax()]].double()
         return A_new.to(device=A_old.device, dtype=A_old.dtype), B_new.to(device=B_old.device, dtype=B_old.dtype)
