@@ -41,7 +41,8 @@ def run_name(run: FederationRun) -> str:
     digest = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
     codecs = run.codec_up if run.codec_up == run.codec_down else f"{run.codec_up}+{run.codec_down}"
     words = [run.strategy, codecs, *run.client_args, f"seed{run.seed}", f"r{run.rounds}x{run.local_steps}", digest]
-    return "-".join(re.sub(r"[^A-Za-z0-9.+]+", "", w) for w in words if re.sub(r"[^A-Za-z0-9.+]+", "", w))
+    slugs = (re.sub(r"[^A-Za-z0-9.+]+", "", w) for w in words)
+    return "-".join(slug for slug in slugs if slug)
 
 
 def cached_federation(run: FederationRun, num_labels: int, work: Path, resume: bool) -> dict:
