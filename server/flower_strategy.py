@@ -62,13 +62,16 @@ class FedsplitStrategy(Strategy):
         self.name_of: dict[int, str] = {}
         self.sent: dict[str, int] = {}  # this round's messages: client -> node
         self.round_index = 0
-        self.history: list[dict] = []  # per closed round: index, uploads, refused, metrics
+        self.history: list[dict] = []  # per closed round: index, uploads, refused, metrics, seconds
+        self.join_seconds = 0.0  # the join round's wall time (every node registers and joins)
+        self._round_started = 0.0
 
     # ------------------------------------------------------------ join
 
     def join(self, grid: Grid, timeout: float) -> list[str]:
         """Ask every node to register and join; returns the joined client names."""
-        deadline = time.monotonic() + NODE_WAIT
+        started = deadline = time.monotonic()
+        deadline += NODE_WAIT
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < self.run.clients:
             if time.monotonic() > deadline:
@@ -90,6 +93,7 @@ class FedsplitStrategy(Strategy):
                                      "SuperNode its own partition-id")
             self.node_of[name], self.name_of[node] = node, name
         joined = self.host.members()
+        self.join_seconds = time.monotonic() - started
         if len(joined) < self.run.clients:
             raise FlowerRunError(f"{len(joined)} of {self.run.clients} clients joined the federation "
                                  "(the nodes' logs say why)")
@@ -100,6 +104,7 @@ class FedsplitStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Start the coordinator's next round; one message per client it selected."""
+        self._round_started = time.monotonic()
         self.round_index, offers = self.host.begin_round()
         self.sent = {}
         messages = []
@@ -150,7 +155,8 @@ class FedsplitStrategy(Strategy):
         summary = _summarise(metrics)
         self.history.append({"round": self.round_index, "closed": closed is not None,
                              "aggregated": closed is not None and closed.aggregated,
-                             "uploads": sorted(uploads), "left_out": {**missing, **refused}, "metrics": summary})
+                             "uploads": sorted(uploads), "left_out": {**missing, **refused}, "metrics": summary,
+                             "seconds": time.monotonic() - self._round_started})
         return state_to_record(self.host.global_adapter()), MetricRecord(summary) if summary else None
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -11,6 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from conftest import VOCAB, random_batch
 from server.checkpoint import apply_base_delta, last_round, read_coordinator, write_round
+from server.round_eval import RoundError, round_accuracy, round_labels
 from server.strategies.base import GlobalModel
 from split.families import family_for
 from split.partition import load_config
@@ -29,8 +30,9 @@ def lora_modules(model, family) -> dict[str, torch.nn.Module]:
             if name.rsplit(".", 1)[-1] in family.lora_targets}
 
 
-@pytest.mark.parametrize("family_name", ["bert", "gpt2"])  # nn.Linear and Conv1D (in x out) weights
-def test_written_round_reproduces_the_federated_model(family_name, tiny_models, tmp_path):
+def written_round(family_name, tiny_models, tmp_path, labels=None):
+    """A round written from random factors, head and frozen-weight delta, and
+    the stock model with the same updates merged by hand; (folder, reference, path, A)."""
     path = tiny_models(family_name)
     reference = plain_model(path)
     family = family_for(reference.config)
@@ -47,17 +49,22 @@ def test_written_round_reproduces_the_federated_model(family_name, tiny_models, 
     snapshot = {"round": 1, "state": {"A": A}, "merged": base_delta, "blocks": frozenset({0, 2})}
 
     folder = write_round(tmp_path, 0, GlobalModel(A, B, RANK, ALPHA, head), family, "classification", str(path),
-                         base_delta, snapshot)
-    assert folder == tmp_path / "round_0" and last_round(tmp_path) == folder
-    assert not (tmp_path / "round_0.tmp").exists()
-
-    # The reference: the stock model with every update merged by hand.
+                         base_delta, snapshot, labels=labels)
     with torch.no_grad():
         for m, layer in modules.items():
             update = ALPHA / RANK * B[m] @ A[m] + base_delta.get(m, 0)
             layer.weight += update.T if family.conv1d else update
         for n, t in reference.get_submodule(head_module).named_parameters():
             t.copy_(head[f"{head_module}.{n}"])
+    return folder, reference, path, A
+
+
+@pytest.mark.parametrize("family_name", ["bert", "gpt2"])  # nn.Linear and Conv1D (in x out) weights
+def test_written_round_reproduces_the_federated_model(family_name, tiny_models, tmp_path):
+    folder, reference, path, A = written_round(family_name, tiny_models, tmp_path)
+    assert folder == tmp_path / "round_0" and last_round(tmp_path) == folder
+    assert not (tmp_path / "round_0.tmp").exists()
+
     base = plain_model(path)
     assert apply_base_delta(base, folder) == 1
     loaded = PeftModel.from_pretrained(base, folder).eval()
@@ -68,6 +75,24 @@ def test_written_round_reproduces_the_federated_model(family_name, tiny_models, 
     back = read_coordinator(folder)
     assert back["round"] == 1 and back["blocks"] == frozenset({0, 2})
     assert all(torch.equal(back["state"]["A"][m], A[m]) for m in A)
+
+
+def test_round_accuracy_scores_the_global_model_the_round_holds(tiny_models, tmp_path):
+    labels = ("cat", "dog", "eel")
+    folder, reference, path, _ = written_round("bert", tiny_models, tmp_path, labels=labels)
+    batch = random_batch(6, VOCAB, batch=8, num_labels=3)
+    with torch.no_grad():
+        predicted = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    # Right on the first five samples, wrong on the last three: 5/8 if the round is scored as merged by hand.
+    batch["labels"] = torch.cat([predicted[:5], (predicted[5:] + 1) % 3])
+    assert round_labels(folder) == list(labels)
+    assert round_accuracy(folder, path, [batch], list(labels)) == 5 / 8
+    with pytest.raises(RoundError, match="differ from the data's"):
+        round_accuracy(folder, path, [batch], ["dog", "cat", "eel"])  # the same classes in another order
+    with pytest.raises(RoundError, match="no labelled samples"):
+        round_accuracy(folder, path, [], list(labels))
+    with pytest.raises(RoundError, match="no config.json"):
+        round_labels(tmp_path)
 
 
 def test_a_new_round_replaces_a_stale_temporary_folder(tiny_models, tmp_path):
