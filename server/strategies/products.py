@@ -48,7 +48,23 @@ def _onednn_linear():
     return op
 
 
+def _reads_transposed_weight(op) -> bool:
+    """Whether ``op`` gives the right product for a weight passed as a
+    transposed view (the layout of ``a.T`` for a contiguous ``a``): oneDNN
+    reads that layout directly, which spares a copy of a large stacked factor."""
+    if op is None:
+        return False
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    w = torch.arange(20, dtype=torch.float32).reshape(4, 5) / 11  # the weight is w.T (5 x 4)
+    try:
+        out = op(a, w.T, None, "none", [], "")
+    except Exception:  # noqa: BLE001 - as above
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == (3, 5) and torch.allclose(out, a @ w, atol=1e-5)
+
+
 _LINEAR = _onednn_linear()
+_TRANSPOSED_WEIGHT = _reads_transposed_weight(_LINEAR)
 
 
 def use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -68,12 +84,16 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def matmul_bt(a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     """``a @ bt.T``, with the right factor given transposed (n x k): the
-    layout oneDNN's linear takes without a copy."""
+    layout oneDNN's linear takes without a copy. ``bt`` may also be the
+    transposed view of a contiguous k x n matrix (``b.T``), which oneDNN
+    reads as it is where this build allows it (a copy otherwise)."""
     if not use_onednn(a, bt):
         return a @ bt.T
     if a.shape[0] == 0 or bt.shape[0] == 0 or a.shape[1] == 0:
         return a.new_zeros(a.shape[0], bt.shape[0])
-    return _LINEAR(a.contiguous(), bt.contiguous(), None, "none", [], "")
+    if not (_TRANSPOSED_WEIGHT and bt.T.is_contiguous()):
+        bt = bt.contiguous()
+    return _LINEAR(a.contiguous(), bt, None, "none", [], "")
 
 
 def factor_sum(coeffs: Sequence[float], factors: Sequence[Factors], dtype: torch.dtype,
