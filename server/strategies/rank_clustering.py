@@ -102,16 +102,22 @@ def _raw_dist(X32: torch.Tensor, sq: torch.Tensor, idx: torch.Tensor) -> torch.T
     point to the points ``idx`` (N x len(idx), float32, one product: one pass
     over the points for all of them). Coincident points come out as rounding
     noise around 0; ``_settle`` makes them exact."""
-    return matmul_bt(X32, X32[idx]).abs_().mul_(-2).add_(sq[:, None]).add_(sq[idx][None, :])
+    # Plain @ (MKL): for a few columns oneDNN's matmul costs twice as much (it repacks the points).
+    G = (X32 @ X32[idx].T).abs_()
+    return torch.sub(sq[:, None] + sq[idx][None, :], G, alpha=2)
 
 
-def _settle(d: torch.Tensor, D: torch.Tensor | None, exact: torch.Tensor, sq: torch.Tensor, i: int) -> torch.Tensor:
+def _settle(d: torch.Tensor, D: torch.Tensor | None, exact: torch.Tensor, near_sq: torch.Tensor, i: int
+            ) -> torch.Tensor:
     """``min(D, distance to point i)`` from ``d``, float32 distances to point i
     (or anything between the exact distance and D): the points that come out
-    near i are redone in float64 from ``exact`` (the points in their own
-    precision), which is what tells a duplicate (distance 0) from a merely
-    close point. Updates and returns ``d``."""
-    near = (d <= (sq + sq[i]).mul_(1e-4)).nonzero().squeeze(1)
+    near i (``near_sq`` is 1e-4 ||x||^2) are redone in float64 from ``exact``
+    (the points in their own precision), which is what tells a duplicate
+    (distance 0) from a merely close point. Updates and returns ``d``."""
+    near = (d <= near_sq + near_sq[i]).nonzero().squeeze(1)
+    if near.numel() == 1 and int(near[0]) == i:
+        d[i] = 0  # the usual case: only the centre itself is near it
+        return d
     e, c = exact[near].double(), exact[i].double()
     e_sq, c_sq = (e * e).sum(dim=1), (c * c).sum()
     dn = (e_sq + c_sq - 2 * (e @ c).abs()).clamp_min_(0)
@@ -126,13 +132,13 @@ def _draw(p: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tens
     ``generator`` located in the float64 cumulative sum (a multinomial call
     costs several times more)."""
     cum = p.cumsum(0, dtype=torch.float64)
-    total = cum[-1]
+    total = float(cum[-1])
     if not total > 0:
         return None
-    u = torch.rand(count, dtype=torch.float64, generator=generator) * total
-    idx = torch.searchsorted(cum, u, right=True).clamp_max_(p.shape[0] - 1)
-    # u rounded up to the total lands past the last point with mass: take that point.
-    return torch.where(p[idx] > 0, idx, (p > 0).nonzero()[-1])
+    idx = torch.searchsorted(cum, torch.rand(count, dtype=torch.float64, generator=generator).mul_(total), right=True)
+    if int(idx.max()) >= p.shape[0]:  # u rounded up to the total: the last point with mass
+        idx.clamp_max_(int((p > 0).nonzero()[-1]))
+    return idx
 
 
 def _kmeans(X32: torch.Tensor, exact: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator,
@@ -153,19 +159,21 @@ def _kmeans(X32: torch.Tensor, exact: torch.Tensor, w: torch.Tensor, k: int, gen
     points as for a single draw."""
     n = X32.shape[0]
     sq = (X32 * X32).sum(dim=1)
+    near_sq = sq * 1e-4
     w32 = w.float()
     # The first centre drawn by weight, the next ones by weight * D^2.
     first = _draw(w32, 1, generator)
     chosen = [int(first[0])]
-    D = _settle(_raw_dist(X32, sq, first)[:, 0].contiguous(), None, exact, sq, chosen[0])
+    D = _settle(_raw_dist(X32, sq, first)[:, 0].contiguous(), None, exact, near_sq, chosen[0])
     while len(chosen) < min(k, n):
         idx = _draw(w32 * D, CANDIDATES, generator)
         if idx is None:
             break  # every point (with weight) coincides with a centre
         cand = torch.minimum(_raw_dist(X32, sq, idx), D[:, None])  # N x candidates
-        best = int(torch.argmin(w32 @ cand))  # the weighted cost with each candidate added
+        cost = (w32 @ cand).tolist()  # the weighted cost with each candidate added
+        best = min(range(len(cost)), key=cost.__getitem__)
         chosen.append(int(idx[best]))
-        D = _settle(cand[:, best].contiguous(), D, exact, sq, chosen[-1])
+        D = _settle(cand[:, best].contiguous(), D, exact, near_sq, chosen[-1])
     # Lloyd in float32: the argmin needs no more.
     C32 = X32[chosen]
     assign = sign = None
