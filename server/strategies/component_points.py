@@ -53,14 +53,22 @@ def stack_factors(factors: list[Factors], dtype: torch.dtype, workspace: Workspa
     """``(b, a, s)``: the clients' B factors side by side (d_out x N), their A
     factors stacked (N x d_in), both in ``dtype`` on the CPU and held by
     ``workspace``, and each component's client scale s_k = alpha_k / r_k (N)."""
-    Bs = [f.B.detach().cpu().to(dtype) for f in factors]
-    As = [f.A.detach().cpu().to(dtype) for f in factors]
+    Bs = [_plain(f.B, dtype) for f in factors]
+    As = [_plain(f.A, dtype) for f in factors]
     ranks = [f.rank for f in factors]
     n = sum(ranks)
     b = torch.cat(Bs, dim=1, out=workspace.take("b", (Bs[0].shape[0], n), dtype))
     a = torch.cat(As, dim=0, out=workspace.take("a", (n, As[0].shape[1]), dtype))
     s = torch.tensor([f.scale for f in factors], dtype=dtype).repeat_interleave(torch.tensor(ranks))
     return b, a, s
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a CPU tensor of ``dtype`` without autograd history (itself when it is one already:
+    with 1,000 clients and 24 modules the three conversion calls add up to a tenth of a second)."""
+    if t.dtype == dtype and t.device.type == "cpu" and not t.requires_grad:
+        return t
+    return t.detach().cpu().to(dtype)
 
 
 def point_scales(b: torch.Tensor, a: torch.Tensor, s: torch.Tensor, workspace: Workspace
