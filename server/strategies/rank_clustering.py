@@ -28,14 +28,15 @@ sign-invariant: d(x, c) = min(||x - c||, ||x + c||).
   slot. The centroid of balanced pairs is a pair, b~_c a~_c^T; if the
   members agree it is their common component exactly.
 
-k-means: k-means++ seeding drawn from ``split.seeds.generator(seed, round,
-module)``, then at most ``iterations`` Lloyd steps (stopping
-early once the assignment is stable), so clusters are deterministic for a
-seed. Seeding stops early when every point coincides with a chosen centre, so
-duplicates (clients sending the same component) share one cluster. Points,
-distances to a new seed near zero and the final centroids are float64; the
-bulk products of seeding and Lloyd run in float32, which only decides
-which cluster a point joins.
+k-means: greedy k-means++ seeding (each centre the best of ``CANDIDATES``
+points drawn by weight * D^2) drawn from ``split.seeds.generator(seed, round,
+module)``, then at most ``iterations`` Lloyd steps (stopping early once the
+assignment is stable), so clusters are deterministic for a seed. Seeding
+stops early when every point coincides with a chosen centre, so duplicates
+(clients sending the same component) share one cluster. Distances to a new
+centre near zero and the final centroids are computed in the points' own
+precision (float64 without a sketch); the bulk of seeding and Lloyd runs in
+float32, which only decides which cluster a point joins.
 
 **Slots.** Centroid c is the component b~_c a~_c^T. The state stores slot
 j = c as A_g[j] = a~_c rho/||a~_c|| and B_g[:, j] = b~_c ||a~_c||/(rho s_g),
