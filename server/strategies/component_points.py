@@ -15,37 +15,17 @@ job when no sketch is used.
 
 The clients' factors are stacked as they lie: the B columns side by side
 (d_out x N, no transposed copy) and the A rows one under the other (N x d_in),
-into buffers of a ``Workspace`` that every module of a round reuses. Fresh
+into buffers of a ``Workspace`` (products.py) that every module of a round reuses. Fresh
 buffers of this size (~75 MB each at 1,000 clients) cost more in page faults
 than the copy into them.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .base import Factors
-from .products import matmul_bt
-
-
-class Workspace:
-    """Flat buffers reused from one module to the next (one aggregation's
-    lifetime): ``take`` hands out a contiguous view of the requested shape,
-    growing a buffer only when a larger one is asked for. A view is valid
-    until the next ``take`` of the same name."""
-
-    def __init__(self):
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        size = math.prod(shape)
-        buf = self._buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < size:
-            buf = torch.empty(size, dtype=dtype)
-            self._buffers[name] = buf
-        return buf[:size].view(shape)
+from .products import Workspace, matmul_bt
 
 
 def stack_factors(factors: list[Factors], dtype: torch.dtype, workspace: Workspace

@@ -17,6 +17,7 @@ float64 in tests/test_aggregation_products.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -96,16 +97,39 @@ def matmul_bt(a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     return _LINEAR(a.contiguous(), bt, None, "none", [], "")
 
 
+class Workspace:
+    """Flat buffers reused from one module to the next (one aggregation's
+    lifetime): ``take`` hands out a contiguous view of the requested shape,
+    growing a buffer only when a larger one is asked for. A view is valid
+    until the next ``take`` of the same name."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        size = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < size:
+            buf = torch.empty(size, dtype=dtype)
+            self._buffers[name] = buf
+        return buf[:size].view(shape)
+
+
 def factor_sum(coeffs: Sequence[float], factors: Sequence[Factors], dtype: torch.dtype,
-               chunk: int = CHUNK) -> torch.Tensor:
+               chunk: int = CHUNK, workspace: Workspace | None = None) -> torch.Tensor:
     """``sum_k coeffs[k] * B_k @ A_k`` (d_out x d_in) in ``dtype``: exact to
     rounding (the same sum as one product of the stacked factors). Inputs are
-    untouched; ranks may differ between clients."""
+    untouched; ranks may differ between clients. The blocks are stacked into
+    ``workspace``'s buffers (pass one workspace to the calls of one
+    aggregation: fresh buffers cost page faults; a new one per call otherwise)."""
     if not factors:
         raise ValueError("factor_sum needs at least one factor pair")
     if len(coeffs) != len(factors):
         raise ValueError(f"factor_sum: {len(coeffs)} coefficients for {len(factors)} factor pairs")
     device = factors[0].B.device
+    reuse = device.type == "cpu"  # buffers are CPU memory
+    workspace = workspace if workspace is not None else Workspace()
+    d_out, d_in = factors[0].B.shape[0], factors[0].A.shape[1]
     out = None
     start = 0
     while start < len(factors):
@@ -116,11 +140,16 @@ def factor_sum(coeffs: Sequence[float], factors: Sequence[Factors], dtype: torch
         block = factors[start:stop]
         ranks = torch.tensor([f.rank for f in block])
         col = torch.tensor([float(c) for c in coeffs[start:stop]], dtype=dtype).repeat_interleave(ranks)
-        L = torch.cat([f.B.detach().to(dtype) for f in block], dim=1).mul_(col.to(device))
-        # The right factor stacked transposed (d_in x width): oneDNN's layout, and
-        # the same copy as stacking it upright.
-        Rt = torch.cat([f.A.detach().to(dtype).T for f in block], dim=1)
-        part = matmul_bt(L, Rt)
+        Bs = [f.B.detach().to(dtype) for f in block]
+        # The right factor stacked upright (width x d_in, a plain copy of the rows):
+        # oneDNN reads its transposed view in place.
+        As = [f.A.detach().to(dtype) for f in block]
+        if reuse:
+            L = torch.cat(Bs, dim=1, out=workspace.take("factor_sum.L", (d_out, width), dtype))
+            R = torch.cat(As, dim=0, out=workspace.take("factor_sum.R", (width, d_in), dtype))
+        else:
+            L, R = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+        part = matmul_bt(L.mul_(col.to(device)), R.T)
         out = part if out is None else out.add_(part)
         start = stop
     return out
