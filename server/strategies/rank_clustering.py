@@ -60,6 +60,8 @@ State: the slot layout (common.py) at r_max.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from split.seeds import generator
@@ -110,21 +112,20 @@ def _raw_dist(X32: torch.Tensor, sq: torch.Tensor, idx: torch.Tensor) -> torch.T
 
 def _settle(d: torch.Tensor, D: torch.Tensor | None, exact: torch.Tensor, near_sq: torch.Tensor, i: int
             ) -> torch.Tensor:
-    """``min(D, distance to point i)`` from ``d``, float32 distances to point i
-    (or anything between the exact distance and D): the points that come out
-    near i (``near_sq`` is 1e-4 ||x||^2) are redone in float64 from ``exact``
-    (the points in their own precision), which is what tells a duplicate
+    """``min(D, distance to point i)`` from ``d``, the float32 distances to
+    point i (``_raw_dist``'s column): the points that come out near i
+    (``near_sq`` is 1e-4 ||x||^2) are redone in float64 from ``exact`` (the
+    points in their own precision), which is what tells a duplicate
     (distance 0) from a merely close point. Updates and returns ``d``."""
     near = (d <= near_sq + near_sq[i]).nonzero().squeeze(1)
     if near.numel() == 1 and int(near[0]) == i:
         d[i] = 0  # the usual case: only the centre itself is near it
-        return d
-    e, c = exact[near].double(), exact[i].double()
-    e_sq, c_sq = (e * e).sum(dim=1), (c * c).sum()
-    dn = (e_sq + c_sq - 2 * (e @ c).abs()).clamp_min_(0)
-    dn = torch.where(dn <= _SAME * (e_sq + c_sq), 0, dn).float()
-    d[near] = dn if D is None else torch.minimum(D[near], dn)
-    return d
+    else:
+        e, c = exact[near].double(), exact[i].double()
+        e_sq, c_sq = (e * e).sum(dim=1), (c * c).sum()
+        dn = (e_sq + c_sq - 2 * (e @ c).abs()).clamp_min_(0)
+        d[near] = torch.where(dn <= _SAME * (e_sq + c_sq), 0, dn).float()
+    return d if D is None else torch.minimum(d, D, out=d)
 
 
 def _draw(p: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor | None:
@@ -136,10 +137,10 @@ def _draw(p: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tens
     total = float(cum[-1])
     if not total > 0:
         return None
-    idx = torch.searchsorted(cum, torch.rand(count, dtype=torch.float64, generator=generator).mul_(total), right=True)
-    if int(idx.max()) >= p.shape[0]:  # u rounded up to the total: the last point with mass
-        idx.clamp_max_(int((p > 0).nonzero()[-1]))
-    return idx
+    # u < total (a product rounded up to the total is pulled back), so the first
+    # cumulative sum above u is at a point with mass.
+    u = torch.rand(count, dtype=torch.float64, generator=generator).mul_(total).clamp_max_(math.nextafter(total, 0))
+    return torch.searchsorted(cum, u, right=True)
 
 
 def _kmeans(X32: torch.Tensor, exact: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator,
@@ -170,11 +171,11 @@ def _kmeans(X32: torch.Tensor, exact: torch.Tensor, w: torch.Tensor, k: int, gen
         idx = _draw(w32 * D, CANDIDATES, generator)
         if idx is None:
             break  # every point (with weight) coincides with a centre
-        cand = torch.minimum(_raw_dist(X32, sq, idx), D[:, None])  # N x candidates
-        cost = (w32 @ cand).tolist()  # the weighted cost with each candidate added
+        raw = _raw_dist(X32, sq, idx)  # N x candidates
+        cost = (w32 @ torch.minimum(raw, D[:, None])).tolist()  # the weighted cost with each candidate added
         best = min(range(len(cost)), key=cost.__getitem__)
-        chosen.append(int(idx[best]))
-        D = _settle(cand[:, best].contiguous(), D, exact, near_sq, chosen[-1])
+        chosen.append(idx.tolist()[best])
+        D = _settle(raw[:, best].contiguous(), D, exact, near_sq, chosen[-1])
     # Lloyd in float32: the argmin needs no more.
     C32 = X32[chosen]
     assign = sign = None
