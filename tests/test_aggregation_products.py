@@ -20,7 +20,7 @@ from server.strategies.base import ClientInfo, Factors, Upload
 from server.strategies.common import stacked, weights
 from server.strategies.fedex import residual
 from server.strategies.flexlora import randomized_svd
-from server.strategies.products import factor_sum, matmul
+from server.strategies.products import factor_sum, matmul, matmul_bt
 from server.strategies.rank_clustering import balanced_points, sign_invariant_kmeans, sketch_matrix
 from split.seeds import generator
 
@@ -207,3 +207,55 @@ def test_without_the_onednn_op_products_go_through_matmul(monkeypatch):
     assert not products.use_onednn(a, b)
     assert torch.equal(products.matmul(a, b), a @ b)
     assert torch.allclose(with_op, a @ b, atol=1e-5)
+
+
+def test_sketched_rank_clustering_gives_duplicate_components_one_cluster():
+    """Clients upload the same 3 components (128 + 128 coordinates, sketched to
+    64), each twice at half its size, split differently between B and A and
+    some negated, at rank 6: seeding stops at 3 centres, one per component."""
+    g = gen(8)
+    d, r = 128, 6
+    b = torch.randn(d, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    a = torch.randn(3, d, generator=g, dtype=torch.float64)
+    m = "model.layers.0.self_attn.q_proj"
+    strategy = get_strategy("fedinc", seed=1, sketch=64)
+    infos = [ClientInfo(f"c{k}", r, ALPHA, None, 5 + k) for k in range(5)]
+    state = strategy.init_state({m: Factors(torch.randn(r, d, generator=g, dtype=torch.float64) / 12,
+                                            torch.zeros(d, r, dtype=torch.float64), ALPHA)}, infos)
+    uploads = []
+    for c in infos:
+        cols = [0, 1, 2, 0, 1, 2]  # each component twice: 2 x b_j a_j^T / 2
+        split = torch.rand(r, generator=g, dtype=torch.float64) * 3 + 0.2
+        sign = torch.where(torch.rand(r, generator=g) < 0.5, -1.0, 1.0).double()
+        B = b[:, cols] * (split * sign) / (ALPHA / r) / 2
+        A = a[cols] / (split * sign)[:, None]
+        uploads.append(Upload(c.client, {m: Factors(A, B, ALPHA)}, c.num_samples, r))
+    new = strategy.aggregate(state, uploads, 0).state
+    assert torch.count_nonzero(new["B"][m][:, 3:]) == 0  # 3 clusters: the other slots add nothing
+    got = new["B"][m] @ new["A"][m] * (ALPHA / r)
+    assert rel_err(got, b @ a / 2) < 1e-9  # each centroid is its mean member, b_j a_j^T / 2
+
+
+def test_matmul_bt_takes_a_transposed_view_without_changing_the_product():
+    g = gen(9)
+    a, b = torch.randn(40, 70, generator=g), torch.randn(70, 30, generator=g)
+    ref = a.double() @ b.double()
+    assert rel_err(matmul_bt(a, b.T), ref) < 1e-5  # b.T: the view oneDNN reads in place
+    assert rel_err(matmul_bt(a, b.T.contiguous()), ref) < 1e-5
+
+
+def test_point_scales_match_balanced_points_with_tied_extremes():
+    """The A half's sign comes from its first largest-|.| entry, also when the
+    row's largest and smallest entries tie in size (+v and -v)."""
+    from server.strategies.component_points import Workspace, point_scales
+    g = gen(10)
+    b = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    a[1, 2], a[1, 5] = -4.0, 4.0  # tie, negative first
+    a[2, 0], a[2, 3] = 4.0, -4.0  # tie, positive first
+    a[3] = 0.0  # a zero component
+    s = torch.tensor([0.5, 2.0, 1.0, 1.0, -3.0], dtype=torch.float64)
+    fb, fa, na = point_scales(b, a, s, Workspace())
+    points = torch.cat([(b * fb).T, a * fa[:, None]], dim=1)
+    torch.testing.assert_close(points, balanced_points(b * s, a), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(na, torch.linalg.vector_norm(a, dim=1))

@@ -33,7 +33,7 @@ from split.seeds import generator
 from .base import TRAIN_BOTH, ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError, Upload
 from .common import (acc_dtype, check_hetero_uploads, client_modules, clone_tree, initial_alpha, initial_shapes,
                      merge_head, module_uploads, stacked)
-from .products import factor_sum, matmul, matmul_bt
+from .products import Workspace, factor_sum, matmul, matmul_bt
 
 ROUTES = ("auto", "factors", "gram", "svd", "randomized")
 # Randomized route: extra sampled directions and power iterations (Halko, Martinsson
@@ -263,6 +263,7 @@ class FlexLoRA(Strategy):
         ranks = sorted(set(state["ranks"]) | {int(u.rank) for u in uploads})
         keep = max(ranks)
         glob = dict(state["global"])  # entries replaced, never modified in place
+        workspace = Workspace()  # factor_sum's stacking buffers, reused from module to module
         for module in state["shapes"]:
             ws, factors = module_uploads(uploads, module)
             if not factors:
@@ -276,7 +277,7 @@ class FlexLoRA(Strategy):
                 glob[module] = svd_entry(L, R, keep, gen, "factors")
             else:
                 # Dense routes: ΔW_g formed block by block, never the whole stacked pair (products.py).
-                W = factor_sum([w * f.scale for w, f in zip(ws, factors)], factors, dtype)
+                W = factor_sum([w * f.scale for w, f in zip(ws, factors)], factors, dtype, workspace=workspace)
                 glob[module] = svd_entry_dense(W, N, keep, gen, pick_route(self.route, d_out, N, d_in, keep))
         new = {**state, "ranks": ranks, "keep": keep, "global": glob, "head": merge_head(self, state, uploads)}
         return RoundResult(state=clone_tree(new))

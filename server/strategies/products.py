@@ -17,6 +17,7 @@ float64 in tests/test_aggregation_products.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -48,7 +49,23 @@ def _onednn_linear():
     return op
 
 
+def _reads_transposed_weight(op) -> bool:
+    """Whether ``op`` gives the right product for a weight passed as a
+    transposed view (the layout of ``a.T`` for a contiguous ``a``): oneDNN
+    reads that layout directly, which spares a copy of a large stacked factor."""
+    if op is None:
+        return False
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    w = torch.arange(20, dtype=torch.float32).reshape(4, 5) / 11  # the weight is w.T (5 x 4)
+    try:
+        out = op(a, w.T, None, "none", [], "")
+    except Exception:  # noqa: BLE001 - as above
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == (3, 5) and torch.allclose(out, a @ w, atol=1e-5)
+
+
 _LINEAR = _onednn_linear()
+_TRANSPOSED_WEIGHT = _reads_transposed_weight(_LINEAR)
 
 
 def use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -68,24 +85,51 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def matmul_bt(a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
     """``a @ bt.T``, with the right factor given transposed (n x k): the
-    layout oneDNN's linear takes without a copy."""
+    layout oneDNN's linear takes without a copy. ``bt`` may also be the
+    transposed view of a contiguous k x n matrix (``b.T``), which oneDNN
+    reads as it is where this build allows it (a copy otherwise)."""
     if not use_onednn(a, bt):
         return a @ bt.T
     if a.shape[0] == 0 or bt.shape[0] == 0 or a.shape[1] == 0:
         return a.new_zeros(a.shape[0], bt.shape[0])
-    return _LINEAR(a.contiguous(), bt.contiguous(), None, "none", [], "")
+    if not (_TRANSPOSED_WEIGHT and bt.T.is_contiguous()):
+        bt = bt.contiguous()
+    return _LINEAR(a.contiguous(), bt, None, "none", [], "")
+
+
+class Workspace:
+    """Flat buffers reused from one module to the next (one aggregation's
+    lifetime): ``take`` hands out a contiguous view of the requested shape,
+    growing a buffer only when a larger one is asked for. A view is valid
+    until the next ``take`` of the same name."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        size = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < size:
+            buf = torch.empty(size, dtype=dtype)
+            self._buffers[name] = buf
+        return buf[:size].view(shape)
 
 
 def factor_sum(coeffs: Sequence[float], factors: Sequence[Factors], dtype: torch.dtype,
-               chunk: int = CHUNK) -> torch.Tensor:
+               chunk: int = CHUNK, workspace: Workspace | None = None) -> torch.Tensor:
     """``sum_k coeffs[k] * B_k @ A_k`` (d_out x d_in) in ``dtype``: exact to
     rounding (the same sum as one product of the stacked factors). Inputs are
-    untouched; ranks may differ between clients."""
+    untouched; ranks may differ between clients. The blocks are stacked into
+    ``workspace``'s buffers (pass one workspace to the calls of one
+    aggregation: fresh buffers cost page faults; a new one per call otherwise)."""
     if not factors:
         raise ValueError("factor_sum needs at least one factor pair")
     if len(coeffs) != len(factors):
         raise ValueError(f"factor_sum: {len(coeffs)} coefficients for {len(factors)} factor pairs")
     device = factors[0].B.device
+    reuse = device.type == "cpu"  # buffers are CPU memory
+    workspace = workspace if workspace is not None else Workspace()
+    d_out, d_in = factors[0].B.shape[0], factors[0].A.shape[1]
     out = None
     start = 0
     while start < len(factors):
@@ -96,11 +140,16 @@ def factor_sum(coeffs: Sequence[float], factors: Sequence[Factors], dtype: torch
         block = factors[start:stop]
         ranks = torch.tensor([f.rank for f in block])
         col = torch.tensor([float(c) for c in coeffs[start:stop]], dtype=dtype).repeat_interleave(ranks)
-        L = torch.cat([f.B.detach().to(dtype) for f in block], dim=1).mul_(col.to(device))
-        # The right factor stacked transposed (d_in x width): oneDNN's layout, and
-        # the same copy as stacking it upright.
-        Rt = torch.cat([f.A.detach().to(dtype).T for f in block], dim=1)
-        part = matmul_bt(L, Rt)
+        Bs = [f.B.detach().to(dtype) for f in block]
+        # The right factor stacked upright (width x d_in, a plain copy of the rows):
+        # oneDNN reads its transposed view in place.
+        As = [f.A.detach().to(dtype) for f in block]
+        if reuse:
+            L = torch.cat(Bs, dim=1, out=workspace.take("factor_sum.L", (d_out, width), dtype))
+            R = torch.cat(As, dim=0, out=workspace.take("factor_sum.R", (width, d_in), dtype))
+        else:
+            L, R = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+        part = matmul_bt(L.mul_(col.to(device)), R.T)
         out = part if out is None else out.add_(part)
         start = stop
     return out

@@ -28,14 +28,15 @@ sign-invariant: d(x, c) = min(||x - c||, ||x + c||).
   slot. The centroid of balanced pairs is a pair, b~_c a~_c^T; if the
   members agree it is their common component exactly.
 
-k-means: k-means++ seeding drawn from ``split.seeds.generator(seed, round,
-module)``, then at most ``iterations`` Lloyd steps (stopping
-early once the assignment is stable), so clusters are deterministic for a
-seed. Seeding stops early when every point coincides with a chosen centre, so
-duplicates (clients sending the same component) share one cluster. Points,
-distances to a new seed near zero and the final centroids are float64; the
-bulk products of seeding and Lloyd run in float32, which only decides
-which cluster a point joins.
+k-means: greedy k-means++ seeding (each centre the best of ``CANDIDATES``
+points drawn by weight * D^2) drawn from ``split.seeds.generator(seed, round,
+module)``, then at most ``iterations`` Lloyd steps (stopping early once the
+assignment is stable), so clusters are deterministic for a seed. Seeding
+stops early when every point coincides with a chosen centre, so duplicates
+(clients sending the same component) share one cluster. Distances to a new
+centre near zero and the final centroids are computed in the points' own
+precision (float64 without a sketch); the bulk of seeding and Lloyd runs in
+float32, which only decides which cluster a point joins.
 
 **Slots.** Centroid c is the component b~_c a~_c^T. The state stores slot
 j = c as A_g[j] = a~_c rho/||a~_c|| and B_g[:, j] = b~_c ||a~_c||/(rho s_g),
@@ -59,6 +60,8 @@ State: the slot layout (common.py) at r_max.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from split.seeds import generator
@@ -66,12 +69,16 @@ from split.seeds import generator
 from .base import ClientInfo, Download, Factors, GlobalModel, RoundResult, Strategy, StrategyError, Upload
 from .common import (acc_dtype, check_hetero_client, check_hetero_uploads, clone_tree, download_slots, export_slots,
                      hetero_initial_state, merge_head, slot_shapes, uploads_by_module, weights)
-from .component_points import member_means, point_scales, sketched_points
-from .products import matmul
+from .component_points import Workspace, member_means, point_scales, sketched_points, stack_factors
+from .products import matmul_bt
 
 # Relative squared distance below which a point counts as a chosen centre in the
 # seeding (float64 rounding is ~1e-15; components this close are one component).
 _SAME = 1e-9
+# Candidates per centre of the greedy k-means++ seeding: on 12 well-separated clusters
+# (tests/test_aggregation_scale.py's), 1 draw found them all in 42 of 80 seeded runs,
+# 2 in 67, 3 in 78 (as many as scikit-learn's 2 + ln k); each costs a column of one product.
+CANDIDATES = 3
 DEFAULT_SKETCH = 128  # coordinates the clustering runs on (RankClustering's ``sketch``)
 
 
@@ -93,19 +100,98 @@ def balanced_points(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.cat([bt, at], dim=1) * sign[:, None]
 
 
-def _sq_dist_to(X: torch.Tensor, X32: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Sign-invariant squared distances min(||x - c||^2, ||x + c||^2) (float64),
-    with rounding noise around coincident points set to exactly 0.
+def _raw_dist(X32: torch.Tensor, Xt: torch.Tensor, sq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Sign-invariant squared distances min(||x - c||^2, ||x + c||^2) of every
+    point to the points ``idx`` (len(idx) x N, float32, one product: one pass
+    over the points for all of them; ``Xt`` is X32 transposed, contiguous).
+    Coincident points come out as rounding noise around 0; ``_settle`` makes
+    them exact."""
+    # A few rows times the transposed points (MKL): a quarter faster than the points times a
+    # few columns, and oneDNN's matmul takes twice as long for either (it repacks the points).
+    G = (X32[idx] @ Xt).abs_()
+    return torch.sub(sq[idx][:, None] + sq[None, :], G, alpha=2)
 
-    The product runs in float32 (it is the costly, memory-bound part); the few
-    points that come out near c are redone in float64, which is what tells a
-    duplicate (distance 0) from a merely close point."""
-    csq = (c * c).sum()
-    d = (sq + csq - 2 * (X32 @ c.float()).abs().double()).clamp_min(0)
-    near = (d <= 1e-4 * (sq + csq)).nonzero().squeeze(1)
-    if near.numel():
-        d[near] = (sq[near] + csq - 2 * (X[near] @ c).abs()).clamp_min(0)
-    return torch.where(d <= _SAME * (sq + csq), torch.zeros_like(d), d)
+
+def _settle(d: torch.Tensor, D: torch.Tensor | None, exact: torch.Tensor, near_sq: torch.Tensor, i: int
+            ) -> torch.Tensor:
+    """``min(D, distance to point i)`` from ``d``, the float32 distances to
+    point i (``_raw_dist``'s column): the points that come out near i
+    (``near_sq`` is 1e-4 ||x||^2) are redone in float64 from ``exact`` (the
+    points in their own precision), which is what tells a duplicate
+    (distance 0) from a merely close point. Updates and returns ``d``."""
+    near = (d <= near_sq + near_sq[i]).nonzero().squeeze(1)
+    if near.numel() == 1 and int(near[0]) == i:
+        d[i] = 0  # the usual case: only the centre itself is near it
+    else:
+        e, c = exact[near].double(), exact[i].double()
+        e_sq, c_sq = (e * e).sum(dim=1), (c * c).sum()
+        dn = (e_sq + c_sq - 2 * (e @ c).abs()).clamp_min_(0)
+        d[near] = torch.where(dn <= _SAME * (e_sq + c_sq), 0, dn).float()
+    return d if D is None else torch.minimum(d, D, out=d)
+
+
+def _draw(p: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor | None:
+    """``count`` indices drawn independently with probability proportional to
+    ``p`` (non-negative), or None when ``p`` has no mass: uniforms from
+    ``generator`` located in the float64 cumulative sum (a multinomial call
+    costs several times more)."""
+    cum = p.cumsum(0, dtype=torch.float64)
+    total = float(cum[-1])
+    if not total > 0:
+        return None
+    # u < total (a product rounded up to the total is pulled back), so the first
+    # cumulative sum above u is at a point with mass.
+    u = torch.rand(count, dtype=torch.float64, generator=generator).mul_(total).clamp_max_(math.nextafter(total, 0))
+    return torch.searchsorted(cum, u, right=True)
+
+
+def _kmeans(X32: torch.Tensor, exact: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator,
+            iterations: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Weighted sign-invariant k-means on float32 points ``X32`` (N x D):
+    greedy k-means++ seeding, then Lloyd. ``exact`` holds the same points in
+    their own precision, read only to settle which points coincide with a
+    chosen centre. Returns (assign, sign (float32), chosen): each point's
+    cluster, the sign aligning it with its centre, and the points seeded as
+    centres.
+
+    Greedy seeding (Arthur and Vassilvitskii's k-means++ with several
+    candidates per centre, as scikit-learn does): each new centre is the
+    best of ``CANDIDATES`` points drawn by weight * D^2, the one that lowers
+    the weighted cost most. With one draw per centre, two centres land in one
+    of a dozen well-separated clusters (and two others merge) about half the
+    time; the candidates' distances come from one product, one pass over the
+    points as for a single draw."""
+    n = X32.shape[0]
+    sq = (X32 * X32).sum(dim=1)
+    near_sq = sq * 1e-4
+    w32 = w.float()
+    # The first centre drawn by weight, the next ones by weight * D^2.
+    Xt = X32.T.contiguous()
+    first = _draw(w32, 1, generator)
+    chosen = [int(first[0])]
+    D = _settle(_raw_dist(X32, Xt, sq, first)[0], None, exact, near_sq, chosen[0])
+    while len(chosen) < min(k, n):
+        idx = _draw(w32 * D, CANDIDATES, generator)
+        if idx is None:
+            break  # every point (with weight) coincides with a centre
+        raw = _raw_dist(X32, Xt, sq, idx)  # candidates x N
+        cost = (torch.minimum(raw, D[None, :]) @ w32).tolist()  # the weighted cost with each candidate added
+        best = min(range(len(cost)), key=cost.__getitem__)
+        chosen.append(idx.tolist()[best])
+        D = _settle(raw[best], D, exact, near_sq, chosen[-1])
+    # Lloyd in float32: the argmin needs no more.
+    C32 = X32[chosen]
+    assign = sign = None
+    for _ in range(max(1, iterations)):
+        G = matmul_bt(X32, C32)  # N x k'
+        # ||c||^2 - 2 |x.c|, in place: with many points these N x k' passes cost more than the product.
+        new_assign = G.abs().mul_(-2).add_((C32 * C32).sum(dim=1)[None, :]).argmin(dim=1)
+        new_sign = torch.where(G.gather(1, new_assign[:, None]).squeeze(1) < 0, -1.0, 1.0)
+        if assign is not None and torch.equal(new_assign, assign) and torch.equal(new_sign, sign):
+            break  # stable: C32 already holds the means of this assignment
+        assign, sign = new_assign, new_sign
+        C32 = _means(X32, w32 * sign, w32, assign, C32)
+    return assign, sign, chosen
 
 
 def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator,
@@ -127,40 +213,15 @@ def sign_invariant_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, generator: t
     n = X.shape[0]
     if n == 0 or k < 1:
         raise ValueError("sign_invariant_kmeans needs at least one point and one cluster")
-    full = X
-    if sketch is not None:
-        X = (X.float() @ sketch.float()).double()
-    sq = (X * X).sum(dim=1)
-    X32 = X.float()
-    # k-means++ seeding: first centre drawn by weight, the next ones by weight * D^2.
-    first = int(torch.multinomial(w, 1, generator=generator))
-    chosen = [first]
-    centres = [X[first]]
-    D = _sq_dist_to(X, X32, sq, centres[0])
-    while len(centres) < min(k, n):
-        p = w * D
-        if not p.sum() > 0:
-            break  # every point (with weight) coincides with a centre
-        i = int(torch.multinomial(p, 1, generator=generator))
-        chosen.append(i)
-        centres.append(X[i])
-        D = torch.minimum(D, _sq_dist_to(X, X32, sq, centres[-1]))
-    # Lloyd in float32: the argmin needs no more, and it is the costly part.
-    C32 = torch.stack(centres).float()
-    w32 = w.float()
-    assign = sign = None
-    for _ in range(max(1, iterations)):
-        G = matmul(X32, C32.T)  # N x k'
-        # ||c||^2 - 2 |x.c|, in place: with many points these N x k' passes cost more than the product.
-        new_assign = G.abs().mul_(-2).add_((C32 * C32).sum(dim=1)[None, :]).argmin(dim=1)
-        new_sign = torch.where(G.gather(1, new_assign[:, None]).squeeze(1) < 0, -1.0, 1.0)
-        if assign is not None and torch.equal(new_assign, assign) and torch.equal(new_sign, sign):
-            break  # stable: C32 already holds the means of this assignment
-        assign, sign = new_assign, new_sign
-        C32 = _means(X32, w32 * sign, w32, assign, C32)
+    if sketch is None:
+        X32, exact = X.float(), X
+    else:
+        X32 = X.float() @ sketch.float()
+        exact = X32
+    assign, sign, chosen = _kmeans(X32, exact, w, k, generator, iterations)
     sign = sign.to(torch.float64)
     # The centres returned are the float64 means of the final assignment, in the points' own space.
-    return assign, sign, _means(full, w * sign, w, assign, full[chosen])
+    return assign, sign, _means(X, w * sign, w, assign, X[chosen])
 
 
 def _means(X: torch.Tensor, signed_w: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
@@ -230,8 +291,9 @@ class RankClustering(Strategy):
         """Cluster each module's uploaded components; centroids become the slots."""
         check_hetero_uploads(self, slot_shapes(state), uploads, r_max=state["rank"])
         new = clone_tree(state)
+        workspace = Workspace()  # the stacking buffers, shared by the modules of this call
         for m, have in uploads_by_module(state["A"], uploads):
-            new["A"][m], new["B"][m] = self._module(state, m, have, round_index)
+            new["A"][m], new["B"][m] = self._module(state, m, have, round_index, workspace)
         new["head"] = merge_head(self, state, uploads)
         return RoundResult(state=new)
 
@@ -239,12 +301,12 @@ class RankClustering(Strategy):
         """The slots at r_max (their update is the sum of the centroids), and the head."""
         return export_slots(state)
 
-    def _module(self, state: dict, m: str, have: list[Upload], round_index: int):
+    def _module(self, state: dict, m: str, have: list[Upload], round_index: int, workspace: Workspace):
         A_old, B_old = state["A"][m], state["B"][m]
         r_max = state["rank"]
         d_out, d_in = B_old.shape[0], A_old.shape[1]
         p = weights(have)
-        w = torch.cat([torch.full((u.factors[m].rank,), pk, dtype=torch.float64) for pk, u in zip(p, have)])
+        w = torch.tensor(p, dtype=torch.float64).repeat_interleave(torch.tensor([u.factors[m].rank for u in have]))
         gen = generator(self.seed, "kmeans", round_index, m)
         sketch = sketch_matrix(d_out + d_in, self.sketch, self.seed, round_index, m)
         if sketch is None:
@@ -254,22 +316,18 @@ class RankClustering(Strategy):
             a = torch.cat([u.factors[m].A.detach().cpu().double() for u in have], dim=0)
             assign, sign, C = sign_invariant_kmeans(balanced_points(b, a), w, r_max, gen, self.iterations)
             k, Cb, Ca = C.shape[0], C[:, :d_out].T, C[:, d_out:]
+            raw_na = torch.linalg.vector_norm(a, dim=1)
         else:
-            # Sketched: the points are never formed in full (component_points.py);
-            # b columns are stacked as rows (N x d_out), each scaled by its client's s_k.
-            dtype = acc_dtype(A_old.dtype)
-            bt = torch.cat([u.factors[m].B.detach().cpu().to(dtype).T for u in have], dim=0)
-            bt.mul_(torch.cat([torch.full((u.factors[m].rank,), u.factors[m].scale, dtype=dtype)
-                               for u in have])[:, None])
-            a = torch.cat([u.factors[m].A.detach().cpu().to(dtype) for u in have], dim=0)
-            scales = point_scales(bt, a)
-            assign, sign, Y_centres = sign_invariant_kmeans(sketched_points(bt, a, scales, sketch), w, r_max, gen,
-                                                            self.iterations)
-            k = Y_centres.shape[0]
-            Cb, Ca = (t.double() for t in member_means(bt, a, scales, w, sign, assign, k))
+            # Sketched: the points are never formed in full (component_points.py).
+            b, a, scale = stack_factors([u.factors[m] for u in have], acc_dtype(A_old.dtype), workspace)
+            fb, fa, raw_na = point_scales(b, a, scale, workspace)
+            Y = sketched_points(b, a, (fb, fa), sketch)
+            assign, sign, chosen = _kmeans(Y.float(), Y, w, r_max, gen, self.iterations)
+            k = len(chosen)
+            Cb, Ca = (t.double() for t in member_means(b, a, (fb, fa), w, sign.to(a.dtype), assign, k))
         tot = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w)
         raw_a = torch.zeros(k, dtype=torch.float64).index_add_(
-            0, assign, w * torch.linalg.vector_norm(a, dim=1).double())
+            0, assign, w * raw_na.double())
         live = (tot > 0).nonzero().squeeze(1).tolist()
         nb_c = torch.linalg.vector_norm(Cb, dim=0).tolist()
         na_c = torch.linalg.vector_norm(Ca, dim=1).tolist()
