@@ -198,8 +198,8 @@ def markdown(args, rows: list[dict], throughput: list[dict]) -> str:
              f"`python bench/scale.py {' '.join(sys.argv[1:])}`", "",
              f"{args.clients} clients, Dirichlet({args.alpha:g}) label split, {args.fraction:.0%} sampled per round, "
              f"{args.rounds} rounds x {args.local_steps} local steps (batch 16), LoRA r={args.rank} on q,v, "
-             f"{args.workers} Ray workers; accuracy of the last round's checkpoint on the test split "
-             f"(564 texts); mean ± standard deviation over seeds.", "",
+             f"{args.workers} Ray workers; accuracy of the last round's checkpoint on the built-in "
+             f"task's test split; mean ± standard deviation over seeds.", "",
              "| method | final accuracy | per seed | vs FedIT, paired by seed | claim | wall (s) | peak memory (GiB) |",
              "|---|---|---|---|---|---:|---:|"]
     for row in rows:
