@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from seed_stats import mean_sd, paired, spread, verdict  # noqa: E402  (bench/ is sys.path[0] as a script)
+
 OUT = ROOT / "bench" / "results"
 NAMES = {"fedit": "FedIT", "ffa": "FFA-LoRA", "rolora": "RoLoRA", "fedex": "FedEx-LoRA", "flora": "FLoRA"}
 SAMPLE_EVERY = 1.0  # seconds between memory samples of the run's processes
@@ -162,35 +164,19 @@ def clients_per_minute(result: dict) -> tuple[float, float]:
     return 60 * result["client_rounds"] / training, 60 * result["client_rounds"] / result["wall_s"]
 
 
-def spread(values: list[float]) -> str:
-    """Mean ± sample standard deviation (the mean alone for one value)."""
-    mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
 def accuracy_rows(runs: list[dict], methods: list[str], workers: int) -> list[dict]:
     """Per method: accuracies by seed, difference to FedIT paired by seed, wall time and peak memory."""
     by = {(r["settings"]["strategy"], r["settings"]["seed"]): r for r in runs if r["settings"]["workers"] == workers}
     rows = []
     for method in methods:
         mine = {seed: r for (m, seed), r in sorted(by.items()) if m == method}
-        paired = [mine[s]["accuracy"] - by[("fedit", s)]["accuracy"] for s in mine if ("fedit", s) in by]
+        fedit = {s: r["accuracy"] for (m, s), r in by.items() if m == "fedit"}
+        diffs = paired({s: r["accuracy"] for s, r in mine.items()}, fedit)
         rows.append({"method": method, "seeds": sorted(mine), "accuracy": [mine[s]["accuracy"] for s in sorted(mine)],
-                     "vs_fedit": paired if method != "fedit" else [],
+                     "vs_fedit": diffs if method != "fedit" else [],
                      "wall_s": statistics.fmean(r["wall_s"] for r in mine.values()),
                      "peak_pss_gib": max(r["peak_pss"] for r in mine.values()) / 2**30})
     return rows
-
-
-def verdict(row: dict) -> str:
-    """Ahead of / behind FedIT only where the paired difference exceeds its spread."""
-    diffs = row["vs_fedit"]
-    if len(diffs) < 3:
-        return "fewer than 3 seeds: no claim"
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    if abs(mean) <= sd:
-        return "within the spread"
-    return "ahead of FedIT" if mean > 0 else "behind FedIT"
 
 
 def markdown(args, rows: list[dict], throughput: list[dict]) -> str:
@@ -205,8 +191,8 @@ def markdown(args, rows: list[dict], throughput: list[dict]) -> str:
     for row in rows:
         per_seed = ", ".join(f"{a:.3f}" for a in row["accuracy"])
         diff = spread(row["vs_fedit"]) if row["vs_fedit"] else "-"
-        claim = verdict(row) if row["method"] != "fedit" else "-"
-        lines.append(f"| {NAMES.get(row['method'], row['method'])} | {spread(row['accuracy'])} | {per_seed} | {diff} "
+        claim = verdict(row["vs_fedit"], "FedIT") if row["method"] != "fedit" else "-"
+        lines.append(f"| {NAMES.get(row['method'], row['method'])} | {mean_sd(row['accuracy'])} | {per_seed} | {diff} "
                      f"| {claim} | {row['wall_s']:.0f} | {row['peak_pss_gib']:.2f} |")
     if throughput:
         lines += ["", "Simulated clients per minute against Ray workers (one run each, the same settings):", "",

@@ -1,4 +1,4 @@
-"""bench/scale.py makes a claim only where the paired difference over seeds
+"""bench/scale.py (and bench/discordance.py, through bench/seed_stats.py) makes a claim only where the paired difference over seeds
 exceeds its spread, and pairs each method with FedIT on the same seed."""
 
 import sys
@@ -6,7 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from scale import ScaleRun, accuracy_rows, verdict  # noqa: E402
+from scale import ScaleRun, accuracy_rows  # noqa: E402
+from seed_stats import paired, verdict  # noqa: E402
 
 
 def run(method: str, seed: int, accuracy: float, workers: int = 2) -> dict:
@@ -24,7 +25,11 @@ def test_methods_are_paired_with_fedit_by_seed_and_other_worker_counts_left_out(
 
 
 def test_a_claim_needs_three_seeds_and_a_difference_beyond_the_spread():
-    assert verdict({"vs_fedit": [0.05, 0.06]}) == "fewer than 3 seeds: no claim"
-    assert verdict({"vs_fedit": [0.05, 0.06, 0.04]}) == "ahead of FedIT"
-    assert verdict({"vs_fedit": [-0.05, -0.06, -0.04]}) == "behind FedIT"
-    assert verdict({"vs_fedit": [0.05, -0.04, 0.01]}) == "within the spread"
+    assert verdict([0.05, 0.06], "FedIT") == "fewer than 3 seeds: no claim"
+    assert verdict([0.05, 0.06, 0.04], "FedIT") == "ahead of FedIT"
+    assert verdict([-0.05, -0.06, -0.04], "FedIT") == "behind FedIT"
+    assert verdict([0.05, -0.04, 0.01], "FedIT") == "within the spread"
+
+
+def test_differences_pair_only_the_seeds_both_ran():
+    assert paired({0: 0.5, 1: 0.7, 3: 0.9}, {1: 0.6, 0: 0.4, 2: 0.1}) == [0.5 - 0.4, 0.7 - 0.6]
