@@ -9,10 +9,11 @@ with transformers and peft alone and scores it on labelled texts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from split.json_files import read_json_object
 
 from .checkpoint import apply_base_delta
 
@@ -24,9 +25,8 @@ class RoundError(ValueError):
 def round_labels(folder: str | Path) -> list[str]:
     """The head's class names, in head order, from the round's config.json."""
     path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise RoundError(f"{folder} has no config.json: not a round_N/ checkpoint of a classification run")
-    id2label = json.loads(path.read_text()).get("id2label")
+    id2label = read_json_object(path, RoundError, "give a round_N/ checkpoint of a classification run").get(
+        "id2label")
     if not isinstance(id2label, dict) or not id2label:
         raise RoundError(f"{path} names no classes (id2label); only classification rounds can be scored")
     try:

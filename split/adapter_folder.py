@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .families import block_of
+from .json_files import read_json_object
 from .lora import PEFT_PREFIX, LoraSpec
 from .partition import Cut
 from .protocol import ModelInfo, ProtocolError
@@ -119,7 +120,7 @@ def read_adapter(folder: str | Path) -> AdapterFolder:
     if not folder.is_dir():
         raise AdapterError(f"--adapter {folder}: not a folder; give the folder a client saved (--out) or a "
                            "round_N checkpoint folder")
-    config = _json(folder / CONFIG, "a saved PEFT adapter has one")
+    config = read_json_object(folder / CONFIG, AdapterError, "a saved PEFT adapter has one")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{folder / CONFIG}: peft_type {config.get('peft_type')!r}; only LoRA adapters are served")
     for key, plain in _UNSUPPORTED.items():
@@ -170,18 +171,6 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------- parts
 
 
-def _json(path: Path, hint: str) -> dict:
-    if not path.is_file():
-        raise AdapterError(f"{path}: missing; {hint}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    return data
-
-
 def _strings(value, what: str, path: Path) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise AdapterError(f"{path}: {what} must be a list of names, got {value!r}"[:300])
@@ -218,7 +207,7 @@ def _labels(folder: Path) -> tuple[str, ...] | None:
     path = folder / "config.json"
     if not path.is_file():
         return None
-    id2label = _json(path, "").get("id2label")
+    id2label = read_json_object(path, AdapterError, "").get("id2label")
     if id2label is None:
         return None
     if not isinstance(id2label, dict) or set(id2label) != {str(i) for i in range(len(id2label))}:
@@ -234,7 +223,7 @@ def _split_records(folder: Path) -> tuple[tuple[Cut, ...], ModelInfo | None]:
     saved adapter, or the cuts of a round checkpoint's client records."""
     record = folder / SPLIT_RECORD
     if record.is_file():
-        data = _json(record, "")
+        data = read_json_object(record, AdapterError, "")
         try:
             cut = _cut(data.get("cut"))
             model = ModelInfo.from_meta(data.get("model"), SPLIT_RECORD)

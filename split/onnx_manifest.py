@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .json_files import read_json_object
 from .lora import LoraSpec
 from .partition import Cut
 from .protocol import ModelInfo, ProtocolError
@@ -83,10 +84,7 @@ def read_manifest(folder: str | Path) -> Manifest:
     path = folder / MANIFEST
     if not path.is_file():
         raise ManifestError(f"--onnx {folder}: no {MANIFEST}; give the folder `fedsplit export --out` wrote")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json_object(path, ManifestError, "give the folder `fedsplit export --out` wrote")
     try:
         manifest = _parse(data)
     except (KeyError, TypeError, ValueError, ProtocolError) as exc:

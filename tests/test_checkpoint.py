@@ -91,8 +91,14 @@ def test_round_accuracy_scores_the_global_model_the_round_holds(tiny_models, tmp
         round_accuracy(folder, path, [batch], ["dog", "cat", "eel"])  # the same classes in another order
     with pytest.raises(RoundError, match="no labelled samples"):
         round_accuracy(folder, path, [], list(labels))
-    with pytest.raises(RoundError, match="no config.json"):
+    with pytest.raises(RoundError, match="missing; give a round_N/ checkpoint"):
         round_labels(tmp_path)
+    (folder / "config.json").write_text('{"id2label": {"0": "cat", ')  # truncated
+    with pytest.raises(RoundError, match="not valid JSON"):
+        round_labels(folder)
+    (folder / "config.json").write_text('{"id2label": {"0": "cat", "2": "eel"}}')
+    with pytest.raises(RoundError, match="must number the classes 0..1"):
+        round_labels(folder)
 
 
 def test_a_new_round_replaces_a_stale_temporary_folder(tiny_models, tmp_path):
