@@ -19,9 +19,9 @@ needs it.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from split.json_files import parse_json_object
 from split.records import RecordError, check_record
 from split.runfolder import CLIENTS, STEPS
 from split.summary import MB, client_totals, sent
@@ -82,13 +82,7 @@ def load_rows(run_dir: str | Path) -> list[dict]:
 
 def parse_row(line: str, where: str) -> dict:
     """One line of clients.jsonl: a JSON object with a client id, a round and a round record."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{where}: not a JSON line ({exc.msg})") from None
-    if not isinstance(row, dict):
-        raise ReportError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    row = dict(row)
+    row = parse_json_object(line, ReportError, where)
     client, round_index = row.pop("client", None), row.pop("round", None)
     if not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT_ID:
         raise ReportError(f"{where}: 'client' must be a client id of 1 to {MAX_CLIENT_ID} characters")

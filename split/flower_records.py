@@ -17,6 +17,7 @@ from collections import OrderedDict
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from .json_files import parse_json_object
 from .wire import DTYPE_NAMES, Message
 
 TENSORS, HEADER = "fedsplit.tensors", "fedsplit.header"
@@ -55,12 +56,7 @@ def from_records(records: RecordDict, op: str) -> Message:
         raise RecordError(f"{op}: the header's client and step must be text and an integer")
     if not isinstance(text, str) or len(text) > MAX_META_CHARS:
         raise RecordError(f"{op}: the header's meta must be JSON text of at most {MAX_META_CHARS} characters")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"{op}: the header's meta is not JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise RecordError(f"{op}: the header's meta must be a JSON object")
+    meta = parse_json_object(text, RecordError, f"{op}: the header's meta")
     try:
         tensors = dict(arrays.to_torch_state_dict())
     except Exception as exc:  # noqa: BLE001 - whatever the arrays fail on, the sender is at fault
