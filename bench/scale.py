@@ -141,16 +141,15 @@ def run_measured(run: ScaleRun, work: Path, resume: bool) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"{run.name}-", dir=work))
     out = folder / "result.json"
     print(f"running {run.name}", flush=True)
-    log = open(folder / "log.txt", "w")
-    child = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(asdict(run)), "--folder", str(folder)],
-                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    root = psutil.Process(child.pid)
     peak_pss = peak_rss = 0
-    while child.poll() is None:
-        pss, rss = tree_memory(root)
-        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
-        time.sleep(SAMPLE_EVERY)
-    log.close()
+    with open(folder / "log.txt", "w") as log:
+        child = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(asdict(run)), "--folder",
+                                  str(folder)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        root = psutil.Process(child.pid)
+        while child.poll() is None:
+            pss, rss = tree_memory(root)
+            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+            time.sleep(SAMPLE_EVERY)
     if child.returncode != 0 or not out.is_file():
         raise RuntimeError(f"{run.name} failed (exit {child.returncode}); its log: {folder / 'log.txt'}")
     result = {"settings": asdict(run), **json.loads(out.read_text()), "peak_pss": peak_pss, "peak_rss": peak_rss}
